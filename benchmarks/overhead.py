@@ -1,0 +1,155 @@
+"""Training-time overhead of hyperflux: time per epoch of a prepared model against the same model dense.
+
+Pairs alternate (dense, hyperflux, dense, ...) in one process so machine noise hits both alike; the ratio is
+the median over pairs. Peak memory is measured in fresh subprocesses (ru_maxrss growth over the set-up).
+
+    .venv/bin/python benchmarks/overhead.py [--pairs 5] [--out benchmarks/results/overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hyperflux
+
+BATCH = 128
+
+
+def lenet300() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
+
+
+def small_conv() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+CASES = {
+    "lenet300": (lenet300, 60_000),
+    "small_conv": (small_conv, 12_800),
+}
+
+
+class Run:
+    """One model, its data and optimiser, trained dense or with hyperflux."""
+
+    def __init__(self, case: str, pruned: bool) -> None:
+        build, samples = CASES[case]
+        torch.manual_seed(0)
+        self.model = build()
+        self.x = torch.randn(samples, 1, 28, 28)
+        self.y = torch.randint(0, 10, (samples,))
+        self.hf = None
+        if pruned:
+            # a constant pressure keeps the pressure term live in every step, as mid-pruning
+            self.hf = hyperflux.Hyperflux(
+                self.model,
+                None,
+                pruning_epochs=1000,
+                exact_target=False,
+                scheduler=hyperflux.PressureScheduler.constant(1.0),
+            )
+            groups = self.hf.param_groups(lr=5e-3)
+        else:
+            groups = [{"params": list(self.model.parameters()), "lr": 5e-3}]
+        self.optimizer = torch.optim.Adam(groups, fused=True)
+        if self.hf is not None:
+            self.hf.attach(self.optimizer)
+
+    def epoch(self) -> float:
+        start = time.perf_counter()
+        for i in range(0, len(self.x), BATCH):
+            loss = F.cross_entropy(self.model(self.x[i : i + BATCH]), self.y[i : i + BATCH])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def memory_probe(case: str, pruned: bool) -> int:
+    """Peak resident memory growth (bytes) of one training epoch over the set-up, in this process."""
+    run = Run(case, pruned)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run.epoch()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def measure_memory(case: str, pruned: bool) -> int:
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import overhead; "
+    code += f"print(overhead.memory_probe({case!r}, {pruned}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    records = []
+    for case in CASES:
+        dense, pruned = Run(case, False), Run(case, True)
+        dense.epoch(), pruned.epoch()  # warm-up
+        pairs = [(dense.epoch(), pruned.epoch()) for _ in range(args.pairs)]
+        dense_s = statistics.median(d for d, _ in pairs)
+        pruned_s = statistics.median(p for _, p in pairs)
+        ratio = statistics.median(p / d for d, p in pairs)
+        mem_dense, mem_pruned = measure_memory(case, False), measure_memory(case, True)
+        records.append(
+            {
+                "model": case,
+                "ratio": round(ratio, 4),
+                "dense_epoch_s": round(dense_s, 4),
+                "hyperflux_epoch_s": round(pruned_s, 4),
+                "pairs": args.pairs,
+                "peak_memory_dense_mb": round(mem_dense / 2**20, 1),
+                "peak_memory_hyperflux_mb": round(mem_pruned / 2**20, 1),
+                "peak_memory_ratio": round(mem_pruned / max(mem_dense, 1), 3),
+            }
+        )
+    print(
+        f"{'model':<12} {'dense s':>8} {'hyperflux s':>12} {'ratio':>7} {'mem dense MB':>13} {'mem hf MB':>10} {'mem ratio':>9}"
+    )
+    for r in records:
+        print(
+            f"{r['model']:<12} {r['dense_epoch_s']:>8.3f} {r['hyperflux_epoch_s']:>12.3f} {r['ratio']:>7.3f} "
+            f"{r['peak_memory_dense_mb']:>13.1f} {r['peak_memory_hyperflux_mb']:>10.1f} {r['peak_memory_ratio']:>9.3f}"
+        )
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__,
+        "command": "python benchmarks/overhead.py --pairs " + str(args.pairs),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

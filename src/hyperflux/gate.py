@@ -1,0 +1,105 @@
+"""The hard L0 gate: forward `W * 1[m >= 0]`, straight-through backward, and a sampled flux estimate.
+
+The gate is a `torch.nn.utils.parametrize` parametrization, so the user's model class is never rewritten:
+`module.weight` becomes `W * H(m)` and the logits `m` live at `module.parametrizations.weight[0].logits`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _GateFunction(torch.autograd.Function):
+    """`W * 1[m >= 0]` with the gradients of method.md section 1, one kernel per output each way.
+
+    dL/dW = H(m) * g and dL/dm = c * W * g, where g = dL/dW_eff. When `gate` is given (a sampled batch), the
+    batch's flux `-W * g` is added into `gate.flux_sum`.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, logits, scale: float, gate):  # type: ignore[override]
+        # A float 0/1 gate written by `ge(out=float)`: on CPU, bool tensors (made or consumed) cost several
+        # times a float pass, and this keeps the gate at one pass forward and one per gradient backward.
+        open_gate = torch.empty_like(weight)
+        torch.ge(logits, 0, out=open_gate)
+        ctx.save_for_backward(weight, open_gate)
+        ctx.scale = scale
+        ctx.gate = gate
+        return weight * open_gate
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        weight, open_gate = ctx.saved_tensors
+        grad_weight = grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad_out * open_gate
+        if ctx.needs_input_grad[1]:
+            grad_logits = torch.addcmul(grad_out.new_zeros(()), weight, grad_out, value=ctx.scale)
+        if ctx.gate is not None:
+            ctx.gate.add_flux(weight, grad_out)
+        return grad_weight, grad_logits, None, None
+
+
+class FluxMeter:
+    """Decides, once per forward pass of the model, whether this batch's flux is sampled.
+
+    Sampling every `every`-th batch keeps the running estimate almost free. The counter is a plain integer
+    advanced identically on every rank, so it never makes ranks diverge.
+    """
+
+    def __init__(self, every: int) -> None:
+        if every < 0:
+            raise ValueError(f"flux_every must be >= 0 (0 turns flux sampling off), got {every}")
+        self.every = every
+        self.batches = 0
+        self.sampling = False
+
+    def tick(self, *_: object) -> None:
+        """Called by a forward pre-hook on the model."""
+        self.sampling = self.every > 0 and self.batches % self.every == 0
+        self.batches += 1
+
+
+class HardGate(nn.Module):
+    """Parametrization holding the mask logits of one weight tensor.
+
+    The flux accumulator is a plain attribute, not a buffer: DDP broadcasts buffers from rank 0, and each
+    rank's flux must stay its own until the sparsifier averages them.
+    """
+
+    def __init__(self, logits: torch.Tensor, scale: float, meter: FluxMeter) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+        self.scale = scale
+        self.meter = meter
+        self.flux_sum: torch.Tensor | None = None
+        self.flux_batches = 0
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        sample = self.meter.sampling and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return _GateFunction.apply(weight, self.logits, self.scale, self if sample else None)
+
+    def add_flux(self, weight: torch.Tensor, grad_eff: torch.Tensor) -> None:
+        if self.flux_sum is None or self.flux_sum.device != weight.device:
+            self.flux_sum = torch.zeros_like(weight, dtype=torch.float32)
+        self.flux_sum.addcmul_(weight, grad_eff, value=-1.0)
+        self.flux_batches += 1
+
+    def mask(self) -> torch.Tensor:
+        """The boolean keep-mask, identical in training and inference."""
+        return self.logits.detach() >= 0
+
+    def mean_flux(self) -> torch.Tensor:
+        """Mean of `-W * g` over the sampled batches since the last reset (zeros when none were sampled)."""
+        if self.flux_sum is None:
+            return torch.zeros_like(self.logits, dtype=torch.float32).detach()
+        return self.flux_sum / max(self.flux_batches, 1)
+
+    def reset_flux(self) -> None:
+        if self.flux_sum is not None:
+            self.flux_sum.zero_()
+        self.flux_batches = 0
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.logits.shape)}, scale={self.scale}"

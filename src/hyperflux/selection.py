@@ -1,0 +1,150 @@
+"""Which tensors get a mask: module types, names or regular expressions, an ignore list, per-layer overrides."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+OVERRIDE_KEYS = frozenset({"min_density", "pressure_scale"})
+
+
+@dataclass
+class Target:
+    """One masked tensor: where it lives and its per-layer settings."""
+
+    name: str
+    module_name: str
+    module: nn.Module
+    param_name: str
+    min_density: float = 0.0
+    pressure_scale: float = 1.0
+
+    @property
+    def numel(self) -> int:
+        return getattr(self.module, self.param_name).numel()
+
+
+def _matches(pattern: str, target: Target) -> bool:
+    return (
+        re.fullmatch(pattern, target.name) is not None
+        or re.fullmatch(pattern, target.module_name) is not None
+    )
+
+
+def _compile_all(patterns: Iterable[str], what: str) -> list[str]:
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{what} pattern {pattern!r} is not a valid regular expression: {err}") from None
+    return patterns
+
+
+def _no_match(what: str, pattern: str, candidates: Sequence[Target]) -> ValueError:
+    shown = ", ".join(t.name for t in candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+    return ValueError(
+        f"{what} pattern {pattern!r} matches no prunable tensor (candidates: {shown or 'none'})"
+    )
+
+
+def _check_fraction_range(name: str, value: float, low: float, high: float) -> float:
+    value = float(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def select_targets(
+    model: nn.Module,
+    modules: Sequence[type[nn.Module]] = DEFAULT_MODULES,
+    names: Sequence[str] | str | None = None,
+    ignore: Sequence[str] | str | None = None,
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
+    min_density: float = 0.0,
+) -> list[Target]:
+    """The `weight` of every module of the given types, filtered by names and ignore patterns.
+
+    Patterns are regular expressions matched in full against the tensor name (`"fc1.weight"`) or the module
+    name (`"fc1"`), so an exact name is a pattern too. When `ignore` is None the model's own
+    `hyperflux_ignore` attribute (if any) is used, e.g. a ViT's patch embedding and head.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    min_density = _check_fraction_range("min_density", min_density, 0.0, 1.0)
+    module_types = tuple(modules)
+    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
+        raise ValueError(f"modules must be a non-empty sequence of nn.Module subclasses, got {modules!r}")
+
+    candidates: list[Target] = []
+    seen: dict[int, str] = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, module_types):
+            continue
+        name = f"{module_name}.weight" if module_name else "weight"
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"{name} is already parametrized (was this model prepared twice?)")
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if not weight.is_floating_point():
+            raise ValueError(f"{name} has dtype {weight.dtype}; only floating-point weights can be masked")
+        if id(weight) in seen:
+            raise ValueError(
+                f"{name} is the same tensor as {seen[id(weight)]} (tied weights); ignore one of them"
+            )
+        seen[id(weight)] = name
+        candidates.append(Target(name, module_name, module, "weight", min_density=min_density))
+
+    selected = candidates
+    if names is not None:
+        patterns = _compile_all(names, "names")
+        for pattern in patterns:
+            if not any(_matches(pattern, t) for t in candidates):
+                raise _no_match("names", pattern, candidates)
+        selected = [t for t in candidates if any(_matches(p, t) for p in patterns)]
+
+    if ignore is None:
+        for pattern in _compile_all(getattr(model, "hyperflux_ignore", ()), "hyperflux_ignore"):
+            selected = [t for t in selected if not _matches(pattern, t)]
+    else:
+        for pattern in _compile_all(ignore, "ignore"):
+            if not any(_matches(pattern, t) for t in selected):
+                raise _no_match("ignore", pattern, selected)
+            selected = [t for t in selected if not _matches(pattern, t)]
+
+    if not selected:
+        kinds = ", ".join(t.__name__ for t in module_types)
+        raise ValueError(
+            f"nothing to prune in {type(model).__name__}: no {kinds} weight is left after selection"
+        )
+
+    for pattern, settings in (overrides or {}).items():
+        _compile_all([pattern], "overrides")
+        unknown = set(settings) - OVERRIDE_KEYS
+        if unknown:
+            raise ValueError(
+                f"overrides[{pattern!r}] has unknown key(s) {sorted(unknown)}; known: {sorted(OVERRIDE_KEYS)}"
+            )
+        hits = [t for t in selected if _matches(pattern, t)]
+        if not hits:
+            raise _no_match("overrides", pattern, selected)
+        for target in hits:
+            if "min_density" in settings:
+                target.min_density = _check_fraction_range(
+                    f"overrides[{pattern!r}].min_density", settings["min_density"], 0.0, 1.0
+                )
+            if "pressure_scale" in settings:
+                scale = float(settings["pressure_scale"])
+                if not scale >= 0 or scale == float("inf"):
+                    raise ValueError(
+                        f"overrides[{pattern!r}].pressure_scale must be finite and >= 0, got {scale}"
+                    )
+                target.pressure_scale = scale
+    return selected

@@ -1,0 +1,636 @@
+"""`Hyperflux`: attaches learned L0 masks to a model and drives them through the phases of the method."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parametrize
+
+from hyperflux.gate import FluxMeter, HardGate
+from hyperflux.scheduler import PressureScheduler, _check_fraction
+from hyperflux.selection import DEFAULT_MODULES, Target, select_targets
+
+STATE_FORMAT = 1
+_TRIM_LOGIT = 1e-3
+
+
+def _pressure_value(coefs: Sequence[float], logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = logits[0].new_zeros((), dtype=torch.float32)
+    for coef, m in zip(coefs, logits, strict=True):
+        if coef:
+            total = total + coef * m.detach().sum(dtype=torch.float32)
+    return total
+
+
+class _PressureLoss(torch.autograd.Function):
+    """`sum_l coef_l * sum(m_l)`, whose backward hands every logit of layer l the constant `coef_l`.
+
+    The gradient is an expanded scalar (no memory), and it scales with the loss like any other term, so
+    gradient scaling (AMP) and accumulation treat it correctly.
+    """
+
+    @staticmethod
+    def forward(ctx, coefs: tuple[float, ...], *logits):  # type: ignore[override]
+        ctx.coefs = coefs
+        ctx.shapes = [m.shape for m in logits]
+        return _pressure_value(coefs, logits)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grads = [(grad_out * coef).expand(shape) for coef, shape in zip(ctx.coefs, ctx.shapes, strict=True)]
+        return (None, *grads)
+
+
+def _quantile(values: torch.Tensor, q: float) -> float | None:
+    if not values.numel():
+        return None
+    return float(values.kthvalue(max(1, math.ceil(q * values.numel()))).values)
+
+
+class _DenseKeyLoader:
+    """load_state_dict pre-hook: lets a plain (dense) checkpoint load into a prepared model.
+
+    `fc.weight` is moved to `fc.parametrizations.weight.original`; when the checkpoint has no logits, the
+    current ones are kept, so the masks survive.
+    """
+
+    def __init__(self, param_name: str, gate: HardGate) -> None:
+        self.param_name = param_name
+        self.gate = gate
+
+    def __call__(self, module, state_dict, prefix, *args) -> None:
+        plain = prefix + self.param_name
+        if plain not in state_dict:
+            return
+        base = f"{prefix}parametrizations.{self.param_name}."
+        state_dict.setdefault(base + "original", state_dict[plain])
+        del state_dict[plain]
+        state_dict.setdefault(base + "0.logits", self.gate.logits.detach().clone())
+
+
+class Hyperflux:
+    """Prunes a model to `target_sparsity` inside the user's own training loop.
+
+    Usage: build it on the model, give the optimiser `param_groups()`, add `pressure_loss()` to the loss, and
+    call `step(optimizer)` once per epoch (or once every K batches: the schedule counts calls, "periods").
+    Pruning lasts `pruning_epochs` periods, regrowth `regrowth_epochs`; `total_epochs` is their sum.
+
+    `exact_target=True` (default) keeps the controller on at a lower gain during regrowth and, when the masks
+    freeze, trims (or refills) by mask logit to exactly the requested count. `exact_target=False` is the
+    paper's form: pressure released at regrowth, the final density ends a little above the target.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_sparsity: float | None,
+        pruning_epochs: int,
+        regrowth_epochs: int = 0,
+        *,
+        modules: Sequence[type[nn.Module]] = DEFAULT_MODULES,
+        names: Sequence[str] | str | None = None,
+        ignore: Sequence[str] | str | None = None,
+        overrides: Mapping[str, Mapping[str, float]] | None = None,
+        min_density: float = 0.0,
+        exact_target: bool = True,
+        scheduler: PressureScheduler | None = None,
+        delta: float = 0.3,
+        regrowth_delta: float | None = None,
+        aggressivity: float = 6.0,
+        exponent: float = 1.5,
+        grad_scale: float = 0.25,
+        init_logit: float = 0.2,
+        mask_lr: float = 1e-3,
+        regrowth_mask_lr: float | None = None,
+        regrowth_decay: float = 0.75,
+        freeze_after: int = 50,
+        flux_every: int = 8,
+    ) -> None:
+        for name, value in (("pruning_epochs", pruning_epochs), ("regrowth_epochs", regrowth_epochs)):
+            if int(value) != value or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value}")
+        if pruning_epochs < 1:
+            raise ValueError(f"pruning_epochs must be at least 1, got {pruning_epochs}")
+        if target_sparsity is not None:
+            target_sparsity = _check_fraction("target_sparsity", target_sparsity)
+        if scheduler is None:
+            if target_sparsity is None:
+                raise ValueError(
+                    "target_sparsity is required unless a constant or scheduled PressureScheduler is given"
+                )
+            scheduler = PressureScheduler(
+                target_sparsity, pruning_epochs, aggressivity=aggressivity, delta=delta, exponent=exponent
+            )
+        if exact_target and target_sparsity is None:
+            raise ValueError(
+                "exact_target=True needs a target_sparsity; use exact_target=False with a fixed pressure"
+            )
+        if (
+            grad_scale <= 0
+            or init_logit <= 0
+            or mask_lr < 0
+            or not 0 < regrowth_decay <= 1
+            or freeze_after < 0
+        ):
+            raise ValueError(
+                "need grad_scale > 0, init_logit > 0, mask_lr >= 0, 0 < regrowth_decay <= 1, freeze_after >= 0"
+            )
+        self.model = model
+        self.target_sparsity = target_sparsity
+        self.pruning_epochs = int(pruning_epochs)
+        self.regrowth_epochs = int(regrowth_epochs)
+        self.exact_target = bool(exact_target)
+        self.scheduler = scheduler
+        self.regrowth_delta = scheduler.delta / 3 if regrowth_delta is None else float(regrowth_delta)
+        self.grad_scale = float(grad_scale)
+        self.init_logit = float(init_logit)
+        self.base_mask_lr = float(mask_lr)
+        self.regrowth_mask_lr = self.base_mask_lr if regrowth_mask_lr is None else float(regrowth_mask_lr)
+        self.regrowth_decay = float(regrowth_decay)
+        self.freeze_after = int(freeze_after)
+
+        self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)
+        self.total = sum(t.numel for t in self.targets)
+        if target_sparsity is not None:
+            floor = sum(math.ceil(t.min_density * t.numel) for t in self.targets)
+            if floor > round((1 - target_sparsity) * self.total):
+                raise ValueError(
+                    f"the per-layer minimum densities keep {floor} of {self.total} weights, more than the "
+                    f"target sparsity {target_sparsity} allows"
+                )
+        self.meter = FluxMeter(flux_every)
+        self.gates: list[HardGate] = []
+        self._hooks = []
+        self._param_order = [list(t.module._parameters) for t in self.targets]
+        for target in self.targets:
+            weight = getattr(target.module, target.param_name)
+            logits = torch.empty_like(weight, requires_grad=False)
+            with torch.no_grad():
+                logits.uniform_(self.init_logit, 2.5 * self.init_logit)
+            gate = HardGate(logits, self.grad_scale, self.meter)
+            parametrize.register_parametrization(target.module, target.param_name, gate)
+            self.gates.append(gate)
+            self._hooks.append(
+                target.module.register_load_state_dict_pre_hook(_DenseKeyLoader(target.param_name, gate))
+            )
+        self._hooks.append(model.register_forward_pre_hook(self.meter.tick))
+
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._attached = False
+        self.period = 0
+        self.frozen = False
+        self.squashed = False
+        self.layer_scales = [t.pressure_scale for t in self.targets]
+        self._snapshot = [g.mask() for g in self.gates]
+        self.last_stats: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- schedule and phases
+    @property
+    def total_epochs(self) -> int:
+        return self.pruning_epochs + self.regrowth_epochs
+
+    @property
+    def target_density(self) -> float | None:
+        return None if self.target_sparsity is None else 1.0 - self.target_sparsity
+
+    @property
+    def phase(self) -> str:
+        """ "pruning", "regrowth", "frozen" (masks fixed, weights still training) or "done"."""
+        if self.period >= self.total_epochs:
+            return "done"
+        if self.frozen:
+            return "frozen"
+        return "pruning" if self.period < self.pruning_epochs else "regrowth"
+
+    @property
+    def pressure(self) -> float:
+        """The pressure P applied in the period now running."""
+        phase = self.phase
+        if phase in ("frozen", "done") or (phase == "regrowth" and not self.exact_target):
+            return 0.0
+        return self.scheduler.pressure
+
+    @property
+    def mask_lr(self) -> float:
+        """The mask learning rate for the period now running: reset at regrowth, then decayed, then 0."""
+        if self.phase in ("frozen", "done"):
+            return 0.0
+        if self.period < self.pruning_epochs:
+            return self.base_mask_lr
+        k = self.period - self.pruning_epochs
+        return self.regrowth_mask_lr * self.regrowth_decay**k
+
+    def expected_density(self, period: int | None = None) -> float | None:
+        """The trajectory's target density after `period` periods (default: the current one)."""
+        if self.scheduler.mode != "trajectory":
+            return None
+        return self.scheduler.expected_density(self.period if period is None else period)
+
+    # ----------------------------------------------------------------- the loss term and parameters
+    def _pressure_coefs(self) -> tuple[float, ...]:
+        pressure = self.pressure
+        return tuple(pressure * s / self.total for s in self.layer_scales)
+
+    def pressure_loss(self) -> torch.Tensor:
+        """`P * sum(m) / N`, to add to the loss: every logit feels exactly P / N (times its layer's scale).
+
+        After `attach()`, the attached optimiser applies that gradient itself and this returns the value
+        alone (no graph), so adding it to the loss changes nothing but the number you log.
+        """
+        self._check_live()
+        coefs = self._pressure_coefs()
+        logits = [g.logits for g in self.gates]
+        if not any(coefs):
+            return logits[0].new_zeros((), dtype=torch.float32)
+        if self._attached:
+            return _pressure_value(coefs, logits)
+        return _PressureLoss.apply(coefs, *logits)
+
+    def attach(self, *optimizers: torch.optim.Optimizer) -> Hyperflux:
+        """Let these optimisers apply the pressure and the mask-lr schedule; returns self.
+
+        A step pre-hook adds P / N to the mask logits' gradients right before each `optimizer.step()`: no
+        graph and one in-place pass (the fast path), after AMP's unscale and DDP's all-reduce, and once per
+        step under gradient accumulation. `step()` then needs no arguments.
+        """
+        self._check_live()
+        logit_ids = {id(p) for p in self.mask_parameters()}
+        for optimizer in optimizers:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]} & logit_ids
+            if not held:
+                raise ValueError("this optimizer holds no mask logits; build it from hf.param_groups()")
+            if any(o is optimizer for o in self._optimizers):
+                continue
+            self._optimizers.append(optimizer)
+            self._hooks.append(optimizer.register_step_pre_hook(self._add_pressure_gradient))
+        self._attached = bool(self._optimizers)
+        return self
+
+    def _add_pressure_gradient(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
+        coefs = self._pressure_coefs()
+        if not any(coefs):
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        grads, values = [], []
+        for gate, coef in zip(self.gates, coefs, strict=True):
+            logits = gate.logits
+            if coef and logits.grad is not None and id(logits) in held:
+                grads.append(logits.grad)
+                values.append(coef)
+        if grads:
+            torch._foreach_add_(grads, values)
+
+    def mask_parameters(self) -> Iterator[nn.Parameter]:
+        for gate in self.gates:
+            yield gate.logits
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """Every model parameter that is not a mask logit (weights, biases, norms)."""
+        logit_ids = {id(p) for p in self.mask_parameters()}
+        for param in self.model.parameters():
+            if id(param) not in logit_ids:
+                yield param
+
+    def param_groups(
+        self,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        mask_lr: float | None = None,
+        **options,
+    ) -> list[dict[str, Any]]:
+        """Two optimiser groups: the model's weights, and the mask logits with their own lr and no decay."""
+        weights: dict[str, Any] = {"params": list(self.weight_parameters()), **options}
+        if lr is not None:
+            weights["lr"] = lr
+        if weight_decay is not None:
+            weights["weight_decay"] = weight_decay
+        masks = {
+            "params": list(self.mask_parameters()),
+            "lr": self.base_mask_lr if mask_lr is None else mask_lr,
+        }
+        masks["weight_decay"] = 0.0
+        return [weights, masks]
+
+    # ----------------------------------------------------------------- measurement
+    def kept(self) -> int:
+        return int(sum(int(g.mask().sum()) for g in self.gates))
+
+    def density(self) -> float:
+        """Exact fraction of the selected weights whose gate is open."""
+        return self.kept() / self.total
+
+    def sparsity(self) -> float:
+        return 1.0 - self.density()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Boolean keep-masks by tensor name."""
+        return {t.name: g.mask() for t, g in zip(self.targets, self.gates, strict=True)}
+
+    def _sync_flux(self) -> None:
+        """Average the sampled flux over DDP ranks, so every rank reports and decides the same."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for gate in self.gates:
+            flux = gate.mean_flux().contiguous()
+            dist.all_reduce(flux)
+            flux /= dist.get_world_size()
+            gate.flux_sum, gate.flux_batches = flux, 1
+
+    def stats(self) -> dict[str, Any]:
+        """Global and per-layer counts, pressure and flux since the last `step()`, as a plain dict.
+
+        Flux is reported in pressure units, `c * N * mean(-W * g)`, so a weight's flux and the pressure compare
+        directly: a weight holds while its flux beats P.
+        """
+        self._check_live()
+        to_pressure_units = self.grad_scale * self.total
+        layers = []
+        kept_total = pruned_total = regrown_total = 0
+        survivor_flux, pruned_flux = [], []
+        for target, gate, before in zip(self.targets, self.gates, self._snapshot, strict=True):
+            mask = gate.mask()
+            kept = int(mask.sum())
+            pruned = int((before & ~mask).sum())
+            regrown = int((~before & mask).sum())
+            flux = gate.mean_flux() * to_pressure_units
+            alive, dead = flux[mask], flux[~mask]
+            if gate.flux_batches:
+                survivor_flux.append(alive.flatten())
+                pruned_flux.append(dead.flatten())
+            layers.append(
+                {
+                    "name": target.name,
+                    "shape": list(mask.shape),
+                    "total": mask.numel(),
+                    "kept": kept,
+                    "density": kept / mask.numel(),
+                    "pruned": pruned,
+                    "regrown": regrown,
+                    "min_density": target.min_density,
+                    "flux_min": float(alive.min()) if gate.flux_batches and alive.numel() else None,
+                    "flux_mean": float(alive.mean()) if gate.flux_batches and alive.numel() else None,
+                }
+            )
+            kept_total += kept
+            pruned_total += pruned
+            regrown_total += regrown
+        alive_all = torch.cat(survivor_flux) if survivor_flux else torch.empty(0)
+        dead_all = torch.cat(pruned_flux) if pruned_flux else torch.empty(0)
+        return {
+            "period": self.period,
+            "phase": self.phase,
+            "kept": kept_total,
+            "total": self.total,
+            "density": kept_total / self.total,
+            "sparsity": 1.0 - kept_total / self.total,
+            "target_sparsity": self.target_sparsity,
+            "expected_density": self.expected_density(),
+            "pressure": self.pressure,
+            "gamma": self.scheduler.gamma,
+            "mask_lr": self.mask_lr,
+            "pruned": pruned_total,
+            "regrown": regrown_total,
+            "flux_batches": max((g.flux_batches for g in self.gates), default=0),
+            "flux_min": float(alive_all.min()) if alive_all.numel() else None,
+            "flux_p01": _quantile(alive_all, 0.01),
+            "flux_mean": float(alive_all.mean()) if alive_all.numel() else None,
+            "flux_mean_pruned": float(dead_all.mean()) if dead_all.numel() else None,
+            "layers": layers,
+        }
+
+    def summary(self) -> str:
+        """A readable per-layer table of `stats()`."""
+        s = self.stats()
+
+        def num(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3g}"
+
+        target = "-" if s["target_sparsity"] is None else f"{100 * s['target_sparsity']:.2f}%"
+        lines = [
+            f"Hyperflux  period {s['period']}/{self.total_epochs} ({s['phase']})  "
+            f"sparsity {100 * s['sparsity']:.3f}% (target {target})  kept {s['kept']:,}/{s['total']:,}  "
+            f"pressure {s['pressure']:.4g}  gamma {s['gamma']:.4g}",
+        ]
+        header = ("layer", "shape", "kept", "total", "density", "pruned", "regrown", "flux min", "flux mean")
+        rows = [
+            (
+                row["name"],
+                "x".join(map(str, row["shape"])),
+                f"{row['kept']:,}",
+                f"{row['total']:,}",
+                f"{100 * row['density']:.2f}%",
+                f"{row['pruned']:,}",
+                f"{row['regrown']:,}",
+                num(row["flux_min"]),
+                num(row["flux_mean"]),
+            )
+            for row in s["layers"]
+        ]
+        rows.append(
+            (
+                "total",
+                "",
+                f"{s['kept']:,}",
+                f"{s['total']:,}",
+                f"{100 * s['density']:.2f}%",
+                f"{s['pruned']:,}",
+                f"{s['regrown']:,}",
+                num(s["flux_min"]),
+                num(s["flux_mean"]),
+            )
+        )
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        lines.append(fmt.format(*header))
+        lines.extend(fmt.format(*row) for row in rows)
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        target = "None" if self.target_sparsity is None else f"{self.target_sparsity:g}"
+        return (
+            f"Hyperflux(tensors={len(self.targets)}, weights={self.total:,}, target_sparsity={target}, "
+            f"period={self.period}/{self.total_epochs}, phase={self.phase!r}, sparsity={self.sparsity():.4f}, "
+            f"pressure={self.pressure:.4g}, exact_target={self.exact_target})"
+        )
+
+    # ----------------------------------------------------------------- the per-period step
+    def step(self, *optimizers: torch.optim.Optimizer) -> dict[str, Any]:
+        """Close a period: measure, update the pressure, move through the phases; returns that period's stats.
+
+        The regrowth phase resets and decays the mask lr in the attached optimisers and in any passed here.
+        """
+        self._check_live()
+        self._sync_flux()
+        self._enforce_floors()
+        record = self.stats()
+        density = record["density"]
+        self.period += 1
+        end_of_pruning = self.pruning_epochs
+        if self.period <= end_of_pruning or (self.exact_target and not self.frozen):
+            self.scheduler.step(density)
+        if self.period == end_of_pruning:
+            if self.exact_target:
+                self.scheduler.delta = self.regrowth_delta
+            else:
+                self.scheduler.reset()
+        regrowth_done = self.period - end_of_pruning
+        if not self.frozen and (self.period >= self.total_epochs or regrowth_done >= self.freeze_after):
+            if self.exact_target:
+                self._trim_to_target()
+            self._freeze()
+        self._set_mask_lr(optimizers)
+        for gate in self.gates:
+            gate.reset_flux()
+        self._snapshot = [g.mask() for g in self.gates]
+        self.last_stats = record
+        return record
+
+    def _set_mask_lr(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        if self.period < self.pruning_epochs:
+            return
+        logit_ids = {id(p) for p in self.mask_parameters()}
+        for optimizer in [*self._optimizers, *optimizers]:
+            for group in optimizer.param_groups:
+                if group["params"] and all(id(p) in logit_ids for p in group["params"]):
+                    group["lr"] = self.mask_lr
+
+    def _freeze(self) -> None:
+        for gate in self.gates:
+            gate.logits.requires_grad_(False)
+            gate.logits.grad = None
+        self.frozen = True
+
+    def _enforce_floors(self) -> None:
+        """Reopen the best pruned weights of any layer below its minimum density, and lift its pressure."""
+        for i, (target, gate) in enumerate(zip(self.targets, self.gates, strict=True)):
+            if target.min_density <= 0:
+                continue
+            need = math.ceil(target.min_density * target.numel)
+            mask = gate.mask()
+            missing = need - int(mask.sum())
+            if missing > 0:
+                flat = gate.logits.detach().view(-1)
+                candidates = torch.where(mask.view(-1), -math.inf, flat)
+                with torch.no_grad():
+                    flat[candidates.topk(missing).indices] = _TRIM_LOGIT
+            self.layer_scales[i] = 0.0 if missing >= 0 else target.pressure_scale
+
+    def _trim_to_target(self) -> None:
+        """Close (or open) the gates nearest to flipping until exactly round(target density * N) are open.
+
+        Ranking by logit follows the method's own integrated evidence, and logits are identical on every
+        rank, so the trim is too.
+        """
+        want = round(self.target_density * self.total)
+        kept = self.kept()
+        if kept == want:
+            return
+        flats = [g.logits.detach().view(-1) for g in self.gates]
+        masks = [f >= 0 for f in flats]
+        if kept > want:
+            pools = []
+            for layer, (target, flat, mask) in enumerate(zip(self.targets, flats, masks, strict=True)):
+                removable = int(mask.sum()) - math.ceil(target.min_density * target.numel)
+                if removable > 0:
+                    values, index = torch.where(mask, flat, math.inf).topk(removable, largest=False)
+                    pools.append((values, index, layer))
+            value = -_TRIM_LOGIT
+            count = kept - want
+            largest = False
+        else:
+            pools = [
+                (*torch.where(mask, -math.inf, flat).topk(int((~mask).sum())), layer)
+                for layer, (flat, mask) in enumerate(zip(flats, masks, strict=True))
+                if (~mask).any()
+            ]
+            value = _TRIM_LOGIT
+            count = want - kept
+            largest = True
+        values = torch.cat([p[0].float().cpu() for p in pools])
+        layers = torch.cat([torch.full((len(p[0]),), p[2]) for p in pools])
+        indices = torch.cat([p[1].cpu() for p in pools])
+        chosen = values.topk(count, largest=largest).indices
+        with torch.no_grad():
+            for layer in range(len(flats)):
+                picked = indices[chosen[layers[chosen] == layer]]
+                flats[layer][picked.to(flats[layer].device)] = value
+
+    # ----------------------------------------------------------------- state and export
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the sparsifier adds to a run; with the model's and optimisers' state it resumes exactly."""
+        return {
+            "format": STATE_FORMAT,
+            "names": [t.name for t in self.targets],
+            "target_sparsity": self.target_sparsity,
+            "pruning_epochs": self.pruning_epochs,
+            "regrowth_epochs": self.regrowth_epochs,
+            "exact_target": self.exact_target,
+            "period": self.period,
+            "frozen": self.frozen,
+            "layer_scales": list(self.layer_scales),
+            "meter_batches": self.meter.batches,
+            "scheduler": self.scheduler.state_dict(),
+            "snapshot": [m.clone() for m in self._snapshot],
+            "flux_sum": [g.mean_flux() * g.flux_batches for g in self.gates],
+            "flux_batches": [g.flux_batches for g in self.gates],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._check_live()
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"unknown Hyperflux state format {state.get('format')!r}; expected {STATE_FORMAT}"
+            )
+        names = [t.name for t in self.targets]
+        if list(state["names"]) != names:
+            raise ValueError(
+                f"the state is for tensors {list(state['names'])[:4]}..., this sparsifier masks {names[:4]}..."
+            )
+        for key in ("target_sparsity", "pruning_epochs", "regrowth_epochs", "exact_target"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"the state has {key}={state[key]!r}, this sparsifier {getattr(self, key)!r}"
+                )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.period = int(state["period"])
+        self.layer_scales = [float(s) for s in state["layer_scales"]]
+        self.meter.batches = int(state["meter_batches"])
+        self._snapshot = [
+            m.to(g.logits.device).clone() for m, g in zip(state["snapshot"], self.gates, strict=True)
+        ]
+        for gate, flux, batches in zip(self.gates, state["flux_sum"], state["flux_batches"], strict=True):
+            gate.flux_sum = flux.to(gate.logits.device).clone() if batches else None
+            gate.flux_batches = int(batches)
+        self.frozen = False
+        for gate in self.gates:
+            gate.logits.requires_grad_(True)
+        if state["frozen"]:
+            self._freeze()
+
+    def squash(self) -> nn.Module:
+        """Bake the masks into the weights (zeros), remove the parametrizations, and return the model.
+
+        Its `state_dict()` has the original keys and its outputs equal the masked model's.
+        """
+        self._check_live()
+        for hook in self._hooks:
+            hook.remove()
+        for target, order in zip(self.targets, self._param_order, strict=True):
+            module = target.module
+            parametrize.remove_parametrizations(module, target.param_name, leave_parametrized=True)
+            # removal re-registers the weight last; restore the order so state_dict keys read as before
+            params = module._parameters
+            module._parameters = {name: params[name] for name in order if name in params} | params
+        self.squashed = True
+        return self.model
+
+    def _check_live(self) -> None:
+        if self.squashed:
+            raise RuntimeError(
+                "this Hyperflux has been squashed: its masks are baked into the model's weights"
+            )

@@ -1,0 +1,127 @@
+"""The gate's forward and straight-through gradients, and the pressure's gradient, against hand-computed values."""
+
+import pytest
+import torch
+from torch import nn
+
+import hyperflux
+from hyperflux.gate import _GateFunction
+
+
+def test_gate_forward_and_gradients_by_hand():
+    weight = torch.tensor([[0.5, -2.0], [3.0, 0.25]], requires_grad=True)
+    logits = torch.tensor([[0.1, -0.3], [0.0, -1e-6]], requires_grad=True)
+    out = _GateFunction.apply(weight, logits, 0.25, None)
+    assert torch.equal(out, torch.tensor([[0.5, 0.0], [3.0, 0.0]]))  # m >= 0 opens, m = 0 included
+
+    upstream = torch.tensor([[1.0, 2.0], [-1.0, 4.0]])
+    out.backward(upstream)
+    # dL/dW = H(m) * g ; dL/dm = c * W * g, for open and closed gates alike
+    assert torch.equal(weight.grad, torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    assert torch.allclose(logits.grad, 0.25 * torch.tensor([[0.5, -4.0], [-3.0, 1.0]]))
+
+
+def test_gate_scale_is_configurable_and_logits_init_in_range():
+    torch.manual_seed(0)
+    model = nn.Linear(50, 40)
+    hf = hyperflux.Hyperflux(model, 0.9, pruning_epochs=5, grad_scale=0.5, init_logit=0.2)
+    logits = next(hf.mask_parameters())
+    values = logits.detach()
+    assert logits.shape == model.parametrizations.weight.original.shape
+    assert float(values.min()) >= 0.2 and float(values.max()) <= 0.5
+    assert float(values.max()) > 0.45 and float(values.min()) < 0.25  # the whole interval is used
+    x = torch.randn(3, 50)
+    model(x).sum().backward()
+    weight = model.parametrizations.weight.original
+    expected = 0.5 * weight.detach() * (torch.ones(3, 40).T @ x)  # c * W * dL/dW_eff
+    assert torch.allclose(logits.grad, expected, atol=1e-5)
+
+
+def _two_layer():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _pressure_only_grads(hf):
+    return [g.logits.grad.clone() for g in hf.gates]
+
+
+def test_pressure_loss_value_and_gradient_on_every_logit():
+    model = _two_layer()
+    hf = hyperflux.Hyperflux(
+        model, None, pruning_epochs=3, exact_target=False, scheduler=hyperflux.PressureScheduler.constant(2.0)
+    )
+    n = hf.total
+    assert n == 6 * 5 + 5 * 3
+    term = hf.pressure_loss()
+    logits = list(hf.mask_parameters())
+    assert torch.allclose(term, 2.0 * sum(m.sum() for m in logits) / n)
+    term.backward()
+    for m in logits:
+        assert torch.allclose(m.grad, torch.full_like(m, 2.0 / n))
+
+
+def test_attached_optimizer_applies_the_same_pressure_gradient_once_per_step():
+    def run(attach: bool):
+        model = _two_layer()
+        hf = hyperflux.Hyperflux(
+            model,
+            None,
+            pruning_epochs=3,
+            exact_target=False,
+            scheduler=hyperflux.PressureScheduler.constant(3.0),
+        )
+        opt = torch.optim.SGD(hf.param_groups(lr=0.0, mask_lr=1.0))
+        if attach:
+            hf.attach(opt)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+        loss = model(x).pow(2).mean() + hf.pressure_loss()
+        opt.zero_grad()
+        loss.backward()
+        before = [m.detach().clone() for m in hf.mask_parameters()]
+        opt.step()
+        return [b - m.detach() for b, m in zip(before, hf.mask_parameters(), strict=True)], float(loss)
+
+    plain, plain_loss = run(False)
+    fused, fused_loss = run(True)
+    assert plain_loss == pytest.approx(fused_loss)
+    for a, b in zip(plain, fused, strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_zero_pressure_gives_no_graph_and_no_gradient():
+    model = _two_layer()
+    hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3)
+    assert hf.pressure == 0.0  # first period trains without pressure (method.md s. 3)
+    term = hf.pressure_loss()
+    assert float(term) == 0.0 and not term.requires_grad
+
+
+def test_per_layer_pressure_scale():
+    model = _two_layer()
+    hf = hyperflux.Hyperflux(
+        model,
+        None,
+        pruning_epochs=3,
+        exact_target=False,
+        scheduler=hyperflux.PressureScheduler.constant(1.0),
+        overrides={"2": {"pressure_scale": 0.5}},
+    )
+    hf.pressure_loss().backward()
+    first, second = hf.mask_parameters()
+    assert torch.allclose(first.grad, torch.full_like(first, 1.0 / hf.total))
+    assert torch.allclose(second.grad, torch.full_like(second, 0.5 / hf.total))
+
+
+def test_flux_is_sampled_and_reported_in_pressure_units():
+    model = nn.Linear(4, 2, bias=False)
+    hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3, flux_every=1, grad_scale=0.25)
+    x = torch.tensor([[1.0, 2.0, 0.0, -1.0]])
+    model(x).sum().backward()
+    weight = model.parametrizations.weight.original.detach()
+    grad_eff = torch.ones(2, 1) @ x
+    expected = -(weight * grad_eff) * 0.25 * hf.total
+    stats = hf.stats()
+    assert stats["flux_batches"] == 1
+    assert stats["flux_min"] == pytest.approx(float(expected.min()), rel=1e-5)
+    assert stats["flux_mean"] == pytest.approx(float(expected.mean()), rel=1e-5)

@@ -1,0 +1,126 @@
+"""Every selection rule and every error it promises."""
+
+import pytest
+import torch
+from torch import nn
+
+from hyperflux import Hyperflux
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv1d(4, 4, 1))
+        self.embed = nn.Embedding(10, 4)
+        self.fc1 = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 2)
+
+
+def names_of(hf):
+    return [t.name for t in hf.targets]
+
+
+def test_default_selects_linear_and_conv_weights_only():
+    hf = Hyperflux(Net(), 0.9, pruning_epochs=2)
+    assert names_of(hf) == ["features.0.weight", "features.3.weight", "fc1.weight", "head.weight"]
+    assert hf.total == 4 * 3 * 9 + 4 * 4 + 8 * 6 + 6 * 2
+
+
+def test_module_types_opt_in_an_embedding():
+    hf = Hyperflux(Net(), 0.9, pruning_epochs=2, modules=(nn.Embedding,))
+    assert names_of(hf) == ["embed.weight"]
+
+
+def test_names_accept_exact_tensor_and_module_names_and_regexes():
+    assert names_of(Hyperflux(Net(), 0.9, pruning_epochs=2, names=["fc1.weight"])) == ["fc1.weight"]
+    assert names_of(Hyperflux(Net(), 0.9, pruning_epochs=2, names="head")) == ["head.weight"]
+    assert names_of(Hyperflux(Net(), 0.9, pruning_epochs=2, names=[r"features\..*"])) == [
+        "features.0.weight",
+        "features.3.weight",
+    ]
+
+
+def test_ignore_list_and_model_default_ignore():
+    assert names_of(Hyperflux(Net(), 0.9, pruning_epochs=2, ignore=["head", r"features\.0"])) == [
+        "features.3.weight",
+        "fc1.weight",
+    ]
+    net = Net()
+    net.hyperflux_ignore = ("head",)
+    assert "head.weight" not in names_of(Hyperflux(net, 0.9, pruning_epochs=2))
+    net = Net()
+    net.hyperflux_ignore = ("head",)
+    assert "head.weight" in names_of(Hyperflux(net, 0.9, pruning_epochs=2, ignore=[]))  # explicit overrides
+
+
+def test_overrides_and_minimum_density():
+    hf = Hyperflux(
+        Net(),
+        0.5,
+        pruning_epochs=2,
+        min_density=0.05,
+        overrides={"head": {"min_density": 0.3, "pressure_scale": 2.0}},
+    )
+    by_name = {t.name: t for t in hf.targets}
+    assert by_name["head.weight"].min_density == 0.3 and by_name["head.weight"].pressure_scale == 2.0
+    assert by_name["fc1.weight"].min_density == 0.05 and by_name["fc1.weight"].pressure_scale == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"names": ["nope"]}, "names pattern 'nope' matches no prunable tensor"),
+        ({"ignore": ["nope"]}, "ignore pattern 'nope' matches no prunable tensor"),
+        ({"names": ["("]}, "not a valid regular expression"),
+        ({"overrides": {"nope": {"min_density": 0.1}}}, "overrides pattern 'nope'"),
+        ({"overrides": {"fc1": {"sparsity": 0.1}}}, "unknown key"),
+        ({"overrides": {"fc1": {"min_density": 1.5}}}, r"min_density must be in \[0.0, 1.0\]"),
+        ({"overrides": {"fc1": {"pressure_scale": -1}}}, "pressure_scale must be finite"),
+        ({"min_density": -0.1}, "min_density"),
+        ({"ignore": [".*"]}, "nothing to prune in Net"),
+        ({"min_density": 0.6}, "minimum densities keep"),
+    ],
+)
+def test_selection_errors_say_what_and_where(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Hyperflux(Net(), 0.5, pruning_epochs=2, **kwargs)
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, -0.2, 98.0])
+def test_target_outside_open_unit_interval(target):
+    with pytest.raises(ValueError, match="target_sparsity must be a fraction"):
+        Hyperflux(Net(), target, pruning_epochs=2)
+
+
+def test_nothing_to_prune():
+    with pytest.raises(ValueError, match="nothing to prune in Sequential"):
+        Hyperflux(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), 0.9, pruning_epochs=2)
+
+
+def test_non_float_weight():
+    layer = nn.Linear(3, 3)
+    layer.weight = nn.Parameter(torch.ones(3, 3, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(ValueError, match=r"weight has dtype torch.int64"):
+        Hyperflux(nn.Sequential(layer), 0.9, pruning_epochs=2)
+
+
+def test_tied_weights_and_double_preparation():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="tied weights"):
+        Hyperflux(nn.Sequential(a, b), 0.9, pruning_epochs=2)
+    model = nn.Sequential(nn.Linear(4, 4))
+    Hyperflux(model, 0.9, pruning_epochs=2)
+    with pytest.raises(ValueError, match="already parametrized"):
+        Hyperflux(model, 0.9, pruning_epochs=2)
+
+
+def test_bad_epochs_and_modes():
+    with pytest.raises(ValueError, match="pruning_epochs"):
+        Hyperflux(nn.Linear(3, 3), 0.9, pruning_epochs=0)
+    with pytest.raises(ValueError, match="regrowth_epochs"):
+        Hyperflux(nn.Linear(3, 3), 0.9, pruning_epochs=2, regrowth_epochs=-1)
+    with pytest.raises(ValueError, match="target_sparsity is required"):
+        Hyperflux(nn.Linear(3, 3), None, pruning_epochs=2)
+    with pytest.raises(ValueError, match=r"expected a torch\.nn\.Module"):
+        Hyperflux("model", 0.9, pruning_epochs=2)

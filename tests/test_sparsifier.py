@@ -1,0 +1,263 @@
+"""Phases, observation, floors, the exact target, state, squash and compile of `Hyperflux`."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperflux import Hyperflux, PressureScheduler
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def set_logits(hf, values):
+    with torch.no_grad():
+        for gate, value in zip(hf.gates, values, strict=True):
+            gate.logits.copy_(value)
+
+
+def test_paper_phases_release_pressure_reset_decay_and_freeze_the_mask_lr():
+    model = mlp()
+    hf = Hyperflux(
+        model,
+        0.5,
+        pruning_epochs=3,
+        regrowth_epochs=4,
+        exact_target=False,
+        freeze_after=2,
+        mask_lr=1e-3,
+        regrowth_mask_lr=5e-3,
+        regrowth_decay=0.5,
+    )
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-3))
+    hf.attach(opt)
+    mask_group = opt.param_groups[1]
+    phases, lrs, pressures = [], [], []
+    for _ in range(hf.total_epochs):
+        hf.step()
+        phases.append(hf.phase)
+        lrs.append(mask_group["lr"])
+        pressures.append(hf.pressure)
+    assert phases == ["pruning", "pruning", "regrowth", "regrowth", "frozen", "frozen", "done"]
+    # pruning keeps the user's lr; regrowth resets to 5e-3 and halves each period; frozen means 0
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-3, 2.5e-3, 0.0, 0.0, 0.0])
+    assert pressures[2:] == [0.0] * 5  # the paper releases the pressure at once, no off-by-one epoch
+    assert all(not m.requires_grad for m in hf.mask_parameters())
+    out = model(torch.randn(2, 8)).sum()
+    out.backward()
+    assert all(m.grad is None for m in hf.mask_parameters())
+
+
+def test_exact_mode_keeps_the_controller_at_lower_gain_during_regrowth():
+    hf = Hyperflux(mlp(), 0.5, pruning_epochs=2, regrowth_epochs=10, delta=0.3)
+    hf.step(), hf.step()
+    assert hf.phase == "regrowth" and hf.scheduler.delta == pytest.approx(0.1)
+    gamma = hf.scheduler.gamma
+    hf.step()  # still fully dense: too dense, so the pressure keeps rising
+    assert hf.scheduler.gamma == pytest.approx(gamma + 0.1 + hf.scheduler.boost_up - 0.1 / 4)
+    assert hf.pressure > 0
+
+
+def test_stats_count_pruned_and_regrown_on_a_scripted_mask_sequence():
+    hf = Hyperflux(mlp(), 0.5, pruning_epochs=10, exact_target=False)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[:10] = -1.0  # prune 10
+    set_logits(hf, [first, second])
+    s = hf.step()
+    assert (s["pruned"], s["regrown"], s["kept"]) == (10, 0, hf.total - 10)
+    assert s["layers"][0]["pruned"] == 10 and s["layers"][1]["pruned"] == 0
+    first.view(-1)[:4] = 1.0  # regrow 4
+    second.view(-1)[:7] = -1.0  # prune 7
+    set_logits(hf, [first, second])
+    s = hf.stats()
+    assert (s["pruned"], s["regrown"]) == (7, 4)
+    assert s["density"] == pytest.approx((hf.total - 13) / hf.total)
+    assert s["layers"][1]["density"] == pytest.approx(1 - 7 / 64)
+    assert hf.density() + hf.sparsity() == 1.0
+    table = hf.summary()
+    assert "0.weight" in table and "2.weight" in table and "total" in table and f"{hf.total - 13:,}" in table
+
+
+def test_minimum_density_reopens_the_best_pruned_weights_and_lifts_the_pressure():
+    hf = Hyperflux(mlp(), 0.5, pruning_epochs=5, min_density=0.25, exact_target=False)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.fill_(-1.0)
+    first.view(-1)[:5] = -0.01  # the five best pruned weights, and 27 more needed at 25% of 128
+    first.view(-1)[5:32] = torch.linspace(-0.5, -0.1, 27)
+    set_logits(hf, [first, second])
+    hf.step()
+    mask = hf.gates[0].mask().view(-1)
+    assert int(mask.sum()) == 32 and bool(mask[:32].all())
+    assert hf.layer_scales == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("direction", ["trim", "refill"])
+def test_exact_target_closes_at_the_requested_count(direction):
+    hf = Hyperflux(mlp(), 0.75, pruning_epochs=1, regrowth_epochs=1)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    torch.manual_seed(3)
+    first.uniform_(-1, 1), second.uniform_(-1, 1)
+    if direction == "refill":
+        first -= 0.9
+        second -= 0.9
+    set_logits(hf, [first, second])
+    order = torch.cat([first.view(-1), second.view(-1)])
+    hf.step(), hf.step()
+    assert hf.phase == "done"
+    want = round(0.25 * hf.total)
+    assert hf.kept() == want
+    kept = torch.cat([g.mask().view(-1) for g in hf.gates])
+    # exactly the highest-logit weights survive
+    assert torch.equal(kept, order >= order.topk(want).values.min())
+
+
+def train(model, hf, opt, periods, data, start=0):
+    x, y = data
+    for period in range(start, start + periods):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(period))
+        for i in range(0, len(x), 16):
+            idx = order[i : i + 16]
+            loss = F.cross_entropy(model(x[idx]), y[idx]) + hf.pressure_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hf.step(opt)
+
+
+def make_run(seed=0):
+    model = mlp(seed)
+    hf = Hyperflux(model, 0.6, pruning_epochs=4, regrowth_epochs=3, mask_lr=0.05, flux_every=3)
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-2))
+    return model, hf, opt
+
+
+def test_resume_from_state_dicts_continues_bit_identically():
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(96, 8, generator=g), torch.randint(0, 4, (96,), generator=g))
+    model, hf, opt = make_run()
+    train(model, hf, opt, 3, data)
+    checkpoint = copy.deepcopy(
+        {
+            "model": model.state_dict(),
+            "hf": hf.state_dict(),
+            "opt": opt.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+    )
+    train(model, hf, opt, 4, data, start=3)
+
+    model2, hf2, opt2 = make_run(
+        seed=1
+    )  # different initial weights: everything must come from the checkpoint
+    model2.load_state_dict(checkpoint["model"])
+    hf2.load_state_dict(checkpoint["hf"])
+    opt2.load_state_dict(checkpoint["opt"])
+    torch.set_rng_state(checkpoint["rng"])
+    train(model2, hf2, opt2, 4, data, start=3)
+
+    assert hf.phase == hf2.phase == "done"
+    for (k, a), (k2, b) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    assert hf.state_dict()["scheduler"] == hf2.state_dict()["scheduler"]
+    assert hf.last_stats == hf2.last_stats
+
+
+def test_state_dict_rejects_another_configuration():
+    _, hf, _ = make_run()
+    other = Hyperflux(mlp(), 0.7, pruning_epochs=4, regrowth_epochs=3)
+    with pytest.raises(ValueError, match="target"):
+        other.load_state_dict(hf.state_dict())
+    wrong_names = Hyperflux(nn.Sequential(nn.Linear(8, 16)), 0.6, pruning_epochs=4, regrowth_epochs=3)
+    with pytest.raises(ValueError, match="tensors"):
+        wrong_names.load_state_dict(hf.state_dict())
+
+
+def test_squash_bakes_zeros_keeps_original_keys_and_outputs():
+    model = mlp()
+    dense_keys = list(model.state_dict())
+    hf = Hyperflux(model, 0.5, pruning_epochs=3)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[::3] = -1.0
+    set_logits(hf, [first, second])
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        masked_out = model(x)
+    squashed = hf.squash()
+    assert squashed is model
+    assert list(model.state_dict()) == dense_keys
+    assert not hasattr(model[0], "parametrizations")
+    assert int((model[0].weight == 0).sum()) >= 128 // 3
+    assert torch.equal(model(x), masked_out)
+    fresh = mlp(5)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), masked_out)
+    with pytest.raises(RuntimeError, match="squashed"):
+        hf.step()
+
+
+def test_dense_checkpoint_loads_into_a_prepared_model_and_keeps_its_masks():
+    source = mlp(7)
+    dense_state = source.state_dict()
+    model = mlp(0)
+    hf = Hyperflux(model, 0.5, pruning_epochs=3)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[:20] = -1.0
+    set_logits(hf, [first, second])
+    model.load_state_dict(dense_state)  # strict: plain keys map onto the parametrized ones
+    assert torch.equal(model[0].parametrizations.weight.original, dense_state["0.weight"])
+    assert int(hf.gates[0].mask().sum()) == 128 - 20
+    x = torch.randn(3, 8)
+    expected = F.linear(
+        F.relu(F.linear(x, dense_state["0.weight"] * hf.gates[0].mask(), dense_state["0.bias"])),
+        dense_state["2.weight"],
+        dense_state["2.bias"],
+    )
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    # and a prepared checkpoint still round-trips with its logits
+    prepared_state = copy.deepcopy(model.state_dict())
+    other = mlp(1)
+    Hyperflux(other, 0.5, pruning_epochs=3).model.load_state_dict(prepared_state)
+    assert torch.equal(other(x), model(x))
+
+
+def test_torch_compile_of_a_prepared_model_matches_eager():
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=3, flux_every=0)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[::2] = -1.0
+    set_logits(hf, [first, second])
+    x = torch.randn(4, 8)
+    eager = model(x)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="inductor")
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.allclose(out, eager, atol=1e-6)
+    for p, g in zip(model.parameters(), eager_grads, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_constant_pressure_prunes_and_does_not_need_a_target():
+    model = mlp()
+    hf = Hyperflux(
+        model,
+        None,
+        pruning_epochs=50,
+        exact_target=False,
+        scheduler=PressureScheduler.constant(5.0),
+        mask_lr=0.05,
+    )
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-2))
+    hf.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(64, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    train(model, hf, opt, 5, data)
+    assert hf.density() < 0.9
+    assert hf.stats()["target_sparsity"] is None and "target -" in hf.summary()
