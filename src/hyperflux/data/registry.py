@@ -1,0 +1,169 @@
+"""The data registry a recipe names: `load(name, root)` returns both splits and what a model needs to know."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hyperflux.data.cache import DEBIAN_FASHION_MNIST, cache_dir
+from hyperflux.data.cifar import CIFAR10, CIFAR100, load_cifar
+from hyperflux.data.folder import FolderLoader, FolderSet, load_image_folder
+from hyperflux.data.idx import FASHION_MNIST, MNIST, load_idx_family
+from hyperflux.data.sets import BatchLoader, DataError, ImageSet, RandomCropFlip
+
+DIGITS_TEST_SIZE = 360
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """Train and test splits of one data set, normalised by the training split's statistics.
+
+    `augment` says whether `loader("train", ...)` applies the set's training augmentation (CIFAR: random crop
+    with padding 4 and horizontal flip; folders: random resized crop and flip).
+    """
+
+    name: str
+    train: ImageSet | FolderSet
+    test: ImageSet | FolderSet
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        drop_last: bool = False,
+        device: str | torch.device | None = None,
+        num_workers: int = 0,
+    ) -> BatchLoader | FolderLoader:
+        """Batches of `split` ("train" or "test"); the train split is shuffled by default, the test split not.
+
+        In-memory sets move to `device` once, so every batch is gathered there; folders decode on the CPU.
+        """
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        dataset = self.train if split == "train" else self.test
+        shuffle = split == "train" if shuffle is None else shuffle
+        if isinstance(dataset, FolderSet):
+            return FolderLoader(
+                dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, num_workers=num_workers
+            )
+        if device is not None:
+            dataset = dataset.to(device)
+        augment = RandomCropFlip() if self.augment and split == "train" else None
+        return BatchLoader(
+            dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, augment=augment
+        )
+
+
+def read_digits() -> tuple[ImageSet, ImageSet]:
+    """scikit-learn's 8x8 digits (1797 images, values 0..16) in a fixed stratified 1437 / 360 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 16.0)[:, None]
+    train_x, test_x, train_y, test_y = train_test_split(
+        images,
+        digits.target,
+        test_size=DIGITS_TEST_SIZE,
+        random_state=DIGITS_SPLIT_SEED,
+        stratify=digits.target,
+    )
+    return (
+        ImageSet(torch.from_numpy(train_x), torch.from_numpy(train_y)),
+        ImageSet(torch.from_numpy(test_x), torch.from_numpy(test_y)),
+    )
+
+
+def read_mnist(root: Path | None) -> tuple[ImageSet, ImageSet]:
+    return load_idx_family(MNIST, [root if root is not None else cache_dir()])
+
+
+def read_fashion_mnist(root: Path | None) -> tuple[ImageSet, ImageSet]:
+    return load_idx_family(FASHION_MNIST, [root] if root is not None else [DEBIAN_FASHION_MNIST, cache_dir()])
+
+
+@dataclass(frozen=True)
+class Entry:
+    read: Callable[[Path | None], tuple[ImageSet, ImageSet]]
+    num_classes: int
+    augment: bool
+    as_32x3: bool = False
+
+
+REGISTRY: dict[str, Entry] = {
+    "digits": Entry(lambda root: read_digits(), 10, augment=False),
+    "mnist": Entry(read_mnist, 10, augment=False),
+    "mnist-32": Entry(read_mnist, 10, augment=False, as_32x3=True),
+    "fashion-mnist": Entry(read_fashion_mnist, 10, augment=False),
+    "fashion-mnist-32": Entry(read_fashion_mnist, 10, augment=False, as_32x3=True),
+    "cifar10": Entry(lambda root: load_cifar(CIFAR10, root or cache_dir()), 10, augment=True),
+    "cifar100": Entry(lambda root: load_cifar(CIFAR100, root or cache_dir()), 100, augment=True),
+}
+IMAGE_FOLDER = "imagefolder"
+
+
+def names() -> list[str]:
+    """Every name `load` accepts."""
+    return [*REGISTRY, IMAGE_FOLDER]
+
+
+def load(
+    name: str, root: str | Path | None = None, *, augment: bool | None = None, image_size: int = 224
+) -> DataBundle:
+    """Data set `name` from `root` (default: where `fetch` puts it), both splits, with its metadata.
+
+    `augment` overrides the set's default training augmentation; `image_size` applies to "imagefolder" only
+    (the other sets have their native size; the "-32" names give the 32x32x3 view of the 28x28 sets).
+    """
+    root_path = Path(root).expanduser() if root is not None else None
+    if name == IMAGE_FOLDER:
+        if root_path is None:
+            raise DataError(
+                "imagefolder needs root: a folder holding train/<class>/<image> and val/<class>/<image>"
+            )
+        augment = True if augment is None else augment
+        train_folder, test_folder = load_image_folder(root_path, image_size, augment)
+        return DataBundle(
+            name=name,
+            train=train_folder,
+            test=test_folder,
+            num_classes=len(train_folder.classes),
+            in_channels=3,
+            image_size=image_size,
+            mean=train_folder.mean,
+            std=train_folder.std,
+            augment=augment,
+        )
+    if name not in REGISTRY:
+        raise DataError(f"unknown data set {name!r}; known: {', '.join(names())}")
+    entry = REGISTRY[name]
+    train, test = entry.read(root_path)
+    if entry.as_32x3:
+        train, test = train.view(pad=2, channels=3), test.view(pad=2, channels=3)
+    mean, std = train.channel_stats()
+    channels, height, _ = train.shape
+    return DataBundle(
+        name=name,
+        train=train.with_stats(mean, std),
+        test=test.with_stats(mean, std),
+        num_classes=entry.num_classes,
+        in_channels=channels,
+        image_size=height,
+        mean=mean,
+        std=std,
+        augment=entry.augment if augment is None else augment,
+    )
