@@ -1,7 +1,7 @@
 """Training-time overhead of hyperflux: time per epoch of a prepared model against the same model dense.
 
 Pairs alternate (dense, hyperflux, dense, ...) in one process so machine noise hits both alike; the ratio is
-the median over pairs. Peak memory is measured in fresh subprocesses (ru_maxrss growth over the set-up).
+the median over pairs. Peak memory is the exact byte count of what a training step holds.
 
     .venv/bin/python benchmarks/overhead.py [--pairs 5] [--out benchmarks/results/overhead.json]
 """
@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -56,12 +53,13 @@ CASES = {
 class Run:
     """One model, its data and optimiser, trained dense or with hyperflux."""
 
-    def __init__(self, case: str, pruned: bool) -> None:
-        build, samples = CASES[case]
+    def __init__(self, case: str, pruned: bool, samples: int | None = None) -> None:
+        build, default_samples = CASES[case]
         torch.manual_seed(0)
-        self.model = build()
+        samples = samples or default_samples
         self.x = torch.randn(samples, 1, 28, 28)
         self.y = torch.randint(0, 10, (samples,))
+        self.model = build()
         self.hf = None
         if pruned:
             # a constant pressure keeps the pressure term live in every step, as mid-pruning
@@ -89,19 +87,38 @@ class Run:
         return time.perf_counter() - start
 
 
-def memory_probe(case: str, pruned: bool) -> int:
-    """Peak resident memory growth (bytes) of one training epoch over the set-up, in this process."""
-    run = Run(case, pruned)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run.epoch()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+def training_memory(run: Run) -> int:
+    """Bytes held at the peak of a training step: parameters, gradients, optimiser state, the masks' flux
+    accumulators, and every tensor autograd saves for the backward pass (counted once per storage).
 
+    Counted exactly rather than read from the process's resident size, which on CPU is too coarse and
+    too dependent on allocator reuse to compare two small models.
+    """
+    storages: dict[int, int] = {}
 
-def measure_memory(case: str, pruned: bool) -> int:
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import overhead; "
-    code += f"print(overhead.memory_probe({case!r}, {pruned}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    def count(tensor: torch.Tensor | None) -> None:
+        if isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        count(tensor)
+        return tensor
+
+    run.epoch()  # optimiser state exists from here on
+    x, y = run.x[:BATCH], run.y[:BATCH]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(run.model(x), y)
+    loss.backward()
+    for param in run.model.parameters():
+        count(param)
+        count(param.grad)
+    for state in run.optimizer.state.values():
+        for value in state.values():
+            count(value)
+    for gate in run.hf.gates if run.hf else []:
+        count(gate.flux_sum)
+    return sum(storages.values())
 
 
 def main() -> None:
@@ -119,7 +136,7 @@ def main() -> None:
         dense_s = statistics.median(d for d, _ in pairs)
         pruned_s = statistics.median(p for _, p in pairs)
         ratio = statistics.median(p / d for d, p in pairs)
-        mem_dense, mem_pruned = measure_memory(case, False), measure_memory(case, True)
+        mem_dense, mem_pruned = training_memory(dense), training_memory(pruned)
         records.append(
             {
                 "model": case,

@@ -52,6 +52,25 @@ def _quantile(values: torch.Tensor, q: float) -> float | None:
     return float(values.kthvalue(max(1, math.ceil(q * values.numel()))).values)
 
 
+class _PressureHook:
+    """Optimizer step pre-hook: adds each layer's P / N to its logits' gradients, in place, in one call."""
+
+    def __init__(self, sparsifier: Hyperflux, gate_indices: list[int]) -> None:
+        self.sparsifier = sparsifier
+        self.gate_indices = gate_indices
+
+    def __call__(self, *_: object) -> None:
+        coefs = self.sparsifier._pressure_coefs()
+        grads, values = [], []
+        for i in self.gate_indices:
+            grad = self.sparsifier.gates[i].logits.grad
+            if coefs[i] and grad is not None:
+                grads.append(grad)
+                values.append(coefs[i])
+        if grads:
+            torch._foreach_add_(grads, values)
+
+
 class _DenseKeyLoader:
     """load_state_dict pre-hook: lets a plain (dense) checkpoint load into a prepared model.
 
@@ -267,23 +286,10 @@ class Hyperflux:
             if any(o is optimizer for o in self._optimizers):
                 continue
             self._optimizers.append(optimizer)
-            self._hooks.append(optimizer.register_step_pre_hook(self._add_pressure_gradient))
+            gates = [i for i, g in enumerate(self.gates) if id(g.logits) in held]
+            self._hooks.append(optimizer.register_step_pre_hook(_PressureHook(self, gates)))
         self._attached = bool(self._optimizers)
         return self
-
-    def _add_pressure_gradient(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
-        coefs = self._pressure_coefs()
-        if not any(coefs):
-            return
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        grads, values = [], []
-        for gate, coef in zip(self.gates, coefs, strict=True):
-            logits = gate.logits
-            if coef and logits.grad is not None and id(logits) in held:
-                grads.append(logits.grad)
-                values.append(coef)
-        if grads:
-            torch._foreach_add_(grads, values)
 
     def mask_parameters(self) -> Iterator[nn.Parameter]:
         for gate in self.gates:
