@@ -106,7 +106,7 @@ def training_memory(run: Run) -> int:
         return tensor
 
     run.epoch()  # optimiser state exists from here on
-    x, y = run.x[:BATCH], run.y[:BATCH]
+    x, y = run.x[:BATCH].clone(), run.y[:BATCH].clone()  # a view would count the whole data set
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = F.cross_entropy(run.model(x), y)
     loss.backward()

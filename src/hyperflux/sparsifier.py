@@ -245,10 +245,10 @@ class Hyperflux:
         return self.regrowth_mask_lr * self.regrowth_decay**k
 
     def expected_density(self, period: int | None = None) -> float | None:
-        """The trajectory's target density after `period` periods (default: the current one)."""
+        """The trajectory's density after `period` periods; by default at the end of the period now running."""
         if self.scheduler.mode != "trajectory":
             return None
-        return self.scheduler.expected_density(self.period if period is None else period)
+        return self.scheduler.expected_density(self.period + 1 if period is None else period)
 
     # ----------------------------------------------------------------- the loss term and parameters
     def _pressure_coefs(self) -> tuple[float, ...]:
