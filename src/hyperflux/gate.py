@@ -56,7 +56,10 @@ class FluxMeter:
         self.sampling = False
 
     def tick(self, *_: object) -> None:
-        """Called by a forward pre-hook on the model."""
+        """Called by a forward pre-hook on the model; evaluation passes (no grad) do not count."""
+        if not torch.is_grad_enabled():
+            self.sampling = False
+            return
         self.sampling = self.every > 0 and self.batches % self.every == 0
         self.batches += 1
 

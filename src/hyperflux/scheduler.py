@@ -150,7 +150,8 @@ class PressureScheduler:
                 self.boost_up += self.delta / 4
                 self.boost_down = 0.0
             else:
-                self.gamma = max(0.0, self.gamma - self.delta - self.boost_down)
+                gamma = self.gamma - self.delta - self.boost_down
+                self.gamma = gamma if gamma > 1e-9 else 0.0  # not a rounding residue like 5e-17
                 self.boost_down += self.delta / 4
                 self.boost_up = 0.0
         return self.pressure

@@ -291,6 +291,27 @@ class Hyperflux:
         self._attached = bool(self._optimizers)
         return self
 
+    def masked_weights(self) -> dict[str, nn.Parameter]:
+        """The stored (unmasked) weight of every masked tensor, by tensor name: the parameters that optimisers
+        update and weight decay applies to."""
+        return {t.name: getattr(t.module.parametrizations, t.param_name).original for t in self.targets}
+
+    def decay_present_weights(self, rate: float, *, into_grad: bool = False) -> None:
+        """Weight decay on present weights only (method.md s. 6), so decay never shrinks a pruned weight's
+        stored value and with it its chance to regrow.
+
+        Decoupled by default: `W -= rate * W` where the gate is open (pass lr * wd). With `into_grad`,
+        `W.grad += rate * W` there instead (coupled L2, as SGD and Adam apply it; pass wd).
+        """
+        with torch.no_grad():
+            for original, gate in zip(self.masked_weights().values(), self.gates, strict=True):
+                open_gate = torch.empty_like(original)
+                torch.ge(gate.logits, 0, out=open_gate)
+                if not into_grad:
+                    original.addcmul_(original, open_gate, value=-rate)
+                elif original.grad is not None:
+                    original.grad.addcmul_(original, open_gate, value=rate)
+
     def mask_parameters(self) -> Iterator[nn.Parameter]:
         for gate in self.gates:
             yield gate.logits

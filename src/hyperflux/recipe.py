@@ -1,0 +1,430 @@
+"""Recipes: a YAML file that describes a run completely, validated on load so a typo fails before training.
+
+Every key has a default (or is required); `load_recipe` returns the resolved recipe, a plain nested dict with
+every key filled in, which the trainer saves next to its results. Errors name the key:
+`recipe key 'optimizer.lr': expected a positive number, got 'abc'`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from hyperflux import data, models
+
+# Model arguments the trainer fills in from the data set.
+DATA_DERIVED_ARGS = ("num_classes", "in_channels", "image_size")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: unknown key, bad value, unreadable file. The message names the key."""
+
+
+class _Bad(Exception):
+    """Raised by a checker with what it expected; `Field` turns it into a `RecipeError` naming the key."""
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any
+    check: Callable[[Any], Any]
+
+
+# ----------------------------------------------------------------- value checkers
+def _number(value: Any) -> float:
+    # PyYAML reads `1e-3` (no dot) as a string, so numeric strings are accepted
+    if isinstance(value, bool):
+        raise _Bad("a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _Bad("a number") from None
+    if not math.isfinite(number):
+        raise _Bad("a finite number")
+    return number
+
+
+def positive(value: Any) -> float:
+    try:
+        number = _number(value)
+    except _Bad:
+        raise _Bad("a positive number") from None
+    if number <= 0:
+        raise _Bad("a positive number")
+    return number
+
+
+def non_negative(value: Any) -> float:
+    try:
+        number = _number(value)
+    except _Bad:
+        raise _Bad("a number >= 0") from None
+    if number < 0:
+        raise _Bad("a number >= 0")
+    return number
+
+
+def fraction_open(value: Any) -> float:
+    """A sparsity: strictly between 0 and 1."""
+    try:
+        number = _number(value)
+    except _Bad:
+        number = -1.0
+    if not 0 < number < 1:
+        raise _Bad("a fraction in (0, 1) (0.98 means 98%)")
+    return number
+
+
+def unit_interval(value: Any) -> float:
+    try:
+        number = _number(value)
+    except _Bad:
+        number = -1.0
+    if not 0 <= number <= 1:
+        raise _Bad("a number in [0, 1]")
+    return number
+
+
+def decay_factor(value: Any) -> float:
+    try:
+        number = _number(value)
+    except _Bad:
+        number = -1.0
+    if not 0 < number <= 1:
+        raise _Bad("a number in (0, 1]")
+    return number
+
+
+def integer(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise _Bad(f"an integer >= {minimum}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise _Bad(f"an integer >= {minimum}") from None
+        if number < minimum:
+            raise _Bad(f"an integer >= {minimum}")
+        return number
+
+    return check
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false")
+    return value
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Bad("a non-empty string")
+    return value
+
+
+def choice(options: Sequence[str]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise _Bad(f"one of {', '.join(options)}")
+        return value
+
+    return check
+
+
+def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check_optional(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return check_optional
+
+
+def betas(value: Any) -> list[float]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise _Bad("a list of two numbers in [0, 1)")
+    out = [unit_interval(v) for v in value]
+    if any(v >= 1 for v in out):
+        raise _Bad("a list of two numbers in [0, 1)")
+    return out
+
+
+def patterns(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Bad("a regular expression or a list of them")
+    return list(value)
+
+
+def device(value: Any) -> str:
+    if not isinstance(value, str) or not (
+        value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
+    ):
+        raise _Bad("auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def module_types(value: Any) -> list[str]:
+    """Names of torch.nn module classes (`Linear`, `Conv2d`, `Embedding`, ...)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names:
+        raise _Bad("a list of torch.nn module names such as [Linear, Conv2d]")
+    for name in names:
+        kind = getattr(nn, str(name), None)
+        if not (isinstance(kind, type) and issubclass(kind, nn.Module)):
+            raise _Bad(f"torch.nn module names such as [Linear, Conv2d] ({name!r} is not one)")
+    return list(names)
+
+
+def overrides(value: Any) -> dict[str, dict[str, float]]:
+    shape = "a mapping {pattern: {min_density: x, pressure_scale: y}}"
+    if not isinstance(value, dict):
+        raise _Bad(shape)
+    out = {}
+    for pattern, settings in value.items():
+        if not isinstance(pattern, str) or not isinstance(settings, dict):
+            raise _Bad(shape)
+        out[pattern] = {str(k): _number(v) for k, v in settings.items()}
+    return out
+
+
+def pressure_list(value: Any) -> list[float]:
+    if not isinstance(value, list) or not value:
+        raise _Bad("a non-empty list of pressures >= 0, one per period")
+    return [non_negative(v) for v in value]
+
+
+# ----------------------------------------------------------------- the schema
+SCHEMA: dict[str, Any] = {
+    "name": Field(None, optional(string)),
+    "seed": Field(0, integer(0)),
+    "device": Field("auto", device),
+    "amp": Field("off", choice(("off", "fp16", "bf16"))),
+    "threads": Field(None, optional(integer(1))),
+    "data": {
+        "name": Field(_REQUIRED, choice(data.names())),
+        "root": Field(None, optional(string)),
+        "augment": Field(None, optional(boolean)),
+        "image_size": Field(224, integer(1)),
+        "num_workers": Field(0, integer(0)),
+    },
+    # other keys of `model` are the model's own arguments (checked against its signature)
+    "model": {
+        "name": Field(_REQUIRED, choice(models.names())),
+        "init_checkpoint": Field(None, optional(string)),
+    },
+    "train": {
+        "batch_size": Field(128, integer(1)),
+        "eval_batch_size": Field(1000, integer(1)),
+        "label_smoothing": Field(0.1, unit_interval),
+        "eval_every": Field(1, integer(1)),
+        "controller_every": Field(None, optional(integer(1))),
+        "grad_clip": Field(None, optional(positive)),
+    },
+    "optimizer": {
+        "name": Field("sgd", choice(("sgd", "adam", "adamw"))),
+        "lr": Field(0.1, positive),
+        "lr_end": Field(None, optional(non_negative)),
+        "lr_reset": Field(1e-3, non_negative),
+        "lr_final": Field(1e-4, non_negative),
+        "momentum": Field(0.9, unit_interval),
+        "nesterov": Field(False, boolean),
+        "betas": Field([0.9, 0.999], betas),
+        "weight_decay": Field(0.0, non_negative),
+        "decay_pruned_weights": Field(False, boolean),
+        "decay_bias_and_norm": Field(True, boolean),
+    },
+    "hyperflux": {
+        "target_sparsity": Field(None, optional(fraction_open)),
+        "pressure": Field(None, optional(non_negative)),
+        "pressure_schedule": Field(None, optional(pressure_list)),
+        "pruning_epochs": Field(_REQUIRED, integer(1)),
+        "regrowth_epochs": Field(0, integer(0)),
+        "exact_target": Field(True, boolean),
+        "modules": Field(["Linear", "Conv1d", "Conv2d", "Conv3d"], module_types),
+        "names": Field(None, optional(patterns)),
+        "ignore": Field(None, optional(patterns)),
+        "overrides": Field(None, optional(overrides)),
+        "min_density": Field(0.0, unit_interval),
+        "delta": Field(0.3, positive),
+        "regrowth_delta": Field(None, optional(positive)),
+        "aggressivity": Field(6.0, positive),
+        "exponent": Field(1.5, positive),
+        "grad_scale": Field(0.25, positive),
+        "init_logit": Field(0.2, positive),
+        "mask_lr": Field(1e-3, non_negative),
+        "regrowth_mask_lr": Field(None, optional(non_negative)),
+        "mask_betas": Field([0.9, 0.999], betas),
+        "regrowth_decay": Field(0.75, decay_factor),
+        "freeze_after": Field(50, integer(0)),
+        "flux_every": Field(8, integer(0)),
+    },
+    # `hyperflux train` (dense baseline): epochs None reuses the pruning run's epochs and lr schedule
+    "dense": {
+        "epochs": Field(None, optional(integer(1))),
+        "lr": Field(None, optional(positive)),
+        "lr_end": Field(0.0, non_negative),
+    },
+}
+
+
+# ----------------------------------------------------------------- validation
+def _unknown(path: str, key: str, known: Sequence[str]) -> RecipeError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}"
+    return RecipeError(f"recipe key '{path}': unknown key{hint}")
+
+
+def _validate(raw: Mapping[str, Any], schema: Mapping[str, Any], prefix: str, open_keys: bool) -> dict:
+    out: dict[str, Any] = {}
+    for key in raw:
+        if not isinstance(key, str):
+            raise RecipeError(f"recipe key {prefix}{key!r}: keys must be strings")
+        if key not in schema and not open_keys:
+            raise _unknown(prefix + key, key, list(schema))
+    for key, spec in schema.items():
+        path = prefix + key
+        if isinstance(spec, dict):
+            section = raw.get(key, {})
+            if section is None:
+                section = {}
+            if not isinstance(section, Mapping):
+                raise RecipeError(f"recipe key '{path}': expected a mapping of keys, got {section!r}")
+            out[key] = _validate(section, spec, path + ".", open_keys=key == "model")
+            continue
+        if key not in raw or (raw[key] is None and spec.default is _REQUIRED):
+            if spec.default is _REQUIRED:
+                raise RecipeError(f"recipe key '{path}': required")
+            out[key] = copy.deepcopy(spec.default)
+            continue
+        try:
+            out[key] = spec.check(raw[key])
+        except _Bad as bad:
+            raise RecipeError(f"recipe key '{path}': expected {bad}, got {raw[key]!r}") from None
+    if open_keys:
+        out.update({k: v for k, v in raw.items() if k not in schema})
+    return out
+
+
+def _check_model_args(model: dict[str, Any]) -> None:
+    """The model section's extra keys must be arguments of the model's constructor."""
+    parameters = inspect.signature(models.REGISTRY[model["name"]]).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    accepted = [
+        name
+        for name, p in parameters.items()
+        if name not in DATA_DERIVED_ARGS and p.kind is not p.VAR_KEYWORD
+    ]
+    for key in model:
+        if key in ("name", "init_checkpoint"):
+            continue
+        if key in DATA_DERIVED_ARGS:
+            raise RecipeError(f"recipe key 'model.{key}': set by the data set, not the recipe")
+        if key not in accepted and not open_ended:  # open-ended builders are checked when they build
+            raise _unknown(f"model.{key}", key, ["name", "init_checkpoint", *accepted])
+
+
+def _resolve(recipe: dict[str, Any], default_name: str) -> dict[str, Any]:
+    """Cross-key checks and the defaults that depend on other keys."""
+    hf, opt = recipe["hyperflux"], recipe["optimizer"]
+    given = [k for k in ("target_sparsity", "pressure", "pressure_schedule") if hf[k] is not None]
+    if len(given) != 1:
+        raise RecipeError(
+            "recipe key 'hyperflux.target_sparsity': give exactly one of hyperflux.target_sparsity, "
+            f"hyperflux.pressure, hyperflux.pressure_schedule (got {', '.join(given) or 'none'})"
+        )
+    if hf["exact_target"] and hf["target_sparsity"] is None:
+        raise RecipeError(
+            "recipe key 'hyperflux.exact_target': needs hyperflux.target_sparsity; set it false with a "
+            "fixed pressure"
+        )
+    if opt["lr_end"] is None:
+        opt["lr_end"] = opt["lr"] / 30  # the authors' ratio (0.1 -> 0.1/30)
+    if recipe["dense"]["lr"] is None:
+        recipe["dense"]["lr"] = opt["lr"]
+    if recipe["name"] is None:
+        recipe["name"] = default_name
+    _check_model_args(recipe["model"])
+    return recipe
+
+
+def validate(raw: Any, default_name: str = "run") -> dict[str, Any]:
+    """The resolved recipe (every key present) from a raw mapping, or a `RecipeError` naming the key."""
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"a recipe must be a mapping of keys, got {type(raw).__name__}")
+    return _resolve(_validate(raw, SCHEMA, "", open_keys=False), default_name)
+
+
+def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """`key.sub=value` assignments (value parsed as YAML) applied to a raw recipe, before validation."""
+    raw = copy.deepcopy(raw)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {assignment!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"recipe key '{'.'.join(parts[: depth + 1])}': is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise RecipeError(f"{path}:{line} is not valid YAML") from None
+
+
+def load_recipe(path: str | Path, assignments: Sequence[str] = ()) -> dict[str, Any]:
+    """Read, override (`--set`), validate and resolve the recipe at `path`."""
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    return validate(apply_overrides(raw, assignments), default_name=Path(path).stem)
+
+
+def dump(recipe: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=None)
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved recipes."""
+    keys = []
+    for key in dict.fromkeys([*a, *b]):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, Mapping) and isinstance(right, Mapping):
+            keys += differences(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(prefix + key)
+    return keys

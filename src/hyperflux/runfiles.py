@@ -1,0 +1,145 @@
+"""The run folder: metrics appended every epoch, an atomic checkpoint, the resolved recipe, the final outputs.
+
+Layout: `recipe.yaml`, `metrics.jsonl` (one object per epoch, with per-layer densities), `metrics.csv` (the
+scalar columns), `checkpoint.pt`, and at the end `model.safetensors`, `summary.json` and the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from hyperflux import recipe as recipes
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+RECIPE = "recipe.yaml"
+SUMMARY = "summary.json"
+MODEL = "model.safetensors"
+CHECKPOINT_FORMAT = 1
+
+
+class RunError(Exception):
+    """A run folder that cannot be used as asked (missing, already used, unreadable)."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename: a kill leaves old or new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+class RunFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has_checkpoint(self) -> bool:
+        return self.file(CHECKPOINT).exists()
+
+    def prepare(self, recipe: Mapping[str, Any], *, resume: bool, overwrite: bool) -> None:
+        """Create the folder and save the recipe; refuse to mix a new run into an old one by accident."""
+        if resume:
+            if not self.has_checkpoint():
+                raise RunError(f"{self.path}: no {CHECKPOINT} to resume from")
+            return
+        used = [name for name in (CHECKPOINT, METRICS_JSONL, SUMMARY) if self.file(name).exists()]
+        if used and not overwrite:
+            raise RunError(
+                f"{self.path} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                "or --out for another folder"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT, METRICS_JSONL, METRICS_CSV, SUMMARY, MODEL):
+            self.file(name).unlink(missing_ok=True)
+        _atomic_write(self.file(RECIPE), lambda h: h.write(recipes.dump(recipe).encode()))
+
+    # ------------------------------------------------------------- metrics
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """One epoch: the full row to JSONL, its scalar columns to CSV (header written with the first row)."""
+        with open(self.file(METRICS_JSONL), "a") as handle:
+            handle.write(json.dumps(row, default=_json_default) + "\n")
+        scalars = {k: v for k, v in row.items() if not isinstance(v, dict | list)}
+        path = self.file(METRICS_CSV)
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(scalars))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: "" if v is None else v for k, v in scalars.items()})
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.file(METRICS_JSONL)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, epochs: int) -> None:
+        """Drop rows past `epochs` (written by a run killed between its metrics and its checkpoint)."""
+        rows = [r for r in self.read_metrics() if r["epoch"] <= epochs]
+        for name in (METRICS_JSONL, METRICS_CSV):
+            self.file(name).unlink(missing_ok=True)
+        for row in rows:
+            self.append_metrics(row)
+
+    # ------------------------------------------------------------- checkpoint and outputs
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        def write(handle) -> None:
+            buffer = io.BytesIO()
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+            handle.write(buffer.getbuffer())
+
+        _atomic_write(self.file(CHECKPOINT), write)
+
+    def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        return read_checkpoint(self.file(CHECKPOINT), map_location)
+
+    def save_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        tmp = self.file(f".{MODEL}.tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.file(MODEL))
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        text = json.dumps(summary, indent=2, default=_json_default) + "\n"
+        _atomic_write(self.file(SUMMARY), lambda h: h.write(text.encode()))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        path = self.file(SUMMARY)
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a truncated or foreign file: torch raises many kinds
+        raise RunError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path}: not a hyperflux run checkpoint")
+    return state

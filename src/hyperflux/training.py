@@ -1,0 +1,715 @@
+"""The trainer behind `hyperflux prune` and `hyperflux train`: a plain PyTorch loop around the public API.
+
+One epoch: set the weights' learning rate (cosine per phase, method.md section 4), train on every batch
+(weights and mask optimisers both step), call `hf.step()` once per period, evaluate on the test split, append
+the metrics and write the checkpoint. A resumed run replays exactly: data order depends only on (seed, epoch),
+and the checkpoint holds every other source of state, RNGs included.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from hyperflux import data, models
+from hyperflux.recipe import RecipeError, differences, load_recipe
+from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
+from hyperflux.scheduler import PressureScheduler
+from hyperflux.selection import select_targets
+from hyperflux.sparsifier import Hyperflux
+
+# Keys of the recipe that may change between a run and its resume: where it runs, not what it computes.
+RESUMABLE_CHANGES = ("device", "threads", "data.root", "data.num_workers")
+# Batches between two reads of the running loss (each read waits for the device).
+CHECK_EVERY = 10
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a non-finite loss); the last good checkpoint is left as it was."""
+
+
+# ----------------------------------------------------------------- building blocks
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"recipe key 'device': {name} asked for, but no CUDA device is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RecipeError(f"recipe key 'device': {name} asked for, but MPS is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def cosine(start: float, end: float, progress: float) -> float:
+    """Cosine interpolation from `start` (progress 0) to `end` (progress 1)."""
+    return end + (start - end) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Dense weights into a plain model: a `.safetensors` file, a state dict, a run checkpoint or run folder."""
+    where = "recipe key 'model.init_checkpoint'"
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / MODEL
+    if not path.exists():
+        raise RecipeError(f"{where}: {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt file fails in many ways
+        raise RecipeError(f"{where}: {path} is not a readable checkpoint ({type(error).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = result.missing_keys[:3], result.unexpected_keys[:3]
+        raise RecipeError(
+            f"{where}: {path} does not fit the model (missing {missing}, unexpected {unexpected})"
+        )
+
+
+def load_data(recipe: dict[str, Any]) -> data.DataBundle:
+    spec = recipe["data"]
+    return data.load(spec["name"], spec["root"], augment=spec["augment"], image_size=spec["image_size"])
+
+
+def build_model(recipe: dict[str, Any], bundle: data.DataBundle, *, init: bool = True) -> nn.Module:
+    """The recipe's model for this data; `init` loads `model.init_checkpoint` (a dense run skips it)."""
+    spec = recipe["model"]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    name = kwargs.pop("name")
+    kwargs.pop("init_checkpoint")
+    try:
+        model = models.build(name, bundle.num_classes, bundle.in_channels, bundle.image_size, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"recipe key 'model': {error}") from None
+    if init and spec["init_checkpoint"]:
+        load_weights(model, spec["init_checkpoint"])
+    return model
+
+
+def selection(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's tensor selection, as keyword arguments of `Hyperflux` and `select_targets`."""
+    spec = recipe["hyperflux"]
+    return {
+        "modules": tuple(getattr(nn, name) for name in spec["modules"]),
+        "names": spec["names"],
+        "ignore": spec["ignore"],
+        "overrides": spec["overrides"],
+        "min_density": spec["min_density"],
+    }
+
+
+def build_sparsifier(recipe: dict[str, Any], model: nn.Module, periods_per_epoch: int = 1) -> Hyperflux:
+    """The recipe's `Hyperflux`; with several periods per epoch, epoch counts and the per-epoch mask-lr
+    decay are converted to periods, so the phases last as many epochs as the recipe says."""
+    spec = recipe["hyperflux"]
+    scheduler = None
+    if spec["pressure"] is not None:
+        scheduler = PressureScheduler.constant(spec["pressure"])
+    elif spec["pressure_schedule"] is not None:
+        scheduler = PressureScheduler.from_schedule(spec["pressure_schedule"])
+    return Hyperflux(
+        model,
+        spec["target_sparsity"],
+        spec["pruning_epochs"] * periods_per_epoch,
+        spec["regrowth_epochs"] * periods_per_epoch,
+        **selection(recipe),
+        exact_target=spec["exact_target"],
+        scheduler=scheduler,
+        delta=spec["delta"],
+        regrowth_delta=spec["regrowth_delta"],
+        aggressivity=spec["aggressivity"],
+        exponent=spec["exponent"],
+        grad_scale=spec["grad_scale"],
+        init_logit=spec["init_logit"],
+        mask_lr=spec["mask_lr"],
+        regrowth_mask_lr=spec["regrowth_mask_lr"],
+        regrowth_decay=spec["regrowth_decay"] ** (1 / periods_per_epoch),
+        freeze_after=spec["freeze_after"] * periods_per_epoch,
+        flux_every=spec["flux_every"],
+    )
+
+
+def periods_per_epoch(recipe: dict[str, Any], batches: int) -> int:
+    """How many times per epoch `hf.step()` runs: once, or every `train.controller_every` batches."""
+    every = recipe["train"]["controller_every"] or batches
+    return math.ceil(batches / min(every, batches))
+
+
+def adam(params: list[dict[str, Any]], **options: Any) -> torch.optim.Optimizer:
+    """Adam (or AdamW via `cls`), fused where this torch and device allow it (several times faster on CPU)."""
+    cls = options.pop("cls", torch.optim.Adam)
+    try:
+        return cls(params, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, **options)
+
+
+def method_name(recipe: dict[str, Any], dense: bool) -> str:
+    if dense:
+        return "dense"
+    return "hyperflux" if recipe["hyperflux"]["exact_target"] else "hyperflux-paper"
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> tuple[float, float]:
+    """Accuracy (percent) and mean cross-entropy on every batch of `loader`."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    model.train(was_training)
+    return 100.0 * int(correct) / max(seen, 1), float(loss_sum) / max(seen, 1)
+
+
+# ----------------------------------------------------------------- the trainer
+class Trainer:
+    """Runs one recipe into one run folder: `hyperflux prune` (dense=False) or `hyperflux train` (dense=True).
+
+    `stop_after` ends this invocation after that many epochs (checkpoint written), as a time-limited job
+    would; `--resume` continues it.
+    """
+
+    def __init__(
+        self,
+        recipe: dict[str, Any],
+        out: str | Path,
+        *,
+        dense: bool = False,
+        resume: bool = False,
+        overwrite: bool = False,
+        quiet: bool = False,
+        stop_after: int | None = None,
+        log: TextIO | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.dense = dense
+        self.quiet = quiet
+        self.stop_after = stop_after
+        self.log = log if log is not None else sys.stdout
+        self.files = RunFolder(out)
+        self.checkpoint = self.files.load_checkpoint() if resume and self.files.has_checkpoint() else None
+        if self.checkpoint is not None:
+            self._check_resumable(self.checkpoint)
+        self.files.prepare(recipe, resume=resume, overwrite=overwrite)
+
+        if recipe["threads"]:
+            torch.set_num_threads(recipe["threads"])
+        self.device = resolve_device(recipe["device"])
+        amp = recipe["amp"] if self.device.type == "cuda" else "off"
+        self.amp_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        seed_everything(recipe["seed"])
+
+        spec = recipe["data"]
+        self.bundle = load_data(recipe)
+        train = recipe["train"]
+        loader_options = {"device": self.device, "num_workers": spec["num_workers"]}
+        self.train_loader = self.bundle.loader(
+            "train", train["batch_size"], seed=recipe["seed"], **loader_options
+        )
+        self.test_loader = self.bundle.loader("test", train["eval_batch_size"], **loader_options)
+        self.batches = len(self.train_loader)
+        self.periods = periods = periods_per_epoch(recipe, self.batches)
+
+        self.model = build_model(recipe, self.bundle, init=not dense).to(self.device)
+        self.hf = None if dense else build_sparsifier(recipe, self.model, periods)
+        self._build_optimizers()
+        hf_spec, dense_spec = recipe["hyperflux"], recipe["dense"]
+        self.own_dense_schedule = dense and dense_spec["epochs"] is not None
+        self.epochs = (
+            dense_spec["epochs"]
+            if self.own_dense_schedule
+            else hf_spec["pruning_epochs"] + hf_spec["regrowth_epochs"]
+        )
+
+        self.epoch = 0
+        self.elapsed = 0.0
+        self.last_eval: tuple[float, float] | None = None
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+            self.files.truncate_metrics(self.epoch)
+
+    # ------------------------------------------------------------- setup
+    def _check_resumable(self, checkpoint: dict[str, Any]) -> None:
+        kind = "train" if self.dense else "prune"
+        if checkpoint["kind"] != kind:
+            raise RunError(
+                f"{self.files.path} holds a `{checkpoint['kind']}` run; resume it with that command"
+            )
+        changed = [k for k in differences(checkpoint["recipe"], self.recipe) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise RunError(
+                f"the recipe differs from the one {self.files.path} was started with ({', '.join(changed)}); "
+                "resume with the same recipe"
+            )
+
+    def _build_optimizers(self) -> None:
+        """Weights (SGD or Adam/AdamW) in groups by decay, and the mask logits in their own Adam.
+
+        Masked weights get weight decay from the trainer, on present weights only (method.md section 6),
+        unless `decay_pruned_weights` hands it to the optimiser as the authors' code did.
+        """
+        opt = self.recipe["optimizer"]
+        wd = opt["weight_decay"]
+        self.masked = self.hf.masked_weights() if self.hf is not None else {}
+        self.present_decay = wd if self.masked and not opt["decay_pruned_weights"] else 0.0
+        masked_ids = {id(p) for p in self.masked.values()}
+        params = list(self.hf.weight_parameters()) if self.hf is not None else list(self.model.parameters())
+        others = [p for p in params if id(p) not in masked_ids]
+        groups = [
+            {"params": list(self.masked.values()), "weight_decay": wd - self.present_decay},
+            {"params": [p for p in others if p.ndim > 1], "weight_decay": wd},
+            {
+                "params": [p for p in others if p.ndim <= 1],
+                "weight_decay": wd if opt["decay_bias_and_norm"] else 0.0,
+            },
+        ]
+        groups = [g for g in groups if g["params"]]
+        self.decoupled = opt["name"] == "adamw"
+        if opt["name"] == "sgd":
+            self.weight_optimizer = torch.optim.SGD(
+                groups,
+                lr=opt["lr"],
+                momentum=opt["momentum"],
+                nesterov=opt["nesterov"] and opt["momentum"] > 0,
+            )
+        else:
+            cls = torch.optim.AdamW if self.decoupled else torch.optim.Adam
+            self.weight_optimizer = adam(groups, cls=cls, lr=opt["lr"], betas=tuple(opt["betas"]))
+        self.optimizers = [self.weight_optimizer]
+        if self.hf is not None:
+            spec = self.recipe["hyperflux"]
+            self.mask_optimizer = adam(
+                [{"params": list(self.hf.mask_parameters()), "weight_decay": 0.0}],
+                lr=spec["mask_lr"],
+                betas=tuple(spec["mask_betas"]),
+            )
+            self.hf.attach(self.mask_optimizer)
+            self.optimizers.append(self.mask_optimizer)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.hf is not None:
+            self.hf.load_state_dict(state["hyperflux"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+        self.elapsed = float(state["elapsed_s"])
+        self.last_eval = tuple(state["last_eval"]) if state["last_eval"] is not None else None
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "kind": "train" if self.dense else "prune",
+            "epoch": self.epoch,
+            "recipe": self.recipe,
+            "model": self.model.state_dict(),
+            "hyperflux": self.hf.state_dict() if self.hf is not None else None,
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "elapsed_s": self.elapsed,
+            "last_eval": list(self.last_eval) if self.last_eval is not None else None,
+        }
+
+    # ------------------------------------------------------------- schedules
+    def weight_lr(self, epoch: int, batch: int) -> float:
+        """Cosine lr -> lr_end over pruning, then lr_reset -> lr_final over regrowth (per batch)."""
+        progress = epoch + batch / self.batches
+        if self.own_dense_schedule:
+            spec = self.recipe["dense"]
+            return cosine(spec["lr"], spec["lr_end"], progress / self.epochs)
+        opt = self.recipe["optimizer"]
+        pruning, regrowth = (
+            self.recipe["hyperflux"]["pruning_epochs"],
+            self.recipe["hyperflux"]["regrowth_epochs"],
+        )
+        if progress < pruning or regrowth == 0:
+            return cosine(opt["lr"], opt["lr_end"], progress / pruning)
+        return cosine(opt["lr_reset"], opt["lr_final"], (progress - pruning) / regrowth)
+
+    # ------------------------------------------------------------- one batch
+    def _decay_present(self, lr: float) -> None:
+        """Weight decay on the masked tensors' present weights only."""
+        if self.decoupled:
+            self.hf.decay_present_weights(lr * self.present_decay)
+        else:
+            self.hf.decay_present_weights(self.present_decay, into_grad=True)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(images)
+        loss = F.cross_entropy(
+            logits.float(), labels, label_smoothing=self.recipe["train"]["label_smoothing"]
+        )
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if self.present_decay and not self.decoupled:
+            self._decay_present(lr)
+        clip = self.recipe["train"]["grad_clip"]
+        if clip is not None:
+            nn.utils.clip_grad_norm_(self.weight_optimizer.param_groups[0]["params"], clip)
+        for optimizer in self.optimizers:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.present_decay and self.decoupled:
+            self._decay_present(lr)
+        correct = (logits.detach().argmax(1) == labels).sum()
+        return torch.stack([loss.detach().double() * len(labels), correct.double()])
+
+    # ------------------------------------------------------------- one epoch
+    def _check_finite(self, total: torch.Tensor, batch: int) -> None:
+        if not math.isfinite(float(total[0])):
+            saved = (
+                f"the last good checkpoint (epoch {self.epoch}) is untouched in {self.files.path}"
+                if self.files.has_checkpoint()
+                else "no checkpoint had been written yet"
+            )
+            raise TrainingError(
+                f"the loss became non-finite in epoch {self.epoch + 1}, batch {batch}; stopped, and {saved}. "
+                "Lower optimizer.lr (or check the data)."
+            )
+
+    def _postfix(self, total: torch.Tensor, seen: int) -> dict[str, str]:
+        values = total.tolist()
+        fields = {"loss": f"{values[0] / seen:.4f}", "acc": f"{100 * values[1] / seen:.2f}%"}
+        if self.hf is not None:
+            target = self.hf.expected_density()
+            fields["density"] = f"{100 * self.hf.density():.2f}%" + (
+                f"/{100 * target:.2f}%" if target is not None else ""
+            )
+            fields["P"] = f"{self.hf.pressure:.3g}"
+        return fields
+
+    def _train_epoch(self) -> dict[str, Any]:
+        epoch = self.epoch
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        seen = 0
+        periods: list[dict[str, Any]] = []
+        lr = self.weight_lr(epoch, 0)
+        bar = tqdm(
+            total=self.batches,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            leave=False,
+            disable=self.quiet,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        with bar:
+            for batch, (images, labels) in enumerate(self.train_loader):
+                lr = self.weight_lr(epoch, batch)
+                for group in self.weight_optimizer.param_groups:
+                    group["lr"] = lr
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                total += self._train_step(images, labels, lr)
+                seen += len(labels)
+                last = batch + 1 == self.batches
+                # `periods` evenly spaced steps, the last one closing the epoch
+                period_ends = (
+                    batch + 1
+                ) * self.periods // self.batches > batch * self.periods // self.batches
+                if self.hf is not None and period_ends:
+                    periods.append(self.hf.step())
+                if (batch + 1) % CHECK_EVERY == 0 or last:
+                    self._check_finite(total, batch + 1)
+                    if not self.quiet:
+                        bar.set_postfix(self._postfix(total, seen), refresh=False)
+                bar.update()
+        values = total.tolist()
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": values[0] / seen,
+            "train_accuracy": 100 * values[1] / seen,
+        }
+        if self.hf is None:
+            return {**row, "phase": "dense", "density": 1.0, "sparsity": 0.0}
+        stats = {k: v for k, v in periods[-1].items() if k != "layers"}
+        stats["pruned"] = sum(p["pruned"] for p in periods)
+        stats["regrown"] = sum(p["regrown"] for p in periods)
+        row |= stats
+        # after the step: the trim at freeze time (exact mode) shows in the epoch that made it
+        row["kept"] = self.hf.kept()
+        row["density"] = row["kept"] / self.hf.total
+        row["sparsity"] = 1 - row["density"]
+        row["pressure_loss"] = float(self.hf.pressure_loss())
+        row["layers"] = {layer["name"]: layer["density"] for layer in periods[-1]["layers"]}
+        return row
+
+    def _epoch_line(self, row: dict[str, Any]) -> str:
+        parts = [
+            f"epoch {row['epoch']:>{len(str(self.epochs))}}/{self.epochs}",
+            f"{row['phase']:<8}",
+            f"loss {row['loss']:.4f}",
+            f"train {row['train_accuracy']:.2f}%",
+        ]
+        if row.get("test_accuracy") is not None:
+            parts.append(f"test {row['test_accuracy']:.2f}%")
+        if self.hf is not None:
+            target = row["expected_density"]
+            parts.append(
+                f"density {100 * row['density']:.3f}%"
+                + (f" (target {100 * target:.3f}%)" if target is not None else "")
+            )
+            parts.append(f"P {row['pressure']:.4g}")
+        parts.append(f"lr {row['lr']:.3g}")
+        parts.append(f"{row['time_s']:.1f}s")
+        return "  ".join(parts)
+
+    # ------------------------------------------------------------- the run
+    def run(self) -> dict[str, Any] | None:
+        """Train to the end and write the outputs; returns the summary, or None when `stop_after` ended it."""
+        done_here = 0
+        while self.epoch < self.epochs:
+            if self.stop_after is not None and done_here >= self.stop_after:
+                return None
+            start = time.perf_counter()
+            row = self._train_epoch()
+            evaluate_now = (self.epoch + 1) % self.recipe["train"][
+                "eval_every"
+            ] == 0 or self.epoch + 1 == self.epochs
+            if evaluate_now:
+                self.last_eval = evaluate(self.model, self.test_loader, self.device, self.amp_dtype)
+            row["test_accuracy"], row["test_loss"] = self.last_eval if evaluate_now else (None, None)
+            row["time_s"] = time.perf_counter() - start
+            self.elapsed += row["time_s"]
+            row["elapsed_s"] = self.elapsed
+            self.epoch += 1
+            done_here += 1
+            # metrics first: a kill before the checkpoint leaves a row that resume drops
+            self.files.append_metrics(row)
+            self.files.save_checkpoint(self._state())
+            tqdm.write(self._epoch_line(row), file=self.log)
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Write `model.safetensors` (masks baked in, original keys) and `summary.json`."""
+        if self.last_eval is None:
+            self.last_eval = evaluate(self.model, self.test_loader, self.device, self.amp_dtype)
+        if self.hf is not None:
+            stats = self.hf.stats()
+            layers = [
+                {k: layer[k] for k in ("name", "shape", "total", "kept", "density")}
+                for layer in stats["layers"]
+            ]
+            kept, total = stats["kept"], stats["total"]
+            self.files.save_model(self.hf.squash().state_dict())
+        else:
+            layers = dense_layers(self.model, self.recipe)
+            kept, total = sum(layer["kept"] for layer in layers), sum(layer["total"] for layer in layers)
+            self.files.save_model(self.model.state_dict())
+        summary = {
+            "final_accuracy": self.last_eval[0],
+            "final_test_loss": self.last_eval[1],
+            "sparsity": 1 - kept / total,
+            "density": kept / total,
+            "kept": kept,
+            "total": total,
+            "target_sparsity": None if self.dense else self.recipe["hyperflux"]["target_sparsity"],
+            "per_layer": layers,
+            "epochs": self.epochs,
+            "wall_time_s": self.elapsed,
+            "method": method_name(self.recipe, self.dense),
+            "seed": self.recipe["seed"],
+            "model": self.recipe["model"]["name"],
+            "data": self.recipe["data"]["name"],
+            "device": str(self.device),
+            "recipe": self.recipe,
+        }
+        self.files.write_summary(summary)
+        return summary
+
+
+def dense_layers(model: nn.Module, recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-layer counts of non-zero weights over the tensors the recipe would mask."""
+    spec = selection(recipe)
+    spec.pop("overrides")
+    layers = []
+    for target in select_targets(model, **spec):
+        weight = getattr(target.module, target.param_name).detach()
+        kept = int(torch.count_nonzero(weight))
+        layers.append(
+            {
+                "name": target.name,
+                "shape": list(weight.shape),
+                "total": weight.numel(),
+                "kept": kept,
+                "density": kept / weight.numel(),
+            }
+        )
+    return layers
+
+
+def run_recipe(
+    recipe: dict[str, Any],
+    out: str | Path,
+    *,
+    dense: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    log: TextIO | None = None,
+    after: Callable[[Path], Any] | None = None,
+) -> dict[str, Any] | None:
+    """Prune (or, dense=True, train) as `recipe` says into `out`; `after(out)` runs when the run completes."""
+    summary = Trainer(
+        recipe,
+        out,
+        dense=dense,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        stop_after=stop_after,
+        log=log,
+    ).run()
+    if summary is not None and after is not None:
+        after(Path(out))
+    return summary
+
+
+@dataclass
+class LoadedRun:
+    """A model read back from a run (with its sparsifier when the checkpoint has one), ready to evaluate."""
+
+    recipe: dict[str, Any]
+    model: nn.Module
+    hf: Hyperflux | None
+    bundle: data.DataBundle
+    device: torch.device
+
+    def counts(self) -> tuple[int, int]:
+        """(kept, total) over the masked tensors: open gates, or non-zero weights of a plain model."""
+        if self.hf is not None:
+            return self.hf.kept(), self.hf.total
+        layers = dense_layers(self.model, self.recipe)
+        return sum(layer["kept"] for layer in layers), sum(layer["total"] for layer in layers)
+
+    def table(self) -> str:
+        if self.hf is not None:
+            return self.hf.summary()
+        layers = dense_layers(self.model, self.recipe)
+        rows = [
+            (
+                layer["name"],
+                "x".join(map(str, layer["shape"])),
+                f"{layer['kept']:,}",
+                f"{layer['total']:,}",
+                f"{100 * layer['density']:.2f}%",
+            )
+            for layer in layers
+        ]
+        kept, total = self.counts()
+        rows.append(("total", "", f"{kept:,}", f"{total:,}", f"{100 * kept / total:.2f}%"))
+        header = ("layer", "shape", "kept", "total", "density")
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        line = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        return "\n".join(line.format(*row) for row in [header, *rows])
+
+
+def load_run(path: str | Path, recipe_path: str | Path | None = None, device: str = "cpu") -> LoadedRun:
+    """A run's model from `checkpoint.pt`, a run folder (its checkpoint, else its model), or a
+    `model.safetensors` with its recipe (`recipe_path`, default: `recipe.yaml` beside it)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in (CHECKPOINT, MODEL) if (path / name).exists()]
+        if not found:
+            raise RunError(f"{path}: neither {CHECKPOINT} nor {MODEL}; is this a run folder?")
+        path = found[0]
+    if not path.exists():
+        raise RunError(f"{path}: no such file")
+    target = resolve_device(device)
+    if path.suffix == ".safetensors":
+        recipe_file = Path(recipe_path) if recipe_path else path.parent / RECIPE
+        if not recipe_file.exists():
+            raise RunError(f"{path}: a model file needs its recipe; pass --recipe (no {recipe_file})")
+        recipe = load_recipe(recipe_file)
+        bundle = load_data(recipe)
+        model = build_model(recipe, bundle, init=False)
+        load_weights(model, path)
+        return LoadedRun(recipe, model.to(target), None, bundle, target)
+    state = read_checkpoint(path)
+    recipe = state["recipe"]
+    bundle = load_data(recipe)
+    model = build_model(recipe, bundle, init=False).to(target)
+    hf = None
+    if state["kind"] == "prune":
+        batches = len(bundle.loader("train", recipe["train"]["batch_size"]))
+        hf = build_sparsifier(recipe, model, periods_per_epoch(recipe, batches))
+    model.load_state_dict(state["model"])
+    if hf is not None:
+        hf.load_state_dict(state["hyperflux"])
+    return LoadedRun(recipe, model, hf, bundle, target)

@@ -1,0 +1,166 @@
+"""The command line on digits: exit codes, files written, summary fields, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hyperflux.cli import main
+
+SMOKE = str(Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml")
+SHORT = ["--set", "hyperflux.pruning_epochs=3", "--set", "hyperflux.regrowth_epochs=2"]
+RUN_FILES = {
+    "recipe.yaml",
+    "metrics.jsonl",
+    "metrics.csv",
+    "checkpoint.pt",
+    "model.safetensors",
+    "summary.json",
+    "report.html",
+    "density.png",
+    "pressure.png",
+    "accuracy.png",
+    "layers.png",
+}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """The full smoke recipe, as shipped: 90% sparsity on digits."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["prune", SMOKE, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_prune_writes_the_run_folder_and_a_complete_summary(smoke_run):
+    assert {p.name for p in smoke_run.iterdir()} >= RUN_FILES
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    for key in (
+        "final_accuracy",
+        "sparsity",
+        "density",
+        "target_sparsity",
+        "per_layer",
+        "epochs",
+        "wall_time_s",
+    ):
+        assert key in summary
+    assert summary["method"] == "hyperflux" and summary["seed"] == 0
+    assert summary["recipe"]["name"] == "smoke-digits"
+    assert summary["target_sparsity"] == 0.9 and summary["epochs"] == 30
+    assert summary["density"] + summary["sparsity"] == pytest.approx(1.0)
+    assert summary["kept"] == round(0.1 * summary["total"])  # exact mode: the requested count
+    assert sum(layer["kept"] for layer in summary["per_layer"]) == summary["kept"]
+    assert {layer["name"] for layer in summary["per_layer"]} == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    assert summary["final_accuracy"] > 90
+    metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["test_accuracy"] == summary["final_accuracy"]
+    assert len((smoke_run / "metrics.csv").read_text().splitlines()) == 31  # header + 30 epochs
+
+
+def test_eval_reads_checkpoint_folder_and_safetensors_alike(smoke_run, capsys):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    expected = f"test accuracy {summary['final_accuracy']:.2f}%"
+    sparsity = f"sparsity {100 * summary['sparsity']:.3f}%"
+    for target in (smoke_run, smoke_run / "checkpoint.pt", smoke_run / "model.safetensors"):
+        assert main(["eval", str(target), "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert expected in out and sparsity in out, (target, out)
+
+
+def test_summary_prints_the_per_layer_table(smoke_run, capsys):
+    for target in (smoke_run, smoke_run / "model.safetensors"):
+        assert main(["summary", str(target)]) == 0
+        out = capsys.readouterr().out
+        for name in ("fc1.weight", "fc2.weight", "fc3.weight", "total"):
+            assert name in out
+
+
+def test_train_and_a_stopped_run(tmp_path, capsys):
+    assert (
+        main(["train", SMOKE, *SHORT, "--set", "dense.epochs=1", "--out", str(tmp_path / "d"), "--quiet"])
+        == 0
+    )
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["method"] == "dense"
+    out = tmp_path / "p"
+    assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet", "--stop-after", "1"]) == 0
+    assert "--resume" in capsys.readouterr().out
+    assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet"]) == 2
+    assert "already holds a run" in one_line_error(capsys)
+    assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet", "--resume"]) == 0
+    assert (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["prune", "missing.yaml"], 2, "missing.yaml: no such recipe file"),
+        (
+            ["prune", SMOKE, "--set", "optimizer.lr=abc"],
+            2,
+            "recipe key 'optimizer.lr': expected a positive number",
+        ),
+        (["prune", SMOKE, "--set", "model.widht=2"], 2, "recipe key 'model.widht': unknown key"),
+        (["prune", SMOKE, "--set", "data.name=mnist", "--set", "data.root=/nonexistent"], 1, "/nonexistent"),
+        (["prune", SMOKE, "--set", "hyperflux.names=conv.*"], 2, "matches no prunable tensor"),
+        (["eval", "/nonexistent/run"], 2, "no such file"),
+        (["report", "/nonexistent/run"], 2, "no metrics.jsonl"),
+        (["data", "fetch", "imagenet2"], 1, "unknown data set 'imagenet2'"),
+    ],
+)
+def test_user_errors_end_with_one_line_and_a_status(tmp_path, capsys, argv, status, message):
+    argv = [*argv, "--out", str(tmp_path / "run")] if argv[0] == "prune" else argv
+    assert main(argv) == status
+    assert message in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["prune"], "the following arguments are required: RECIPE"), (["frobnicate"], "invalid choice")],
+)
+def test_usage_errors_end_with_one_line_and_status_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert message in one_line_error(capsys)
+
+
+def test_a_diverging_run_stops_with_one_line(tmp_path, capsys):
+    argv = ["prune", SMOKE, *SHORT, "--set", "optimizer.lr=1e30", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 1
+    assert "loss became non-finite in epoch 1" in one_line_error(capsys)
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "train", "eval", "summary", "report", "data", "data fetch"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([*command.split(), "--help"])
+    assert caught.value.code == 0
+    assert "usage: hyperflux" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_same_cli():
+    done = subprocess.run(
+        [sys.executable, "-m", "hyperflux", "prune", "missing.yaml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "hyperflux prune: error: missing.yaml: no such recipe file"
+    done = subprocess.run(
+        [sys.executable, "-m", "hyperflux", "--version"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and done.stdout.startswith("hyperflux ")

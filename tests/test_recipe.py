@@ -1,0 +1,125 @@
+"""Recipe loading: every shipped recipe validates, and each kind of mistake is an error naming its key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hyperflux.recipe import RecipeError, apply_overrides, dump, load_recipe, validate
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
+
+
+def minimal(**sections) -> dict:
+    raw = {
+        "data": {"name": "digits"},
+        "model": {"name": "lenet300"},
+        "hyperflux": {"target_sparsity": 0.9, "pruning_epochs": 2},
+    }
+    for key, value in sections.items():
+        raw[key] = value if not isinstance(value, dict) else {**raw.get(key, {}), **value}
+    return raw
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_validates_and_round_trips(path):
+    recipe = load_recipe(path)
+    assert recipe["name"]
+    assert validate(yaml.safe_load(dump(recipe))) == recipe
+
+
+def test_shipped_recipes_cover_the_experiments():
+    names = {p.stem for p in RECIPES}
+    expected = {f"lenet300-mnist-{t}" for t in ("90", "95", "98", "99", "99.5")}
+    expected |= {f"{m}-fashion-{t}" for m in ("lenet5", "resnet18") for t in ("90", "95", "98")}
+    expected |= {f"{m}-cifar{c}" for m in ("resnet50", "vgg19") for c in ("10", "100")}
+    expected |= {f"resnet50-imagenet-{t}" for t in ("90", "95", "96.5")}
+    expected |= {"demo", "smoke-digits"}
+    assert expected <= names, sorted(expected - names)
+    assert any(n.startswith("deit-tiny") for n in names) and any(n.startswith("deit-small") for n in names)
+
+
+def test_defaults_are_filled_and_dependent_defaults_resolved():
+    recipe = validate(minimal(optimizer={"lr": 0.3}), default_name="x")
+    assert recipe["name"] == "x"
+    assert recipe["optimizer"]["lr_end"] == pytest.approx(0.01)
+    assert recipe["dense"]["lr"] == 0.3
+    assert recipe["hyperflux"]["regrowth_epochs"] == 0
+    assert recipe["train"]["label_smoothing"] == 0.1
+
+
+def test_numbers_written_without_a_dot_are_numbers():
+    # PyYAML reads 1e-3 as a string
+    recipe = validate(yaml.safe_load(yaml.safe_dump(minimal(optimizer={"lr": "1e-3"}))))
+    assert recipe["optimizer"]["lr"] == 0.001
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("optimizer.lr=abc", "recipe key 'optimizer.lr': expected a positive number, got 'abc'"),
+        ("optimizer.lr=-1", "recipe key 'optimizer.lr': expected a positive number, got -1"),
+        ("optimizer.lrr=0.1", "recipe key 'optimizer.lrr': unknown key (did you mean 'lr'?)"),
+        ("optimiser.lr=0.1", "recipe key 'optimiser': unknown key (did you mean 'optimizer'?)"),
+        (
+            "hyperflux.target_sparsity=98",
+            "recipe key 'hyperflux.target_sparsity': expected a fraction in (0, 1)",
+        ),
+        ("hyperflux.pruning_epochs=2.5", "recipe key 'hyperflux.pruning_epochs': expected an integer >= 1"),
+        ("optimizer.name=lion", "recipe key 'optimizer.name': expected one of sgd, adam, adamw, got 'lion'"),
+        ("data.name=imagenet2", "recipe key 'data.name': expected one of"),
+        ("model.hiden=[8,8]", "recipe key 'model.hiden': unknown key (did you mean 'hidden'?)"),
+        ("model.num_classes=3", "recipe key 'model.num_classes': set by the data set"),
+        (
+            "hyperflux.modules=[Linear,Dense]",
+            "recipe key 'hyperflux.modules': expected torch.nn module names",
+        ),
+        ("train.label_smoothing=true", "recipe key 'train.label_smoothing': expected a number in [0, 1]"),
+        ("device=gpu", "recipe key 'device': expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        ("data=3", "recipe key 'data': expected a mapping of keys, got 3"),
+        ("hyperflux.pressure=0.5", "give exactly one of hyperflux.target_sparsity, hyperflux.pressure"),
+    ],
+)
+def test_bad_values_name_their_key(assignment, message):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(SMOKE, [assignment])
+    assert message in str(error.value)
+
+
+def test_required_keys_and_cross_checks():
+    with pytest.raises(RecipeError, match=re.escape("recipe key 'data.name': required")):
+        validate({"model": {"name": "lenet300"}, "hyperflux": {"target_sparsity": 0.9, "pruning_epochs": 2}})
+    raw = minimal()
+    raw["hyperflux"] = {"pressure": 0.1, "pruning_epochs": 2}
+    with pytest.raises(
+        RecipeError, match=re.escape("'hyperflux.exact_target': needs hyperflux.target_sparsity")
+    ):
+        validate(raw)
+    raw["hyperflux"]["exact_target"] = False
+    assert validate(raw)["hyperflux"]["pressure"] == 0.1
+
+
+def test_set_parses_yaml_values_and_creates_sections():
+    raw = apply_overrides({"a": {"b": 1}}, ["a.b=[1, 2]", "a.c=true", "d.e=null", "f=1e-3"])
+    assert raw == {"a": {"b": [1, 2], "c": True}, "d": {"e": None}, "f": "1e-3"}
+    with pytest.raises(RecipeError, match=re.escape("expected key.sub=value")):
+        apply_overrides({}, ["no-equals-sign"])
+    with pytest.raises(RecipeError, match=re.escape("recipe key 'a.b': is not a section")):
+        apply_overrides({"a": {"b": 1}}, ["a.b.c=2"])
+
+
+def test_unreadable_files_are_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(RecipeError, match="is not valid YAML"):
+        load_recipe(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(listed)

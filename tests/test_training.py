@@ -1,0 +1,138 @@
+"""The trainer: a stopped and resumed run equals an uninterrupted one, NaN stops cleanly, schedules, decay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hyperflux.recipe import load_recipe
+from hyperflux.runfiles import RunError
+from hyperflux.training import Trainer, TrainingError, run_recipe
+
+SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
+# SGD with weight decay and a controller step every 20 batches: the paths the smoke recipe leaves out
+SHORT = ["hyperflux.pruning_epochs=3", "hyperflux.regrowth_epochs=2"]
+SGD = ["optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.weight_decay=5e-4", "train.controller_every=20"]
+
+
+def recipe(*assignments: str) -> dict:
+    return load_recipe(SMOKE, [*SHORT, *assignments])
+
+
+def rows(folder: Path) -> list[dict]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "elapsed_s")} for line in lines]
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    expected = run_recipe(recipe(*SGD), whole, quiet=True)
+    assert run_recipe(recipe(*SGD), parts, quiet=True, stop_after=2) is None
+    assert not (parts / "summary.json").exists()
+    checkpoint = torch.load(parts / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2
+    # a row written after the checkpoint by a run killed in between is dropped on resume
+    with open(parts / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"epoch": 3, "stale": True}) + "\n")
+    resumed = run_recipe(recipe(*SGD), parts, quiet=True, resume=True)
+
+    assert resumed["final_accuracy"] == expected["final_accuracy"]
+    assert resumed["per_layer"] == expected["per_layer"]
+    assert resumed["kept"] == expected["kept"]
+    a, b = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
+    assert (
+        a.keys() == b.keys() == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"}
+    )
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    end_a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    end_b = torch.load(parts / "checkpoint.pt", weights_only=True)["model"]
+    logits = [k for k in end_a if k.endswith("logits")]
+    assert len(logits) == 3
+    for key in end_a:  # masks (logits) and stored weights alike
+        assert torch.equal(end_a[key], end_b[key]), key
+    assert rows(whole) == rows(parts)
+    assert [r["epoch"] for r in rows(parts)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_a_changed_recipe_and_a_fresh_run_refuses_a_used_folder(tmp_path):
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    with pytest.raises(RunError, match=r"recipe differs .*\(optimizer\.lr, dense\.lr\)"):
+        Trainer(recipe("optimizer.lr=0.1"), tmp_path, resume=True, quiet=True)
+    with pytest.raises(RunError, match="already holds a run"):
+        Trainer(recipe(), tmp_path, quiet=True)
+    with pytest.raises(RunError, match=re.escape("no checkpoint.pt to resume from")):
+        Trainer(recipe(), tmp_path / "empty", resume=True, quiet=True)
+
+
+def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    before = hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest()
+    trainer = Trainer(recipe(), tmp_path, resume=True, quiet=True)
+    with torch.no_grad():
+        next(iter(trainer.hf.weight_parameters())).fill_(float("nan"))  # an injected NaN
+    with pytest.raises(TrainingError, match=r"non-finite in epoch 2, .*last good checkpoint \(epoch 1\)"):
+        trainer.run()
+    assert hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest() == before
+    assert [r["epoch"] for r in rows(tmp_path)] == [1]
+
+
+def test_learning_rate_follows_the_two_cosine_phases(tmp_path):
+    trainer = Trainer(recipe(), tmp_path, quiet=True)
+    opt = trainer.recipe["optimizer"]
+    assert trainer.weight_lr(0, 0) == pytest.approx(opt["lr"])
+    assert trainer.weight_lr(2, trainer.batches - 1) == pytest.approx(opt["lr_end"], rel=0.01)
+    assert trainer.weight_lr(3, 0) == pytest.approx(opt["lr_reset"])
+    assert trainer.weight_lr(4, trainer.batches - 1) == pytest.approx(opt["lr_final"], rel=0.05)
+    lrs = [trainer.weight_lr(e, b) for e in range(3) for b in range(trainer.batches)]
+    assert lrs == sorted(lrs, reverse=True)
+
+
+def test_controller_every_counts_periods_but_phases_keep_their_epochs(tmp_path):
+    trainer = Trainer(recipe("train.controller_every=20"), tmp_path, quiet=True)
+    assert trainer.batches == 45 and trainer.periods == 3
+    assert trainer.hf.pruning_epochs == 9 and trainer.hf.regrowth_epochs == 6
+    trainer.stop_after = 1
+    trainer.run()
+    assert trainer.hf.period == 3  # stepped every 15 batches
+    trainer.stop_after = None
+    summary = trainer.run()
+    assert abs(summary["sparsity"] - 0.9) < 1e-4
+    assert trainer.hf.squashed
+
+
+def test_weight_decay_reaches_present_weights_only(tmp_path):
+    trainer = Trainer(recipe(*SGD), tmp_path, quiet=True)
+    name, weight = next(iter(trainer.masked.items()))
+    with torch.no_grad():
+        trainer.hf.gates[0].logits[0, :5] = -1.0  # close five gates
+        weight.grad = torch.zeros_like(weight)
+    trainer._decay_present(lr=0.1)
+    mask = trainer.hf.masks()[name]
+    assert torch.equal(weight.grad, 5e-4 * weight.detach() * mask)
+    assert (weight.grad[0, :5] == 0).all() and (weight.grad[0, 5:] != 0).all()
+    # the optimiser itself decays no masked weight, but does decay the other weights
+    groups = trainer.weight_optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.0, 5e-4]
+    old = load_recipe(SMOKE, [*SHORT, *SGD, "optimizer.decay_pruned_weights=true"])
+    authors = Trainer(old, tmp_path / "authors", quiet=True)
+    assert authors.present_decay == 0.0
+    assert authors.weight_optimizer.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_dense_training_uses_the_same_recipe(tmp_path):
+    summary = run_recipe(recipe("dense.epochs=2", "dense.lr=0.01"), tmp_path, dense=True, quiet=True)
+    assert summary["method"] == "dense"
+    assert summary["density"] == 1.0 and summary["epochs"] == 2
+    assert summary["final_accuracy"] > 80
+    state = load_file(tmp_path / "model.safetensors")
+    assert "fc1.weight" in state and not any("parametrizations" in k for k in state)
+    # the dense model is a valid starting point for a prune
+    start = run_recipe(recipe(f"model.init_checkpoint={tmp_path}"), tmp_path / "pruned", quiet=True)
+    assert start["final_accuracy"] > 80
