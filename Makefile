@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint data demo bench clean
 
 install: $(STAMP)
 
@@ -18,11 +18,14 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
-demo: install
-	$(PY) examples/demo.py
+data: install
+	$(PY) -m hyperflux data fetch mnist
+
+demo: data
+	$(PY) -m hyperflux prune recipes/demo.yaml --out runs/demo --overwrite
 
 bench: install
 	$(PY) benchmarks/overhead.py
