@@ -1,11 +1,21 @@
 """hyperflux: learned unstructured sparsity for any PyTorch model.
 
 `Hyperflux` attaches per-weight L0 masks driven by flux against a scheduled global pressure;
-`PressureScheduler` owns that pressure.
+`PressureScheduler` owns that pressure. `save_sparse`/`load_sparse` store a pruned model compactly and
+`to_sparse_inference` runs it with sparse kernels where those are faster.
 """
 
+from hyperflux.export import load_sparse, save_sparse
 from hyperflux.scheduler import PressureScheduler
+from hyperflux.sparse_inference import to_sparse_inference
 from hyperflux.sparsifier import Hyperflux
 
-__all__ = ["Hyperflux", "PressureScheduler", "__version__"]
+__all__ = [
+    "Hyperflux",
+    "PressureScheduler",
+    "__version__",
+    "load_sparse",
+    "save_sparse",
+    "to_sparse_inference",
+]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""The `hyperflux` command line: prune or train from a recipe, evaluate, summarise, report, fetch data.
+"""The `hyperflux` command line: prune or train from a recipe, evaluate, summarise, report, export, benchmark
+inference, fetch data.
 
 A user error (missing file, bad recipe, missing data, a value the API refuses) ends with one line on stderr
 and exit status 2 (bad input) or 1 (the run could not go on); never a traceback.
@@ -106,6 +107,39 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
     report.set_defaults(func=cmd_report)
 
+    export = commands.add_parser(
+        "export",
+        help="write a pruned model as a compressed file or ONNX",
+        description="Write the squashed model of checkpoint.pt, a run folder or model.safetensors compactly "
+        "(--format sparse, for hyperflux.load_sparse) or as ONNX checked against onnxruntime (--format onnx).",
+    )
+    export.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint.pt, a run folder, or model.safetensors"
+    )
+    export.add_argument("--format", choices=("sparse", "onnx"), required=True, help="sparse or onnx")
+    export.add_argument(
+        "--out",
+        metavar="PATH",
+        help="output file (default: model.sparse.safetensors or model.onnx beside it)",
+    )
+    export.add_argument("--recipe", help="the recipe of a model.safetensors (default: recipe.yaml beside it)")
+    export.set_defaults(func=cmd_export)
+
+    bench = commands.add_parser(
+        "bench",
+        help="dense against sparse inference speed and file size",
+        description="Time the squashed model dense and with sparse kernels (to_sparse_inference) at batch 1 "
+        "and --batch on test images, and compare file sizes.",
+    )
+    bench.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint.pt, a run folder, or model.safetensors"
+    )
+    bench.add_argument("--recipe", help="the recipe of a model.safetensors (default: recipe.yaml beside it)")
+    bench.add_argument("--batch", type=int, default=256, help="the large batch size (default: 256)")
+    bench.add_argument("--repeats", type=int, default=15, help="timed samples per measurement (default: 15)")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    bench.set_defaults(func=cmd_bench)
+
     data = commands.add_parser("data", help="data sets", description="Manage the data set cache.")
     data_commands = data.add_subparsers(
         dest="data_command", metavar="ACTION", parser_class=Parser, required=True
@@ -182,6 +216,95 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from hyperflux import data
 
     print(data.fetch(args.name, args.root, source=args.source))
+    return 0
+
+
+def _squashed_run(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The run's model with its masks baked in, and the folder its outputs go to by default."""
+    from hyperflux.training import load_run
+
+    run = load_run(args.checkpoint, args.recipe)
+    if run.hf is not None:
+        run.hf.squash()
+    run.model.eval()
+    path = Path(args.checkpoint)
+    return run, path if path.is_dir() else path.parent
+
+
+def _test_images(run: Any, count: int) -> Any:
+    images, _ = next(iter(run.bundle.loader("test", count)))
+    return images
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hyperflux.export import file_sizes, save_sparse
+
+    run, folder = _squashed_run(args)
+    if args.format == "sparse":
+        out = Path(args.out) if args.out else folder / "model.sparse.safetensors"
+        save_sparse(run.model, out)
+        dense, _ = file_sizes(run.model)
+        size = out.stat().st_size
+        print(f"wrote {out} ({size:,} bytes; dense safetensors {dense:,} bytes, {dense / size:.1f}x smaller)")
+        return 0
+    from hyperflux.onnx_export import export_onnx
+
+    out = Path(args.out) if args.out else folder / "model.onnx"
+    error = export_onnx(run.model, _test_images(run, 8), out)
+    check = (
+        "onnxruntime not installed, not checked" if error is None else f"onnxruntime max |diff| {error:.2g}"
+    )
+    print(f"wrote {out} ({out.stat().st_size:,} bytes; {check})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from hyperflux.export import file_sizes
+    from hyperflux.sparse_inference import compare_ms, plan_sparse_inference, to_sparse_inference
+
+    if args.batch < 1 or args.repeats < 1:
+        raise ValueError(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run, _ = _squashed_run(args)
+    images = _test_images(run, args.batch)
+    with torch.no_grad():
+        plan = plan_sparse_inference(run.model, images, repeats=args.repeats)
+        sparse = to_sparse_inference(run.model, plan=plan)
+        times = {
+            batch: compare_ms(run.model, sparse, images[:batch], args.repeats)
+            for batch in sorted({1, len(images)})
+        }
+    dense_bytes, sparse_bytes = file_sizes(run.model)
+    rows = [
+        (f"latency batch {batch} (ms)", f"{d:.3f}", f"{s:.3f}", f"{d / s:.2f}x")
+        for batch, (d, s) in times.items()
+    ]
+    d, s = times[len(images)]
+    rows.append(
+        (
+            f"throughput batch {len(images)} (img/s)",
+            f"{1e3 * len(images) / d:,.0f}",
+            f"{1e3 * len(images) / s:,.0f}",
+            f"{d / s:.2f}x",
+        )
+    )
+    rows.append(
+        ("file (bytes)", f"{dense_bytes:,}", f"{sparse_bytes:,}", f"{dense_bytes / sparse_bytes:.1f}x")
+    )
+    header = ("", "dense", "sparse", "ratio")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    line = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    print("\n".join(line.format(*row) for row in [header, *rows]))
+    print(f"threads {torch.get_num_threads()}; layers:")
+    for choice in plan:
+        shape = "x".join(map(str, choice.shape))
+        kind = "sparse" if choice.sparse else "dense"
+        print(
+            f"  {choice.name:<20} {shape:<14} density {100 * choice.density:6.2f}%  {kind:<6} {choice.reason}"
+        )
     return 0
 
 

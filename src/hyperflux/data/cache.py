@@ -275,4 +275,5 @@ def fetch(
         raise DataError(
             "imagefolder: nothing to fetch; pass the folder holding train/<class>/ and val/<class>/ as root"
         )
-    raise DataError(f"unknown data set {name!r}; `hyperflux.data.names()` lists the known ones")
+    known = "mnist, fashion-mnist, cifar10, cifar100, digits, imagefolder (and -32 views of the 28x28 sets)"
+    raise DataError(f"unknown data set {name!r}; known: {known}")

@@ -1,0 +1,50 @@
+"""ONNX export of a squashed model, checked against onnxruntime when it is installed.
+
+The ONNX file holds the dense weights with their zeros: ONNX Runtime has no general sparse kernel for
+unstructured weights, so the file is as large and as fast as the dense model. It is for deployment where
+ONNX is required; for size use `save_sparse`, for speed on CPU `to_sparse_inference`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, path: str | Path, *, check: bool = True, atol: float = 1e-4
+) -> float | None:
+    """Write `model` to `path` as ONNX with a dynamic batch axis (input ``input``, output ``output``).
+
+    With `check` and onnxruntime importable, run the file on `example` and return the largest absolute
+    difference from the model's output (ValueError above `atol`); None when it was not checked.
+    """
+    path = Path(path)
+    model = model.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+        expected = model(example)
+    if not check:
+        return None
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(["output"], {"input": example.detach().cpu().numpy()})
+    error = float((torch.from_numpy(output) - expected.cpu()).abs().max())
+    if not error <= atol:
+        raise ValueError(f"{path}: onnxruntime's output differs from the model's by {error:.3g} (> {atol})")
+    return error

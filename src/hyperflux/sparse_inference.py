@@ -1,0 +1,300 @@
+"""Sparse inference on CPU: pruned Linear and Conv2d layers computed from their non-zero weights only.
+
+Unstructured sparsity pays only where a sparse kernel beats a dense BLAS call that is far better tuned: large
+layers, low density, and enough work per call to amortise the sparse kernel's overhead. Small layers (the
+10x100 head of LeNet-300-100), dense-ish layers (above roughly 10% density) and most convolutions stay faster
+dense. So each layer is converted only when measured faster at both batch 1 and the example's batch, and the
+measurements are kept in the plan (`plan_sparse_inference`) for anyone to read.
+
+The sparse modules compute ``W @ x.T`` with W in CSR (torch's sparse CSR matmul) and return the transposed
+view, so the output of one sparse layer is already in the layout the next one wants; only the first layer of a
+chain pays for transposing its input.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+# Without an example input the choice is modelled, conservatively: a Linear with at most this density and at
+# least this many weights (measured faster at batch 1 and 256 on the CPUs this was built on).
+MODELLED_DENSITY = 0.05
+MODELLED_MIN_WEIGHTS = 2**17
+# A sparse matmul reads a row of the transposed input per non-zero weight: batches are cut into blocks of
+# about this many input bytes so those rows come from the L2 cache (1.7x faster on 4096-wide layers).
+CACHE_BYTES = 2**20
+
+
+def _csr(matrix: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the calls used here are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return matrix.detach().contiguous().to_sparse_csr()
+
+
+def _bias_column(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().reshape(-1, 1).clone()
+
+
+def _density(weight: torch.Tensor) -> float:
+    return int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
+
+
+class SparseLinear(nn.Module):
+    """A Linear whose weight is a CSR tensor: ``y = (W @ x.T).T + b``, bias fused into the sparse kernel.
+
+    The sparse kernel has a fixed cost per call that a small layer at a small batch does not earn back: below
+    `min_batch` rows the layer runs dense, from a dense copy of the weight kept only for that case.
+    """
+
+    def __init__(self, linear: nn.Linear, min_batch: int = 1) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.density = _density(linear.weight)
+        self.min_batch = min_batch
+        self.register_buffer("weight", _csr(linear.weight))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("dense_weight", linear.weight.detach().clone() if min_batch > 1 else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < self.min_batch * self.in_features:
+            return F.linear(x, self.dense_weight, self.bias)
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] == 1:  # matrix-vector: half the fixed cost of the matrix-matrix kernel
+            out = self.weight @ flat[0] if self.bias is None else torch.addmv(self.bias, self.weight, flat[0])
+        else:  # in column blocks whose transposed input stays in the L2 cache across the sparse rows
+            bias = None if self.bias is None else self.bias.unsqueeze(1)
+            block = max(16, 2 ** int(math.log2(max(CACHE_BYTES // (4 * self.in_features), 1))))
+            parts = [
+                self.weight @ part.t() if bias is None else torch.addmm(bias, self.weight, part.t())
+                for part in flat.split(block)
+            ]
+            out = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).t()
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        sparse_from = f", min_batch={self.min_batch}" if self.min_batch > 1 else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"density={self.density:.4f}{sparse_from}"
+        )
+
+
+class SparseConv2d(nn.Module):
+    """A Conv2d (groups=1, zero padding) as im2col (`F.unfold`) followed by a CSR matmul."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not supports_sparse_conv(conv):
+            raise ValueError(f"{conv} has groups, string padding or non-zero padding mode")
+        self.out_channels = conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.density = _density(conv.weight)
+        self.register_buffer("weight", _csr(conv.weight.reshape(conv.out_channels, -1)))
+        self.register_buffer("bias", _bias_column(conv.bias))
+
+    def _side(self, size: int, axis: int) -> int:
+        span = self.dilation[axis] * (self.kernel_size[axis] - 1) + 1
+        return (size + 2 * self.padding[axis] - span) // self.stride[axis] + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == 4
+        images = x if batched else x.unsqueeze(0)
+        n, height, width = images.shape[0], images.shape[2], images.shape[3]
+        cols = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        out = self.weight @ cols if self.bias is None else torch.addmm(self.bias, self.weight, cols)
+        out = out.reshape(self.out_channels, n, self._side(height, 0), self._side(width, 1))
+        out = out.transpose(0, 1).contiguous()
+        return out if batched else out[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, density={self.density:.4f}"
+        )
+
+
+def supports_sparse_conv(conv: nn.Conv2d) -> bool:
+    return conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+
+
+def median_ms(functions: list[Callable[[], Any]], repeats: int = 7, sample_s: float = 2e-3) -> list[float]:
+    """Median milliseconds per call of each function, alternating between them so that drifts in machine load
+    hit all alike; fast calls are looped so that one sample lasts about `sample_s`."""
+    loops = []
+    for function in functions:
+        function()  # warm-up: allocator, kernel selection
+        start = time.perf_counter()
+        function()
+        loops.append(max(1, min(1000, round(sample_s / max(time.perf_counter() - start, 1e-7)))))
+    samples: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, count, out in zip(functions, loops, samples, strict=True):
+            start = time.perf_counter()
+            for _ in range(count):
+                function()
+            out.append((time.perf_counter() - start) / count)
+    return [1e3 * statistics.median(out) for out in samples]
+
+
+@dataclass
+class LayerChoice:
+    """Whether one layer runs sparse, and why: `timings` maps a batch size to (dense ms, sparse ms)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    density: float
+    sparse: bool
+    reason: str
+    timings: dict[int, tuple[float, float]] = field(default_factory=dict)
+    min_batch: int = 1
+
+
+def _sparse_module(module: nn.Module, min_batch: int = 1) -> nn.Module:
+    return SparseLinear(module, min_batch) if isinstance(module, nn.Linear) else SparseConv2d(module)
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Plain Linear and Conv2d layers (exact types: subclasses such as attention's out_proj are read by their
+    owner's code, which a swapped module would break)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d) and parametrize.is_parametrized(module):
+            raise ValueError(
+                f"{name or 'the model'} still has its masks; convert the squashed model (hf.squash())"
+            )
+        if type(module) in (nn.Linear, nn.Conv2d):
+            found.append((name, module))
+    return found
+
+
+@torch.no_grad()
+def compare_ms(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: int = 7) -> tuple[float, float]:
+    """(dense ms, sparse ms): median times of the two forms on the same input, alternating."""
+    dense_ms, sparse_ms = median_ms([lambda: dense(x), lambda: sparse(x)], repeats)
+    return dense_ms, sparse_ms
+
+
+def _faster(choice: LayerChoice, dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: int) -> bool:
+    """Time both forms on `x`, record the times in `choice`, and say whether sparse won."""
+    dense_ms, sparse_ms = compare_ms(dense, sparse, x, repeats)
+    choice.timings[x.shape[0]] = (dense_ms, sparse_ms)
+    return sparse_ms < dense_ms
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each named layer sees (its first call) when the model runs on `example`."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _module, args, name=name: inputs.setdefault(name, args[0])
+        )
+        for name in names
+    ]
+    try:
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+@torch.no_grad()
+def plan_sparse_inference(
+    model: nn.Module, example: torch.Tensor | None = None, *, max_density: float = 0.3, repeats: int = 7
+) -> list[LayerChoice]:
+    """Choose, per Linear and Conv2d layer, whether its sparse form is faster.
+
+    With `example` (a batch of real inputs) every layer at or below `max_density` is timed dense and sparse on
+    the input it sees, at batch 1 and at the example's batch, and goes sparse if faster at both. A Linear that
+    is faster sparse at the example's batch only goes sparse from the measured crossover batch. Without
+    it, the choice is modelled: Linear layers of at most `MODELLED_DENSITY` and `MODELLED_MIN_WEIGHTS` weights.
+    """
+    plan = []
+    layers = _candidates(model)
+    for name, module in layers:
+        kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+        density = _density(module.weight)
+        choice = LayerChoice(name, kind, tuple(module.weight.shape), density, False, "")
+        plan.append(choice)
+        if kind == "conv2d" and not supports_sparse_conv(module):
+            choice.reason = "groups, string padding or padding mode: no sparse form"
+        elif density > max_density:
+            choice.reason = f"density {density:.1%} above max_density {max_density:.0%}"
+        elif example is None:
+            choice.sparse = (
+                kind == "linear"
+                and density <= MODELLED_DENSITY
+                and module.weight.numel() >= MODELLED_MIN_WEIGHTS
+            )
+            choice.reason = "modelled: " + (
+                "large and sparse enough" if choice.sparse else "needs an example input to measure"
+            )
+    if example is None:
+        return plan
+    measured = [choice for choice in plan if not choice.reason]
+    inputs = _layer_inputs(model, [choice.name for choice in measured], example)
+    for choice in measured:
+        if choice.name not in inputs:
+            choice.reason = "not called on the example"
+            continue
+        dense = model.get_submodule(choice.name)
+        sparse, x = _sparse_module(dense), inputs[choice.name]
+        full = x.shape[0]
+        if not _faster(choice, dense, sparse, x[:full], repeats):
+            choice.reason = f"measured slower sparse at batch {full}"
+        elif full == 1 or _faster(choice, dense, sparse, x[:1], repeats):
+            choice.sparse, choice.reason = True, f"measured faster sparse at batch 1 and {full}"
+        elif choice.kind == "linear":  # slower at batch 1 only: find the crossover, doubling the batch
+            batch = 2
+            while batch < full and not _faster(choice, dense, sparse, x[:batch], repeats):
+                batch *= 2
+            choice.sparse, choice.min_batch = True, min(batch, full)
+            choice.reason = f"measured faster sparse from batch {choice.min_batch}; dense below"
+        else:
+            choice.reason = "measured slower sparse at batch 1"
+    return plan
+
+
+def to_sparse_inference(
+    model: nn.Module,
+    example: torch.Tensor | None = None,
+    *,
+    plan: list[LayerChoice] | None = None,
+    max_density: float = 0.3,
+    repeats: int = 7,
+    inplace: bool = False,
+) -> nn.Module:
+    """The squashed `model` with the layers that run faster sparse replaced by `SparseLinear`/`SparseConv2d`.
+
+    The layers are chosen by `plan` or else by `plan_sparse_inference(model, example, ...)`. Outputs equal the
+    dense model's to float rounding (1e-5). The result is for inference: its sparse weights are buffers, not
+    parameters. `inplace=False` leaves `model` untouched.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    if plan is None:
+        plan = plan_sparse_inference(model, example, max_density=max_density, repeats=repeats)
+    for choice in plan:
+        if not choice.sparse:
+            continue
+        sparse = _sparse_module(model.get_submodule(choice.name), choice.min_batch)
+        if not choice.name:
+            return sparse
+        parent, _, child = choice.name.rpartition(".")
+        setattr(model.get_submodule(parent), child, sparse)
+    return model

@@ -1,0 +1,60 @@
+"""ONNX export: the file runs in onnxruntime with the model's outputs, at any batch size."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from hyperflux import models
+from hyperflux.cli import main
+from hyperflux.onnx_export import export_onnx
+
+onnxruntime = pytest.importorskip(
+    "onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)"
+)
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def pruned(name: str, size: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = models.build(name, num_classes=10, in_channels=1, image_size=size)
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            module.weight.mul_(torch.rand_like(module.weight) >= 0.9)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet5"])
+def test_onnxruntime_gives_the_model_outputs_at_any_batch(tmp_path, name):
+    model = pruned(name, 28)
+    path = tmp_path / "model.onnx"
+    assert export_onnx(model, torch.randn(2, 1, 28, 28), path) <= 1e-4
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 1, 28, 28)
+    (out,) = session.run(["output"], {"input": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
+
+
+def test_cli_export_onnx(tmp_path, capsys):
+    shutil.copy(RECIPES / "smoke-digits.yaml", tmp_path / "recipe.yaml")
+    torch.manual_seed(0)
+    model = models.build("lenet300", num_classes=10, in_channels=1, image_size=8, hidden=(128, 64))
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    out = tmp_path / "exported.onnx"
+    assert main(["export", str(tmp_path / "model.safetensors"), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.exists() and "onnxruntime max |diff|" in capsys.readouterr().out
