@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hyperflux import __version__
+from hyperflux import __version__, distributed
 
 # Exit statuses: 2 for input the user must fix, 1 for a run that could not go on.
 EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
@@ -175,6 +175,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         after=None if args.no_report else write_report,
     )
     command = "train" if args.dense else "prune"
+    if not distributed.is_main():
+        return 0
     if summary is None:
         print(f"stopped; continue with: hyperflux {command} {args.recipe} --out {out} --resume")
         return 0

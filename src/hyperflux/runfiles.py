@@ -51,8 +51,12 @@ def _json_default(value: Any) -> Any:
 
 
 class RunFolder:
-    def __init__(self, path: str | Path) -> None:
+    """One run's files. With `writer=False` (every rank but 0 of a distributed run) the checks and reads run
+    as usual but nothing is written, so N ranks can share one folder."""
+
+    def __init__(self, path: str | Path, *, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -72,6 +76,8 @@ class RunFolder:
                 f"{self.path} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 "or --out for another folder"
             )
+        if not self.writer:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         for name in (CHECKPOINT, METRICS_JSONL, METRICS_CSV, SUMMARY, MODEL):
             self.file(name).unlink(missing_ok=True)
@@ -80,6 +86,8 @@ class RunFolder:
     # ------------------------------------------------------------- metrics
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """One epoch: the full row to JSONL, its scalar columns to CSV (header written with the first row)."""
+        if not self.writer:
+            return
         with open(self.file(METRICS_JSONL), "a") as handle:
             handle.write(json.dumps(row, default=_json_default) + "\n")
         scalars = {k: v for k, v in row.items() if not isinstance(v, dict | list)}
@@ -99,6 +107,8 @@ class RunFolder:
 
     def truncate_metrics(self, epochs: int) -> None:
         """Drop rows past `epochs` (written by a run killed between its metrics and its checkpoint)."""
+        if not self.writer:
+            return
         rows = [r for r in self.read_metrics() if r["epoch"] <= epochs]
         for name in (METRICS_JSONL, METRICS_CSV):
             self.file(name).unlink(missing_ok=True)
@@ -107,6 +117,9 @@ class RunFolder:
 
     # ------------------------------------------------------------- checkpoint and outputs
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        if not self.writer:
+            return
+
         def write(handle) -> None:
             buffer = io.BytesIO()
             torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
@@ -118,12 +131,16 @@ class RunFolder:
         return read_checkpoint(self.file(CHECKPOINT), map_location)
 
     def save_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        if not self.writer:
+            return
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         tmp = self.file(f".{MODEL}.tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.file(MODEL))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
+        if not self.writer:
+            return
         text = json.dumps(summary, indent=2, default=_json_default) + "\n"
         _atomic_write(self.file(SUMMARY), lambda h: h.write(text.encode()))
 

@@ -8,6 +8,7 @@ and the checkpoint holds every other source of state, RNGs included.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import sys
@@ -22,9 +23,11 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from hyperflux import data, models
+from hyperflux import data, distributed, models
+from hyperflux.data.sets import BatchLoader
 from hyperflux.recipe import RecipeError, differences, load_recipe
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
@@ -200,7 +203,8 @@ def method_name(recipe: dict[str, Any], dense: bool) -> str:
 def evaluate(
     model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> tuple[float, float]:
-    """Accuracy (percent) and mean cross-entropy on every batch of `loader`."""
+    """Accuracy (percent) and mean cross-entropy on every batch of `loader`; in a distributed run each rank
+    passes its shard and the counts are summed over ranks."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -215,7 +219,17 @@ def evaluate(
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
     model.train(was_training)
-    return 100.0 * int(correct) / max(seen, 1), float(loss_sum) / max(seen, 1)
+    totals = distributed.all_sum(torch.stack([correct.double(), loss_sum, loss_sum.new_tensor(seen)]))
+    correct_all, loss_all, seen_all = totals.tolist()
+    return 100.0 * correct_all / max(seen_all, 1), loss_all / max(seen_all, 1)
+
+
+def mask_digest(hf: Hyperflux) -> str:
+    """A short hash of every keep-mask: equal digests on all ranks mean the ranks hold the same masks."""
+    digest = hashlib.sha256()
+    for mask in hf.masks().values():
+        digest.update(mask.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------- the trainer
@@ -224,6 +238,10 @@ class Trainer:
 
     `stop_after` ends this invocation after that many epochs (checkpoint written), as a time-limited job
     would; `--resume` continues it.
+
+    Under torchrun (its environment variables set, more than one process) it joins the process group and
+    trains with DistributedDataParallel: `train.batch_size` stays the global batch, split over the ranks;
+    losses, accuracies and the flux are summed over ranks; rank 0 alone writes files and prints.
     """
 
     def __init__(
@@ -243,15 +261,21 @@ class Trainer:
         self.quiet = quiet
         self.stop_after = stop_after
         self.log = log if log is not None else sys.stdout
-        self.files = RunFolder(out)
+        if recipe["threads"]:
+            torch.set_num_threads(recipe["threads"])
+        self.device = resolve_device(recipe["device"])
+        if distributed.launched_by_torchrun() and self.device.type == "cuda":
+            self.device = torch.device("cuda", distributed.local_rank())
+            torch.cuda.set_device(self.device)
+        self.owns_group = distributed.init_from_env(self.device)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.main = self.rank == 0
+        self.files = RunFolder(out, writer=self.main)
         self.checkpoint = self.files.load_checkpoint() if resume and self.files.has_checkpoint() else None
         if self.checkpoint is not None:
             self._check_resumable(self.checkpoint)
         self.files.prepare(recipe, resume=resume, overwrite=overwrite)
 
-        if recipe["threads"]:
-            torch.set_num_threads(recipe["threads"])
-        self.device = resolve_device(recipe["device"])
         amp = recipe["amp"] if self.device.type == "cuda" else "off"
         self.amp_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
@@ -265,6 +289,11 @@ class Trainer:
             "train", train["batch_size"], seed=recipe["seed"], **loader_options
         )
         self.test_loader = self.bundle.loader("test", train["eval_batch_size"], **loader_options)
+        if self.world > 1:
+            self.train_loader, self.test_loader = (
+                self._shard(self.train_loader),
+                self._shard(self.test_loader),
+            )
         self.batches = len(self.train_loader)
         self.periods = periods = periods_per_epoch(recipe, self.batches)
 
@@ -285,6 +314,7 @@ class Trainer:
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
             self.files.truncate_metrics(self.epoch)
+        self.net = self._wrap()
 
     # ------------------------------------------------------------- setup
     def _check_resumable(self, checkpoint: dict[str, Any]) -> None:
@@ -299,6 +329,29 @@ class Trainer:
                 f"the recipe differs from the one {self.files.path} was started with ({', '.join(changed)}); "
                 "resume with the same recipe"
             )
+
+    def _shard(self, loader: Any) -> BatchLoader:
+        if not isinstance(loader, BatchLoader):
+            raise RecipeError(
+                f"recipe key 'data.name': distributed training shards in-memory data sets; "
+                f"{self.recipe['data']['name']} is read from image folders, which are not sharded yet"
+            )
+        return loader.shard(self.rank, self.world)
+
+    def _wrap(self) -> nn.Module:
+        """The model as the training step calls it: itself, or in DDP when several ranks train.
+
+        DDP registers the parameters that require grad when it is built, and the freeze turns the mask logits
+        off; a wrapper built before would wait for their gradients forever. So the trainer builds a new
+        wrapper whenever `hf.frozen` flips: cheaper than `find_unused_parameters=True`, which walks the
+        autograd graph on every step.
+        """
+        self.wrapped_frozen = self.hf is not None and self.hf.frozen
+        if self.world == 1:
+            return self.model
+        self.net = None  # the old wrapper's reducer lets go of its parameter hooks first
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
 
     def _build_optimizers(self) -> None:
         """Weights (SGD or Adam/AdamW) in groups by decay, and the mask logits in their own Adam.
@@ -395,14 +448,25 @@ class Trainer:
         else:
             self.hf.decay_present_weights(self.present_decay, into_grad=True)
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+    def _train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, lr: float, global_size: int
+    ) -> torch.Tensor:
+        """One optimiser step on a batch (this rank's share of a global batch of `global_size` samples);
+        returns (loss sum, correct) of the share."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.model(images)
-        loss = F.cross_entropy(
-            logits.float(), labels, label_smoothing=self.recipe["train"]["label_smoothing"]
-        )
+            logits = self.net(images)
+        smoothing = self.recipe["train"]["label_smoothing"]
+        if self.world == 1:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+            loss_sum = loss.detach().double() * len(labels)
+        else:
+            summed = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction="sum")
+            # DDP averages the ranks' gradients; this scale makes that average the global batch's mean,
+            # even when the shares differ in size (the last batch)
+            loss = summed * (self.world / global_size)
+            loss_sum = summed.detach().double()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             for optimizer in self.optimizers:
@@ -424,11 +488,12 @@ class Trainer:
         if self.present_decay and self.decoupled:
             self._decay_present(lr)
         correct = (logits.detach().argmax(1) == labels).sum()
-        return torch.stack([loss.detach().double() * len(labels), correct.double()])
+        return torch.stack([loss_sum, correct.double()])
 
     # ------------------------------------------------------------- one epoch
     def _check_finite(self, total: torch.Tensor, batch: int) -> None:
-        if not math.isfinite(float(total[0])):
+        """Stop on a non-finite loss; summed over ranks, so every rank stops at the same batch."""
+        if not math.isfinite(float(distributed.all_sum(total[0].clone()))):
             saved = (
                 f"the last good checkpoint (epoch {self.epoch}) is untouched in {self.files.path}"
                 if self.files.has_checkpoint()
@@ -462,7 +527,7 @@ class Trainer:
             total=self.batches,
             desc=f"epoch {epoch + 1}/{self.epochs}",
             leave=False,
-            disable=self.quiet,
+            disable=self.quiet or not self.main,
             file=sys.stderr,
             dynamic_ncols=True,
             mininterval=0.5,
@@ -474,7 +539,8 @@ class Trainer:
                     group["lr"] = lr
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-                total += self._train_step(images, labels, lr)
+                global_size = self.train_loader.global_size(batch) if self.world > 1 else len(labels)
+                total += self._train_step(images, labels, lr, global_size)
                 seen += len(labels)
                 last = batch + 1 == self.batches
                 # `periods` evenly spaced steps, the last one closing the epoch
@@ -483,11 +549,16 @@ class Trainer:
                 ) * self.periods // self.batches > batch * self.periods // self.batches
                 if self.hf is not None and period_ends:
                     periods.append(self.hf.step())
+                    if self.hf.frozen != self.wrapped_frozen:
+                        self.net = self._wrap()
                 if (batch + 1) % CHECK_EVERY == 0 or last:
                     self._check_finite(total, batch + 1)
                     if not self.quiet:
                         bar.set_postfix(self._postfix(total, seen), refresh=False)
                 bar.update()
+        if self.world > 1:
+            total = distributed.all_sum(torch.cat([total, total.new_tensor([seen])]))
+            seen = int(total[2])
         values = total.tolist()
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -507,6 +578,13 @@ class Trainer:
         row["sparsity"] = 1 - row["density"]
         row["pressure_loss"] = float(self.hf.pressure_loss())
         row["layers"] = {layer["name"]: layer["density"] for layer in periods[-1]["layers"]}
+        if self.world > 1:
+            row["mask_hashes"] = distributed.gather(mask_digest(self.hf))
+            if len(set(row["mask_hashes"])) > 1:
+                raise TrainingError(
+                    f"the masks differ between ranks after epoch {epoch + 1} ({row['mask_hashes']}); "
+                    "every rank must run the same recipe, code and torch build"
+                )
         return row
 
     def _epoch_line(self, row: dict[str, Any]) -> str:
@@ -552,7 +630,9 @@ class Trainer:
             # metrics first: a kill before the checkpoint leaves a row that resume drops
             self.files.append_metrics(row)
             self.files.save_checkpoint(self._state())
-            tqdm.write(self._epoch_line(row), file=self.log)
+            distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
+            if self.main:
+                tqdm.write(self._epoch_line(row), file=self.log)
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
@@ -587,9 +667,11 @@ class Trainer:
             "model": self.recipe["model"]["name"],
             "data": self.recipe["data"]["name"],
             "device": str(self.device),
+            "world_size": self.world,
             "recipe": self.recipe,
         }
         self.files.write_summary(summary)
+        distributed.barrier()
         return summary
 
 
@@ -625,8 +707,9 @@ def run_recipe(
     log: TextIO | None = None,
     after: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Prune (or, dense=True, train) as `recipe` says into `out`; `after(out)` runs when the run completes."""
-    summary = Trainer(
+    """Prune (or, dense=True, train) as `recipe` says into `out`; `after(out)` runs when the run completes
+    (on rank 0 alone in a distributed run)."""
+    trainer = Trainer(
         recipe,
         out,
         dense=dense,
@@ -635,8 +718,13 @@ def run_recipe(
         quiet=quiet,
         stop_after=stop_after,
         log=log,
-    ).run()
-    if summary is not None and after is not None:
+    )
+    try:
+        summary = trainer.run()
+    finally:
+        if trainer.owns_group:
+            distributed.close()
+    if summary is not None and after is not None and trainer.main:
         after(Path(out))
     return summary
 

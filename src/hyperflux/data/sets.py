@@ -198,6 +198,9 @@ class BatchLoader:
     """Normalised (x, y) batches of an `ImageSet` in a seeded order; `set_epoch` picks the epoch's order.
 
     The order and augmentation of epoch e depend only on (seed, e), so a resumed run sees the same batches.
+    Sharded (`world_size` > 1), `batch_size` is the global batch: every rank walks the same global batches
+    and takes its contiguous share of each (sizes differ by at most one), so N ranks see exactly the samples,
+    in the same steps, that one process would, and resuming on another world size changes nothing.
     """
 
     def __init__(
@@ -209,16 +212,39 @@ class BatchLoader:
         seed: int = 0,
         drop_last: bool = False,
         augment: Augment | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
         self.augment = augment
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
+
+    def shard(self, rank: int, world_size: int) -> BatchLoader:
+        """This loader's share for `rank` of `world_size` (the global batch size stays `batch_size`)."""
+        return BatchLoader(
+            self.dataset,
+            self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            drop_last=self.drop_last,
+            augment=self.augment,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def global_size(self, batch_index: int) -> int:
+        """Samples in global batch `batch_index`, over all ranks (the last one may be short)."""
+        return min(self.batch_size, len(self.dataset) - batch_index * self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -235,8 +261,20 @@ class BatchLoader:
         for batch_index in range(len(self)):
             with one_thread(order.device):
                 index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
-                batch = self.dataset.raw(index)
-                if self.augment is not None:
-                    batch = self.augment(batch, generator)
+                if self.world_size == 1:
+                    batch = self.dataset.raw(index)
+                    if self.augment is not None:
+                        batch = self.augment(batch, generator)
+                else:
+                    # augment the global batch, then keep this rank's share: every rank advances the
+                    # generator alike, and each sample is augmented as one process would augment it
+                    shares = index.tensor_split(self.world_size)
+                    share = shares[self.rank]
+                    if self.augment is not None:
+                        start = sum(len(s) for s in shares[: self.rank])
+                        batch = self.augment(self.dataset.raw(index), generator)[start : start + len(share)]
+                    else:
+                        batch = self.dataset.raw(share)
+                    index = share
                 images, labels = self.dataset.normalize(batch), self.dataset.labels[index]
             yield images, labels

@@ -1,0 +1,97 @@
+"""What both trainer callbacks share: the sparsifier, the mask logits' own Adam, and the period clock.
+
+The logits get their own optimiser instead of a group in the host's: a host LR scheduler holds one lr per
+group (and torch checks the count), would schedule the mask lr, and the host's weight decay must not touch them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hyperflux.sparsifier import Hyperflux
+
+
+class MaskDriver:
+    def __init__(
+        self,
+        target_sparsity: float | None,
+        pruning_epochs: int,
+        regrowth_epochs: int,
+        every_n_steps: int | None,
+        mask_betas: tuple[float, float],
+        options: dict[str, Any],
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        self.settings = {
+            "target_sparsity": target_sparsity,
+            "pruning_epochs": pruning_epochs,
+            "regrowth_epochs": regrowth_epochs,
+            **options,
+        }
+        self.every_n_steps = every_n_steps
+        self.mask_betas = mask_betas
+        self.hf: Hyperflux | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_step = 0
+
+    def build(self, model: nn.Module) -> Hyperflux:
+        """Mask the model, once: before the host builds its optimiser or wraps the model in DDP, so DDP
+        registers (and all-reduces) the logits too."""
+        if self.hf is None:
+            self.hf = Hyperflux(model, **self.settings)
+        return self.hf
+
+    def take_over(self, host_optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Take the logits out of the host's optimisers (built from `model.parameters()`, they hold them with
+        the weights' lr and decay) and give them their own Adam, attached so its step applies the pressure."""
+        if self.optimizer is not None:
+            return
+        logit_ids = {id(p) for p in self.hf.mask_parameters()}
+        for optimizer in host_optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in logit_ids]
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(self.hf.mask_parameters()), "weight_decay": 0.0}],
+            lr=self.hf.base_mask_lr,
+            betas=self.mask_betas,
+        )
+        self.hf.attach(self.optimizer)
+
+    def step_masks(self, grad_scale: float | None = None) -> None:
+        """One mask-optimiser step on the logits' accumulated gradients, then clear them. `grad_scale` is the
+        AMP loss scale the host's scaler applied (it unscales only its own optimisers); an overflowed step is
+        skipped, as the host's is."""
+        grads = [p.grad for p in self.hf.mask_parameters() if p.grad is not None]
+        if grads and grad_scale is not None:
+            torch._foreach_mul_(grads, 1.0 / grad_scale)
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def due(self, global_step: int) -> bool:
+        """With `every_n_steps`: whether a period ended since the last call (counted in optimiser steps)."""
+        ended = global_step // self.every_n_steps > self.last_step // self.every_n_steps
+        self.last_step = global_step
+        return ended
+
+    def close_period(self) -> dict[str, float] | None:
+        """`hf.step()` while the schedule runs; returns the values to log, None once it is over."""
+        if self.hf.period >= self.hf.total_epochs:
+            return None
+        self.hf.step()
+        return self.metrics()
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "hyperflux/density": self.hf.density(),
+            "hyperflux/sparsity": self.hf.sparsity(),
+            "hyperflux/pressure": self.hf.pressure,
+            "hyperflux/period": float(self.hf.period),
+        }

@@ -1,0 +1,77 @@
+"""`HyperfluxCallback`: prune a LightningModule while `lightning.Trainer.fit` trains it (`pip install
+hyperflux-pruning[lightning]`).
+
+The callback masks the module in `setup` (before `configure_optimizers` and the DDP wrap), moves the logits
+from the host's optimisers to their own Adam in `on_fit_start`, steps that Adam in `on_before_optimizer_step`
+(after AMP's unscale of the host's gradients, once per step under accumulation), closes a period every epoch
+or every `every_n_steps` optimiser steps, and logs `hyperflux/density`, `/sparsity`, `/pressure` and
+`/period` with `pl_module.log_dict`. Under the DDP strategy use `strategy="ddp_find_unused_parameters_true"`:
+the freeze turns the logits' gradients off, which a plain DDP wrapper would wait for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from hyperflux.integrations._driver import MaskDriver
+from hyperflux.sparsifier import Hyperflux
+
+
+class HyperfluxCallback(pl.Callback):
+    """Hyperflux for a Lightning run: `Trainer(callbacks=[HyperfluxCallback(0.9, pruning_epochs=10)])`.
+
+    `pruning_epochs` and `regrowth_epochs` count periods: epochs, or blocks of `every_n_steps` optimiser
+    steps. Other keyword arguments go to `Hyperflux` (`mask_lr`, `names`, `exact_target`, ...). After `fit`,
+    `callback.hf` is the sparsifier: `callback.hf.squash()` bakes the masks in.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float | None,
+        pruning_epochs: int,
+        regrowth_epochs: int = 0,
+        *,
+        every_n_steps: int | None = None,
+        mask_betas: tuple[float, float] = (0.9, 0.999),
+        **options: Any,
+    ) -> None:
+        self.driver = MaskDriver(
+            target_sparsity, pruning_epochs, regrowth_epochs, every_n_steps, mask_betas, options
+        )
+
+    @property
+    def hf(self) -> Hyperflux | None:
+        return self.driver.hf
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.driver.build(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.driver.take_over(trainer.optimizers)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if optimizer is not trainer.optimizers[0]:
+            return  # several host optimisers step once each; the masks step once per training step
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.driver.step_masks(None if scaler is None else scaler.get_scale())
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.driver.every_n_steps is not None and self.driver.due(trainer.global_step):
+            self._close(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.driver.every_n_steps is None:
+            self._close(pl_module)
+
+    def _close(self, pl_module: pl.LightningModule) -> None:
+        metrics = self.driver.close_period()
+        if metrics is not None:
+            pl_module.log_dict(metrics)

@@ -1,0 +1,109 @@
+"""`HyperfluxTrainerCallback`: prune a model while a Hugging Face `transformers.Trainer` trains it (`pip install
+hyperflux-pruning[hf]`).
+
+The callback masks the model in `on_init_end` (the end of `Trainer.__init__`: before the optimiser exists and
+before accelerate wraps the model, so DDP all-reduces the logits too), moves the logits from the host's
+optimiser to their own Adam in `on_train_begin`, steps that Adam in `on_optimizer_step` (once per real step
+under gradient accumulation), closes a period every epoch or every `every_n_steps` steps, and adds
+`hyperflux/density`, `/sparsity`, `/pressure` and `/period` to the Trainer's logs (a log is requested at each
+period's end). fp16 with a loss scaler is not supported (the scaler is out of a callback's reach); bf16 is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from hyperflux.integrations._driver import MaskDriver
+from hyperflux.sparsifier import Hyperflux
+
+
+class HyperfluxTrainerCallback(TrainerCallback):
+    """Hyperflux for a transformers run: `Trainer(..., callbacks=[HyperfluxTrainerCallback(0.9, 10)])`.
+
+    Pass it to the Trainer's constructor, not `add_callback` afterwards: the masks must exist before the
+    model is wrapped for distributed training. `pruning_epochs` and `regrowth_epochs` count periods: epochs,
+    or blocks of `every_n_steps` optimiser steps. Other keyword arguments go to `Hyperflux`.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float | None,
+        pruning_epochs: int,
+        regrowth_epochs: int = 0,
+        *,
+        every_n_steps: int | None = None,
+        mask_betas: tuple[float, float] = (0.9, 0.999),
+        **options: Any,
+    ) -> None:
+        self.driver = MaskDriver(
+            target_sparsity, pruning_epochs, regrowth_epochs, every_n_steps, mask_betas, options
+        )
+        self.pending: dict[str, float] = {}
+
+    @property
+    def hf(self) -> Hyperflux | None:
+        return self.driver.hf
+
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.driver.build(model)
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.driver.build(model)  # a no-op unless the callback was added after the Trainer was built
+        self.driver.take_over([optimizer])
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.driver.step_masks()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.driver.every_n_steps is not None and self.driver.due(state.global_step):
+            self._close(control)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.driver.every_n_steps is None:
+            self._close(control)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs is None or not self.pending:
+            return
+        logs.update(self.pending)
+        # the Trainer copied `logs` into its history before calling back: keep the history complete too
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self.pending)
+        self.pending = {}
+
+    def _close(self, control: TrainerControl) -> None:
+        metrics = self.driver.close_period()
+        if metrics is not None:
+            self.pending = metrics
+            control.should_log = True

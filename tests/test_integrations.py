@@ -1,0 +1,136 @@
+"""The Lightning and transformers callbacks on a tiny CPU model: masks pruned to the target, logits moved out
+of the host's optimiser, density and pressure in the host trainer's logs. Skipped when the extra is missing."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+HYPERFLUX_KEYS = {"hyperflux/density", "hyperflux/sparsity", "hyperflux/pressure", "hyperflux/period"}
+
+
+def toy_data(count: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(count, 16, generator=generator)
+    return x, x[:, :4].argmax(1)
+
+
+def host_params(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
+)
+def test_lightning_callback_prunes_and_logs(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from hyperflux.integrations.lightning import HyperfluxCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 2)]
+
+    torch.manual_seed(0)
+    module = Tiny()
+    callback = HyperfluxCallback(0.8, pruning_epochs=4, regrowth_epochs=1, mask_lr=0.05)
+    trainer = pl.Trainer(
+        max_epochs=5,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[callback],
+    )
+    loader = torch.utils.data.DataLoader(TensorDataset(*toy_data()), batch_size=16)
+    trainer.fit(module, loader)
+
+    hf = callback.hf
+    assert hf.period == 5 and hf.frozen
+    assert hf.sparsity() == pytest.approx(0.8, abs=1 / hf.total)
+    assert not host_params(trainer.optimizers[0]) & {id(p) for p in hf.mask_parameters()}
+    assert set(trainer.logged_metrics) >= HYPERFLUX_KEYS
+    with open(trainer.logger.experiment.metrics_file_path) as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("hyperflux/density")]
+    assert len(rows) == 5
+    assert float(rows[0]["hyperflux/density"]) > float(rows[-1]["hyperflux/density"])
+
+
+class DictSet(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = toy_data()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[index], "labels": self.y[index]}
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
+    reason="transformers or accelerate not installed (extra `hf`)",
+)
+def test_transformers_callback_prunes_and_logs(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hyperflux.integrations.transformers import HyperfluxTrainerCallback
+
+    torch.manual_seed(0)
+    callback = HyperfluxTrainerCallback(
+        0.8, pruning_epochs=4, regrowth_epochs=1, every_n_steps=16, mask_lr=0.05
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=5,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[callback])
+    masks_before = {k: v.clone() for k, v in callback.hf.masks().items()}
+    trainer.train()
+
+    hf = callback.hf
+    assert hf.period == 5 and hf.frozen
+    assert hf.sparsity() == pytest.approx(0.8, abs=1 / hf.total)
+    assert any(not torch.equal(masks_before[k], m) for k, m in hf.masks().items())
+    assert not host_params(trainer.optimizer) & {id(p) for p in hf.mask_parameters()}
+    logged = [entry for entry in trainer.state.log_history if "hyperflux/density" in entry]
+    assert len(logged) == 5 and set(logged[0]) >= HYPERFLUX_KEYS
+    assert logged[0]["hyperflux/density"] > logged[-1]["hyperflux/density"]
