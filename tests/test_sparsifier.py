@@ -279,3 +279,26 @@ def test_weight_decay_reaches_present_weights_only(into_grad):
     changed = weight.grad if into_grad else before - weight.detach()
     assert torch.allclose(changed[present], 0.1 * before[present])
     assert torch.equal(changed[~present], torch.zeros_like(changed[~present]))
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_step_clears_the_momentum_of_pruned_weights_only(kind):
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=5)
+    weights = torch.optim.Adam(hf.weight_parameters(), lr=1e-3)
+    if kind == "sgd":
+        weights = torch.optim.SGD(hf.weight_parameters(), lr=1e-3, momentum=0.9)
+    model(torch.randn(4, 8)).sum().backward()
+    weights.step()
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[:30] = -1.0
+    set_logits(hf, [first, second])
+    key = "exp_avg" if kind == "adam" else "momentum_buffer"
+    state = weights.state[hf.masked_weights()["0.weight"]]
+    before = state[key].clone()
+    hf.step(weights)
+    pruned = ~hf.gates[0].mask()
+    assert torch.equal(state[key][pruned], torch.zeros(30))
+    assert torch.equal(state[key][~pruned], before[~pruned])
+    if kind == "adam":
+        assert torch.count_nonzero(state["exp_avg_sq"][pruned]) > 0  # the second moment is left alone

@@ -548,7 +548,7 @@ class Trainer:
                     batch + 1
                 ) * self.periods // self.batches > batch * self.periods // self.batches
                 if self.hf is not None and period_ends:
-                    periods.append(self.hf.step())
+                    periods.append(self.hf.step(self.weight_optimizer))
                     if self.hf.frozen != self.wrapped_frozen:
                         self.net = self._wrap()
                 if (batch + 1) % CHECK_EVERY == 0 or last:

@@ -37,6 +37,7 @@ class MaskDriver:
         self.mask_betas = mask_betas
         self.hf: Hyperflux | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.host_optimizers: list[torch.optim.Optimizer] = []
         self.last_step = 0
 
     def build(self, model: nn.Module) -> Hyperflux:
@@ -52,7 +53,8 @@ class MaskDriver:
         if self.optimizer is not None:
             return
         logit_ids = {id(p) for p in self.hf.mask_parameters()}
-        for optimizer in host_optimizers:
+        self.host_optimizers = list(host_optimizers)
+        for optimizer in self.host_optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in logit_ids]
         self.optimizer = torch.optim.Adam(
@@ -85,7 +87,7 @@ class MaskDriver:
         """`hf.step()` while the schedule runs; returns the values to log, None once it is over."""
         if self.hf.period >= self.hf.total_epochs:
             return None
-        self.hf.step()
+        self.hf.step(*self.host_optimizers)  # lets it clear pruned weights' momentum
         return self.metrics()
 
     def metrics(self) -> dict[str, float]:
