@@ -296,6 +296,8 @@ def test_step_clears_the_momentum_of_pruned_weights_only(kind):
     key = "exp_avg" if kind == "adam" else "momentum_buffer"
     state = weights.state[hf.masked_weights()["0.weight"]]
     before = state[key].clone()
+    hf.step(weights)  # pruned during this period: momentum kept until the next step
+    assert torch.equal(state[key], before)
     hf.step(weights)
     pruned = ~hf.gates[0].mask()
     assert torch.equal(state[key][pruned], torch.zeros(30))
