@@ -347,6 +347,23 @@ def test_image_folder_epoch_is_the_same_with_worker_processes(tmp_path: Path) ->
     assert torch.equal(epochs[0], epochs[1])
 
 
+def test_image_folder_shards_every_global_batch_across_ranks(tmp_path: Path) -> None:
+    write_image_folder(tmp_path)
+    bundle = data.load("imagefolder", root=tmp_path, image_size=16)
+    whole = bundle.loader("train", batch_size=4, seed=7)
+    whole.set_epoch(1)
+    expected = [(x, y) for x, y in whole]
+    shards = [whole.shard(rank, 2) for rank in range(2)]
+    for shard in shards:
+        shard.set_epoch(1)
+    per_rank = [list(shard) for shard in shards]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(expected) == 2
+    for index, (x, y) in enumerate(expected):
+        assert whole.global_size(index) == len(y)
+        assert torch.equal(torch.cat([per_rank[r][index][0] for r in range(2)]), x)
+        assert torch.equal(torch.cat([per_rank[r][index][1] for r in range(2)]), y)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_image_folder_errors(tmp_path: Path, workers: int) -> None:
     write_image_folder(tmp_path)

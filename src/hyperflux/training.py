@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hyperflux import data, distributed, models
-from hyperflux.data.sets import BatchLoader
 from hyperflux.recipe import RecipeError, differences, load_recipe
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
@@ -330,12 +329,7 @@ class Trainer:
                 "resume with the same recipe"
             )
 
-    def _shard(self, loader: Any) -> BatchLoader:
-        if not isinstance(loader, BatchLoader):
-            raise RecipeError(
-                f"recipe key 'data.name': distributed training shards in-memory data sets; "
-                f"{self.recipe['data']['name']} is read from image folders, which are not sharded yet"
-            )
+    def _shard(self, loader: Any) -> Any:
         return loader.shard(self.rank, self.world)
 
     def _wrap(self) -> nn.Module:

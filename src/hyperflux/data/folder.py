@@ -121,7 +121,11 @@ class FolderSet(Dataset):
 
 
 class FolderLoader:
-    """Normalised (x, y) batches of a `FolderSet` through a DataLoader, in a seeded order per `set_epoch`."""
+    """Normalised (x, y) batches of a `FolderSet` through a DataLoader, in a seeded order per `set_epoch`.
+
+    Sharded (`world_size` > 1) like `BatchLoader`: `batch_size` is the global batch, and each rank reads its
+    contiguous share of every global batch, so N ranks together see exactly one process's batches.
+    """
 
     def __init__(
         self,
@@ -132,14 +136,37 @@ class FolderLoader:
         seed: int = 0,
         drop_last: bool = False,
         num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
         self.num_workers = num_workers
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
+
+    def shard(self, rank: int, world_size: int) -> FolderLoader:
+        """This loader's share for `rank` of `world_size` (the global batch size stays `batch_size`)."""
+        return FolderLoader(
+            self.dataset,
+            self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def global_size(self, batch_index: int) -> int:
+        """Samples in global batch `batch_index`, over all ranks (the last one may be short)."""
+        return min(self.batch_size, len(self.dataset) - batch_index * self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -157,11 +184,13 @@ class FolderLoader:
             if self.shuffle
             else torch.arange(count)
         )
+        global_batches = list(order.split(self.batch_size))
+        if self.drop_last and global_batches and len(global_batches[-1]) < self.batch_size:
+            global_batches.pop()
+        shares = [batch.tensor_split(self.world_size)[self.rank].tolist() for batch in global_batches]
         batches = DataLoader(
             self.dataset,
-            batch_size=self.batch_size,
-            sampler=order.tolist(),
-            drop_last=self.drop_last,
+            batch_sampler=shares,
             num_workers=self.num_workers,
             persistent_workers=False,
         )
