@@ -21,6 +21,9 @@ from torch import nn
 
 from hyperflux import data, models
 
+# `method`: hyperflux in exact-target mode, the paper's form, or one of the baselines it is compared with.
+HYPERFLUX_METHODS = ("hyperflux", "hyperflux-paper")
+BASELINE_METHODS = ("magnitude", "gmp", "imp", "taylor", "rigl", "random")
 # Model arguments the trainer fills in from the data set.
 DATA_DERIVED_ARGS = ("num_classes", "in_channels", "image_size")
 
@@ -212,6 +215,8 @@ SCHEMA: dict[str, Any] = {
     "device": Field("auto", device),
     "amp": Field("off", choice(("off", "fp16", "bf16"))),
     "threads": Field(None, optional(integer(1))),
+    # None: hyperflux or hyperflux-paper as hyperflux.exact_target says
+    "method": Field(None, optional(choice((*HYPERFLUX_METHODS, *BASELINE_METHODS)))),
     "data": {
         "name": Field(_REQUIRED, choice(data.names())),
         "root": Field(None, optional(string)),
@@ -269,6 +274,17 @@ SCHEMA: dict[str, Any] = {
         "regrowth_decay": Field(0.75, decay_factor),
         "freeze_after": Field(50, integer(0)),
         "flux_every": Field(8, integer(0)),
+    },
+    # the baselines' schedules, in epochs from 0 (None: the method's default; see hyperflux.baselines); they
+    # share hyperflux.target_sparsity, the selection keys and the budget (pruning + regrowth epochs)
+    "baseline": {
+        "prune_epoch": Field(None, optional(integer(0))),  # magnitude
+        "start_epoch": Field(None, optional(integer(0))),  # gmp, taylor
+        "end_epoch": Field(None, optional(integer(1))),  # gmp, taylor, rigl
+        "update_every": Field(None, optional(integer(1))),  # gmp, rigl: steps between mask updates
+        "rewind_epoch": Field(None, optional(integer(0))),  # imp
+        "prune_fraction": Field(0.2, fraction_open),  # imp: of the remaining weights per round
+        "drop_fraction": Field(0.3, fraction_open),  # rigl: at the start, cosine-decayed to 0
     },
     # `hyperflux train` (dense baseline): epochs None reuses the pruning run's epochs and lr schedule
     "dense": {
@@ -335,8 +351,40 @@ def _check_model_args(model: dict[str, Any]) -> None:
             raise _unknown(f"model.{key}", key, ["name", "init_checkpoint", *accepted])
 
 
-def _resolve(recipe: dict[str, Any], default_name: str) -> dict[str, Any]:
+def _resolve_method(recipe: dict[str, Any], exact_given: bool) -> None:
+    """`method` and `hyperflux.exact_target` agree: each hyperflux method sets it, a contradiction fails;
+    the baselines need a target sparsity and schedules inside the budget."""
+    hf, spec = recipe["hyperflux"], recipe["baseline"]
+    method = recipe["method"]
+    if method is None:
+        recipe["method"] = "hyperflux" if hf["exact_target"] else "hyperflux-paper"
+        return
+    if method in HYPERFLUX_METHODS:
+        exact = method == "hyperflux"
+        if exact_given and hf["exact_target"] != exact:
+            raise RecipeError(
+                f"recipe key 'hyperflux.exact_target': method {method} means exact_target "
+                f"{str(exact).lower()}; leave it out"
+            )
+        hf["exact_target"] = exact
+        return
+    if hf["target_sparsity"] is None:
+        raise RecipeError(f"recipe key 'hyperflux.target_sparsity': method {method} needs a target sparsity")
+    total = hf["pruning_epochs"] + hf["regrowth_epochs"]
+    for key in ("prune_epoch", "start_epoch", "end_epoch", "rewind_epoch"):
+        if spec[key] is not None and spec[key] > total:
+            raise RecipeError(
+                f"recipe key 'baseline.{key}': {spec[key]} is past the budget of {total} epochs "
+                "(hyperflux.pruning_epochs + hyperflux.regrowth_epochs)"
+            )
+    start, end = spec["start_epoch"] or 0, spec["end_epoch"]
+    if end is not None and end <= start:
+        raise RecipeError(f"recipe key 'baseline.end_epoch': must come after start_epoch ({start})")
+
+
+def _resolve(recipe: dict[str, Any], default_name: str, exact_given: bool) -> dict[str, Any]:
     """Cross-key checks and the defaults that depend on other keys."""
+    _resolve_method(recipe, exact_given)
     hf, opt = recipe["hyperflux"], recipe["optimizer"]
     given = [k for k in ("target_sparsity", "pressure", "pressure_schedule") if hf[k] is not None]
     if len(given) != 1:
@@ -363,7 +411,9 @@ def validate(raw: Any, default_name: str = "run") -> dict[str, Any]:
     """The resolved recipe (every key present) from a raw mapping, or a `RecipeError` naming the key."""
     if not isinstance(raw, Mapping):
         raise RecipeError(f"a recipe must be a mapping of keys, got {type(raw).__name__}")
-    return _resolve(_validate(raw, SCHEMA, "", open_keys=False), default_name)
+    section = raw.get("hyperflux")
+    exact_given = isinstance(section, Mapping) and section.get("exact_target") is not None
+    return _resolve(_validate(raw, SCHEMA, "", open_keys=False), default_name, exact_given)
 
 
 def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:

@@ -26,8 +26,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from hyperflux import data, distributed, models
-from hyperflux.recipe import RecipeError, differences, load_recipe
+from hyperflux import baselines, data, distributed, models
+from hyperflux.baselines import Baseline
+from hyperflux.recipe import BASELINE_METHODS, RecipeError, differences, load_recipe
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
 from hyperflux.selection import select_targets
@@ -193,9 +194,25 @@ def adam(params: list[dict[str, Any]], **options: Any) -> torch.optim.Optimizer:
 
 
 def method_name(recipe: dict[str, Any], dense: bool) -> str:
-    if dense:
-        return "dense"
-    return "hyperflux" if recipe["hyperflux"]["exact_target"] else "hyperflux-paper"
+    return "dense" if dense else recipe["method"]
+
+
+def build_baseline(recipe: dict[str, Any], model: nn.Module, batches: int) -> Baseline:
+    """The recipe's baseline method on the same selection and epoch budget as its hyperflux run."""
+    spec = selection(recipe)
+    del spec["overrides"], spec["min_density"]
+    hf = recipe["hyperflux"]
+    return baselines.build(
+        recipe["method"],
+        model,
+        hf["target_sparsity"],
+        hf["pruning_epochs"],
+        hf["regrowth_epochs"],
+        batches,
+        seed=recipe["seed"],
+        **spec,
+        **recipe["baseline"],
+    )
 
 
 @torch.no_grad()
@@ -223,10 +240,10 @@ def evaluate(
     return 100.0 * correct_all / max(seen_all, 1), loss_all / max(seen_all, 1)
 
 
-def mask_digest(hf: Hyperflux) -> str:
+def mask_digest(pruner: Hyperflux | Baseline) -> str:
     """A short hash of every keep-mask: equal digests on all ranks mean the ranks hold the same masks."""
     digest = hashlib.sha256()
-    for mask in hf.masks().values():
+    for mask in pruner.masks().values():
         digest.update(mask.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -297,7 +314,15 @@ class Trainer:
         self.periods = periods = periods_per_epoch(recipe, self.batches)
 
         self.model = build_model(recipe, self.bundle, init=not dense).to(self.device)
-        self.hf = None if dense else build_sparsifier(recipe, self.model, periods)
+        self.method = method_name(recipe, dense)
+        self.baseline = (
+            build_baseline(recipe, self.model, self.batches) if self.method in BASELINE_METHODS else None
+        )
+        self.hf = (
+            None if dense or self.baseline is not None else build_sparsifier(recipe, self.model, periods)
+        )
+        # what masks the model, whichever method: masks, counts, stats and the squashed model
+        self.pruner: Hyperflux | Baseline | None = self.hf if self.hf is not None else self.baseline
         self._build_optimizers()
         hf_spec, dense_spec = recipe["hyperflux"], recipe["dense"]
         self.own_dense_schedule = dense and dense_spec["epochs"] is not None
@@ -351,12 +376,13 @@ class Trainer:
         """Weights (SGD or Adam/AdamW) in groups by decay, and the mask logits in their own Adam.
 
         Masked weights get weight decay from the trainer, on present weights only (method.md section 6),
-        unless `decay_pruned_weights` hands it to the optimiser as the authors' code did.
+        unless `decay_pruned_weights` hands it to the optimiser as the authors' code did. A baseline re-zeroes
+        its pruned weights after every step, so the optimiser's own decay is right for it.
         """
         opt = self.recipe["optimizer"]
         wd = opt["weight_decay"]
-        self.masked = self.hf.masked_weights() if self.hf is not None else {}
-        self.present_decay = wd if self.masked and not opt["decay_pruned_weights"] else 0.0
+        self.masked = self.pruner.masked_weights() if self.pruner is not None else {}
+        self.present_decay = wd if self.hf is not None and not opt["decay_pruned_weights"] else 0.0
         masked_ids = {id(p) for p in self.masked.values()}
         params = list(self.hf.weight_parameters()) if self.hf is not None else list(self.model.parameters())
         others = [p for p in params if id(p) not in masked_ids]
@@ -390,11 +416,15 @@ class Trainer:
             )
             self.hf.attach(self.mask_optimizer)
             self.optimizers.append(self.mask_optimizer)
+        if self.baseline is not None:
+            self.baseline.attach(self.weight_optimizer)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         if self.hf is not None:
             self.hf.load_state_dict(state["hyperflux"])
+        if self.baseline is not None:
+            self.baseline.load_state_dict(state["baseline"])
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         if self.scaler is not None and state["scaler"] is not None:
@@ -411,6 +441,7 @@ class Trainer:
             "recipe": self.recipe,
             "model": self.model.state_dict(),
             "hyperflux": self.hf.state_dict() if self.hf is not None else None,
+            "baseline": self.baseline.state_dict() if self.baseline is not None else None,
             "optimizers": [o.state_dict() for o in self.optimizers],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_state(),
@@ -420,11 +451,14 @@ class Trainer:
 
     # ------------------------------------------------------------- schedules
     def weight_lr(self, epoch: int, batch: int) -> float:
-        """Cosine lr -> lr_end over pruning, then lr_reset -> lr_final over regrowth (per batch)."""
+        """Cosine lr -> lr_end over pruning, then lr_reset -> lr_final over regrowth (per batch); IMP replays
+        this schedule in each of its rounds."""
         progress = epoch + batch / self.batches
         if self.own_dense_schedule:
             spec = self.recipe["dense"]
             return cosine(spec["lr"], spec["lr_end"], progress / self.epochs)
+        if self.baseline is not None:
+            progress = self.baseline.schedule_progress(progress)
         opt = self.recipe["optimizer"]
         pruning, regrowth = (
             self.recipe["hyperflux"]["pruning_epochs"],
@@ -467,6 +501,8 @@ class Trainer:
                 self.scaler.unscale_(optimizer)
         else:
             loss.backward()
+        if self.baseline is not None:
+            self.baseline.after_backward()
         if self.present_decay and not self.decoupled:
             self._decay_present(lr)
         clip = self.recipe["train"]["grad_clip"]
@@ -479,6 +515,8 @@ class Trainer:
                 optimizer.step()
         if self.scaler is not None:
             self.scaler.update()
+        if self.baseline is not None:
+            self.baseline.end_step()
         if self.present_decay and self.decoupled:
             self._decay_present(lr)
         correct = (logits.detach().argmax(1) == labels).sum()
@@ -501,11 +539,12 @@ class Trainer:
     def _postfix(self, total: torch.Tensor, seen: int) -> dict[str, str]:
         values = total.tolist()
         fields = {"loss": f"{values[0] / seen:.4f}", "acc": f"{100 * values[1] / seen:.2f}%"}
-        if self.hf is not None:
-            target = self.hf.expected_density()
-            fields["density"] = f"{100 * self.hf.density():.2f}%" + (
+        if self.pruner is not None:
+            target = self.pruner.expected_density()
+            fields["density"] = f"{100 * self.pruner.density():.2f}%" + (
                 f"/{100 * target:.2f}%" if target is not None else ""
             )
+        if self.hf is not None:
             fields["P"] = f"{self.hf.pressure:.3g}"
         return fields
 
@@ -560,8 +599,13 @@ class Trainer:
             "loss": values[0] / seen,
             "train_accuracy": 100 * values[1] / seen,
         }
-        if self.hf is None:
+        if self.pruner is None:
             return {**row, "phase": "dense", "density": 1.0, "sparsity": 0.0}
+        if self.baseline is not None:
+            stats = self.baseline.stats()
+            row |= {k: v for k, v in stats.items() if k != "layers"}
+            row["layers"] = {layer["name"]: layer["density"] for layer in stats["layers"]}
+            return self._check_ranks(row)
         stats = {k: v for k, v in periods[-1].items() if k != "layers"}
         stats["pruned"] = sum(p["pruned"] for p in periods)
         stats["regrown"] = sum(p["regrown"] for p in periods)
@@ -572,11 +616,15 @@ class Trainer:
         row["sparsity"] = 1 - row["density"]
         row["pressure_loss"] = float(self.hf.pressure_loss())
         row["layers"] = {layer["name"]: layer["density"] for layer in periods[-1]["layers"]}
+        return self._check_ranks(row)
+
+    def _check_ranks(self, row: dict[str, Any]) -> dict[str, Any]:
+        """In a distributed run, every rank must end the epoch with the same masks."""
         if self.world > 1:
-            row["mask_hashes"] = distributed.gather(mask_digest(self.hf))
+            row["mask_hashes"] = distributed.gather(mask_digest(self.pruner))
             if len(set(row["mask_hashes"])) > 1:
                 raise TrainingError(
-                    f"the masks differ between ranks after epoch {epoch + 1} ({row['mask_hashes']}); "
+                    f"the masks differ between ranks after epoch {row['epoch']} ({row['mask_hashes']}); "
                     "every rank must run the same recipe, code and torch build"
                 )
         return row
@@ -590,12 +638,13 @@ class Trainer:
         ]
         if row.get("test_accuracy") is not None:
             parts.append(f"test {row['test_accuracy']:.2f}%")
-        if self.hf is not None:
+        if self.pruner is not None:
             target = row["expected_density"]
             parts.append(
                 f"density {100 * row['density']:.3f}%"
                 + (f" (target {100 * target:.3f}%)" if target is not None else "")
             )
+        if self.hf is not None:
             parts.append(f"P {row['pressure']:.4g}")
         parts.append(f"lr {row['lr']:.3g}")
         parts.append(f"{row['time_s']:.1f}s")
@@ -633,14 +682,14 @@ class Trainer:
         """Write `model.safetensors` (masks baked in, original keys) and `summary.json`."""
         if self.last_eval is None:
             self.last_eval = evaluate(self.model, self.test_loader, self.device, self.amp_dtype)
-        if self.hf is not None:
-            stats = self.hf.stats()
+        if self.pruner is not None:
+            stats = self.pruner.stats()
             layers = [
                 {k: layer[k] for k in ("name", "shape", "total", "kept", "density")}
                 for layer in stats["layers"]
             ]
             kept, total = stats["kept"], stats["total"]
-            self.files.save_model(self.hf.squash().state_dict())
+            self.files.save_model(self.pruner.squash().state_dict())
         else:
             layers = dense_layers(self.model, self.recipe)
             kept, total = sum(layer["kept"] for layer in layers), sum(layer["total"] for layer in layers)
@@ -656,7 +705,7 @@ class Trainer:
             "per_layer": layers,
             "epochs": self.epochs,
             "wall_time_s": self.elapsed,
-            "method": method_name(self.recipe, self.dense),
+            "method": self.method,
             "seed": self.recipe["seed"],
             "model": self.recipe["model"]["name"],
             "data": self.recipe["data"]["name"],
@@ -788,7 +837,8 @@ def load_run(path: str | Path, recipe_path: str | Path | None = None, device: st
     bundle = load_data(recipe)
     model = build_model(recipe, bundle, init=False).to(target)
     hf = None
-    if state["kind"] == "prune":
+    # a baseline's checkpoint holds plain weights, pruned ones stored as zeros
+    if state["kind"] == "prune" and recipe.get("method") not in BASELINE_METHODS:
         batches = len(bundle.loader("train", recipe["train"]["batch_size"]))
         hf = build_sparsifier(recipe, model, periods_per_epoch(recipe, batches))
     model.load_state_dict(state["model"])
