@@ -1,0 +1,347 @@
+"""Accuracy against sparsity: every pruning method on the same data, model, trainer and epoch budget.
+
+Each cell (model, method, target sparsity, seed) is one `run_recipe` run of the shipped recipe with only
+`method`, `hyperflux.target_sparsity`, `seed` (and, for --quick, the epoch budget) changed. A record is
+appended to the JSON right after its cell, and cells already in the JSON are skipped, so an interrupted run
+(hours on a 2-core CPU) resumes where it stopped; an interrupted cell resumes from its run folder's checkpoint.
+
+Learning rate, the same rule for every method: each uses the recipe's optimiser settings unchanged (Adam,
+lr, lr_end, lr_reset, lr_final, no weight decay, label smoothing 0.1), i.e. the settings the recipes were
+written with for hyperflux. No method, hyperflux included, gets a per-method lr search; the baselines'
+schedules are their defaults in `hyperflux.baselines` (the recipe's `baseline:` section is left empty).
+
+Tasks: LeNet-300-100 on MNIST (recipes/lenet300-mnist-*.yaml: 30 pruning + 15 regrowth epochs, Adam 5e-3)
+at 90, 95, 98, 99 and 99.5%; LeNet-5 on Fashion-MNIST served at 32x32 (recipes/lenet5-fashion-*.yaml with
+`data.name=fashion-mnist-32`: 20 + 10 epochs, Adam 2e-3) at 90, 95 and 98%.
+
+    .venv/bin/python benchmarks/accuracy_vs_sparsity.py [--seeds 3] [--quick] [--report-only]
+
+--quick: 1 seed, LeNet-300-100 only, targets 90/98/99%, a 6 + 4 epoch budget; written to
+accuracy_vs_sparsity_quick.{json,md,png} so quick numbers never mix with the full ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperflux.recipe import load_recipe
+from hyperflux.runfiles import CHECKPOINT
+from hyperflux.training import run_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("hyperflux", "hyperflux-paper", "magnitude", "gmp", "imp", "taylor", "rigl", "random")
+# model key -> (recipe file pattern, extra overrides, dataset name, targets)
+TASKS: dict[str, dict[str, Any]] = {
+    "lenet300": {
+        "recipe": "recipes/lenet300-mnist-{target}.yaml",
+        "dataset": "mnist",
+        "set": [],
+        "targets": (0.90, 0.95, 0.98, 0.99, 0.995),
+    },
+    "lenet5": {
+        "recipe": "recipes/lenet5-fashion-{target}.yaml",
+        "dataset": "fashion-mnist-32",
+        "set": ["data.name=fashion-mnist-32"],
+        "targets": (0.90, 0.95, 0.98),
+    },
+}
+QUICK_TASKS = {"lenet300": (0.90, 0.98, 0.99)}
+QUICK_EPOCHS = (6, 4)  # pruning + regrowth epochs of the --quick budget
+
+
+def target_label(target: float) -> str:
+    """0.9 -> '90', 0.995 -> '99.5' (the recipes' file names)."""
+    return f"{100 * target:g}"
+
+
+def cell_recipe(model: str, method: str, target: float, seed: int, quick: bool) -> dict[str, Any]:
+    task = TASKS[model]
+    assignments = [*task["set"], f"method={method}", f"hyperflux.target_sparsity={target}", f"seed={seed}"]
+    if method == "hyperflux-paper":
+        assignments.append(
+            "hyperflux.exact_target=false"
+        )  # the recipes say true, which the paper form contradicts
+    if quick:
+        assignments += [
+            f"hyperflux.pruning_epochs={QUICK_EPOCHS[0]}",
+            f"hyperflux.regrowth_epochs={QUICK_EPOCHS[1]}",
+        ]
+    recipe = load_recipe(ROOT / task["recipe"].format(target=target_label(target)), assignments)
+    recipe["name"] = f"bench-{model}-{method}-{target_label(target)}-seed{seed}"
+    return recipe
+
+
+def key(record: dict[str, Any]) -> tuple[str, str, float, int]:
+    return (record["model"], record["method"], round(record["target_sparsity"], 6), record["seed"])
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"meta": {}, "records": []}
+
+
+def save_results(path: Path, results: dict[str, Any], command: str) -> None:
+    results["meta"] = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores",
+        "threads": "the recipe's `threads` (LeNet-300-100: 1; LeNet-5: torch's default)",
+        "torch": torch.__version__,
+        "command": command,
+        "lr_rule": "every method uses the recipe's optimizer settings unchanged",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run_cell(recipe: dict[str, Any], out: Path) -> dict[str, Any]:
+    resume = (out / CHECKPOINT).exists()
+    summary = run_recipe(recipe, out, resume=resume, overwrite=not resume, quiet=True)
+    if summary is None:
+        raise RuntimeError(f"{out}: the run stopped before its end")
+    return summary
+
+
+# ----------------------------------------------------------------- aggregation and output
+def groups(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault((r["model"], round(r["target_sparsity"], 6), r["method"]), []).append(r)
+    return out
+
+
+def stats(cell: list[dict[str, Any]]) -> dict[str, float]:
+    accs = [r["final_accuracy"] for r in cell]
+    return {
+        "mean": statistics.fmean(accs),
+        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "sparsity": statistics.fmean(r["achieved_sparsity"] for r in cell),
+        "worst_gap_pp": max(abs(r["achieved_sparsity"] - r["target_sparsity"]) for r in cell) * 100,
+        "time": statistics.fmean(r["wall_time_s"] for r in cell),
+        "n": len(cell),
+        "epochs": cell[0]["epochs"],
+    }
+
+
+def models_in(records: list[dict[str, Any]]) -> list[str]:
+    return [m for m in TASKS if any(r["model"] == m for r in records)]
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    table = groups(records)
+    print(
+        f"\n{'model':<9} {'target':>6} {'method':<16} {'accuracy %':>15} {'achieved %':>10} {'time/cell s':>11} {'n':>2}"
+    )
+    for model in models_in(records):
+        targets = sorted({t for m, t, _ in table if m == model})
+        for target in targets:
+            for method in METHODS:
+                cell = table.get((model, target, method))
+                if not cell:
+                    continue
+                s = stats(cell)
+                print(
+                    f"{model:<9} {target_label(target):>6} {method:<16} {s['mean']:>7.2f} ± {s['std']:<5.2f} "
+                    f"{100 * s['sparsity']:>10.3f} {s['time']:>11.1f} {s['n']:>2}"
+                )
+
+
+def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    table = groups(records)
+    names = {"lenet300": "LeNet-300-100 / MNIST", "lenet5": "LeNet-5 / Fashion-MNIST 32x32"}
+    lines = [
+        "## Accuracy against sparsity: hyperflux and its peers",
+        "",
+        f"`{meta.get('command', '')}` on {meta.get('machine', '')}, {meta.get('date', '')}. Final-epoch test "
+        "accuracy (%), mean ± std over seeds; every method on the same recipe (data, model, trainer, epoch "
+        "budget, optimiser settings unchanged: no per-method lr tuning, hyperflux included). Best mean in bold.",
+        "",
+    ]
+    for model in models_in(records):
+        targets = sorted({t for m, t, _ in table if m == model})
+        methods = [m for m in METHODS if any((model, t, m) in table for t in targets)]
+        some = next(cell for (m, _, _), cell in table.items() if m == model)
+        lines += [f"### {names.get(model, model)} ({some[0]['epochs']} epochs)", ""]
+        lines += ["| target | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
+        for target in targets:
+            cells = {m: stats(table[(model, target, m)]) for m in methods if (model, target, m) in table}
+            best = max(s["mean"] for s in cells.values())
+            row = []
+            for m in methods:
+                if m not in cells:
+                    row.append("–")
+                    continue
+                s = cells[m]
+                text = f"{s['mean']:.2f} ± {s['std']:.2f}"
+                row.append(f"**{text}**" if s["mean"] == best else text)
+            lines.append(f"| {target_label(target)}% | " + " | ".join(row) + " |")
+        lines += ["", "Achieved sparsity (%, mean over seeds) / wall time per cell (s, mean):", ""]
+        lines += ["| target | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
+        for target in targets:
+            row = []
+            for m in methods:
+                cell = table.get((model, target, m))
+                if not cell:
+                    row.append("–")
+                    continue
+                s = stats(cell)
+                row.append(f"{100 * s['sparsity']:.3f} / {s['time']:.0f}")
+            lines.append(f"| {target_label(target)}% | " + " | ".join(row) + " |")
+        seeds = sorted({r["seed"] for r in records if r["model"] == model})
+        lines += ["", f"Seeds: {', '.join(map(str, seeds))}.", ""]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = groups(records)
+    models = models_in(records)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for method in METHODS:
+            points = sorted(
+                (t, stats(cell)) for (m, t, me), cell in table.items() if m == model and me == method
+            )
+            if not points:
+                continue
+            x = [1 - s["sparsity"] for _, s in points]
+            ax.errorbar(
+                x,
+                [s["mean"] for _, s in points],
+                yerr=[s["std"] for _, s in points],
+                marker="o",
+                capsize=3,
+                label=method,
+                linewidth=2.2 if method.startswith("hyperflux") else 1.2,
+            )
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ticks = sorted({t for m, t, _ in table if m == model})
+        ax.set_xticks([1 - t for t in ticks], [f"{target_label(t)}%" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(results: dict[str, Any], json_path: Path) -> None:
+    records = results["records"]
+    if not records:
+        return
+    print_table(records)
+    md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    md_path.write_text(markdown(records, results["meta"]) + "\n")
+    try:
+        plot(records, png_path)
+        print(f"wrote {json_path}, {md_path}, {png_path}")
+    except ImportError:
+        print(f"wrote {json_path}, {md_path} (no plot: matplotlib is not installed)")
+
+
+# ----------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default 3; --quick: 1)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, LeNet-300-100 at 90/98/99%%, 6+4 epochs"
+    )
+    parser.add_argument("--models", nargs="+", choices=list(TASKS), help="only these models")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--out", type=Path, help="results JSON (default benchmarks/results/accuracy_vs_sparsity[_quick].json)"
+    )
+    parser.add_argument(
+        "--runs", type=Path, default=ROOT / "runs" / "bench", help="scratch folder for run folders"
+    )
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
+    args = parser.parse_args()
+
+    stem = "accuracy_vs_sparsity_quick" if args.quick else "accuracy_vs_sparsity"
+    json_path = args.out or RESULTS / f"{stem}.json"
+    runs = args.runs / "quick" if args.quick else args.runs
+    seeds = range(1 if args.quick else args.seeds)
+    tasks = {
+        m: QUICK_TASKS[m] if args.quick else TASKS[m]["targets"]
+        for m in (QUICK_TASKS if args.quick else TASKS)
+    }
+    if args.models:
+        tasks = {m: t for m, t in tasks.items() if m in args.models}
+    command = "python benchmarks/accuracy_vs_sparsity.py " + " ".join(sys.argv[1:])
+
+    results = load_results(json_path)
+    if args.report_only:
+        write_reports(results, json_path)
+        return 0
+    done = {key(r) for r in results["records"]}
+    default_threads = torch.get_num_threads()
+    cells = [(m, me, t, s) for m, ts in tasks.items() for t in ts for me in args.methods for s in seeds]
+    todo = [c for c in cells if (c[0], c[1], round(c[2], 6), c[3]) not in done]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {json_path}, {len(todo)} to run")
+    failed = []
+    start = time.perf_counter()
+    for i, (model, method, target, seed) in enumerate(todo, 1):
+        torch.set_num_threads(default_threads)  # a recipe's `threads` must not leak into the next cell
+        out = runs / model / method / target_label(target) / f"seed{seed}"
+        print(
+            f"[{i}/{len(todo)}] {model} {method} {target_label(target)}% seed {seed} ...", end=" ", flush=True
+        )
+        try:
+            summary = run_cell(cell_recipe(model, method, target, seed, args.quick), out)
+        except Exception as error:  # one failing cell must not cost the rest of a run of hours
+            failed.append((model, method, target, seed, f"{type(error).__name__}: {error}"))
+            print(f"FAILED: {type(error).__name__}: {error}")
+            traceback.print_exc(file=sys.stderr)
+            continue
+        record = {
+            "method": method,
+            "model": model,
+            "dataset": TASKS[model]["dataset"],
+            "target_sparsity": target,
+            "achieved_sparsity": summary["sparsity"],
+            "seed": seed,
+            "final_accuracy": summary["final_accuracy"],
+            "epochs": summary["epochs"],
+            "wall_time_s": round(summary["wall_time_s"], 2),
+        }
+        results["records"].append(record)
+        save_results(json_path, results, command)
+        print(
+            f"{record['final_accuracy']:.2f}%  sparsity {100 * record['achieved_sparsity']:.3f}%  "
+            f"{record['wall_time_s']:.0f}s"
+        )
+    if todo:
+        print(f"ran {len(todo) - len(failed)} cells in {time.perf_counter() - start:.0f}s")
+    if not results["meta"]:
+        save_results(json_path, results, command)
+    write_reports(results, json_path)
+    for model, method, target, seed, why in failed:
+        print(f"failed: {model} {method} {target_label(target)}% seed {seed}: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
