@@ -272,7 +272,7 @@ SCHEMA: dict[str, Any] = {
         "regrowth_mask_lr": Field(None, optional(non_negative)),
         "mask_betas": Field([0.9, 0.999], betas),
         "regrowth_decay": Field(0.75, decay_factor),
-        "freeze_after": Field(50, integer(0)),
+        "freeze_after": Field(None, optional(integer(0))),
         "flux_every": Field(8, integer(0)),
     },
     # the baselines' schedules, in epochs from 0 (None: the method's default; see hyperflux.baselines); they

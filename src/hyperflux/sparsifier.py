@@ -127,7 +127,7 @@ class Hyperflux:
         mask_lr: float = 1e-3,
         regrowth_mask_lr: float | None = None,
         regrowth_decay: float = 0.75,
-        freeze_after: int = 50,
+        freeze_after: int | None = None,
         flux_every: int = 8,
     ) -> None:
         for name, value in (("pruning_epochs", pruning_epochs), ("regrowth_epochs", regrowth_epochs)):
@@ -154,7 +154,7 @@ class Hyperflux:
             or init_logit <= 0
             or mask_lr < 0
             or not 0 < regrowth_decay <= 1
-            or freeze_after < 0
+            or (freeze_after is not None and freeze_after < 0)
         ):
             raise ValueError(
                 "need grad_scale > 0, init_logit > 0, mask_lr >= 0, 0 < regrowth_decay <= 1, freeze_after >= 0"
@@ -171,6 +171,9 @@ class Hyperflux:
         self.base_mask_lr = float(mask_lr)
         self.regrowth_mask_lr = self.base_mask_lr if regrowth_mask_lr is None else float(regrowth_mask_lr)
         self.regrowth_decay = float(regrowth_decay)
+        if freeze_after is None:
+            # exact mode trims at the freeze: leave half the regrowth to fine-tune the trimmed mask
+            freeze_after = min(50, self.regrowth_epochs // 2) if self.exact_target else 50
         self.freeze_after = int(freeze_after)
 
         self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)

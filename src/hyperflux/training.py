@@ -173,7 +173,7 @@ def build_sparsifier(recipe: dict[str, Any], model: nn.Module, periods_per_epoch
         mask_lr=spec["mask_lr"],
         regrowth_mask_lr=spec["regrowth_mask_lr"],
         regrowth_decay=spec["regrowth_decay"] ** (1 / periods_per_epoch),
-        freeze_after=spec["freeze_after"] * periods_per_epoch,
+        freeze_after=None if spec["freeze_after"] is None else spec["freeze_after"] * periods_per_epoch,
         flux_every=spec["flux_every"],
     )
 
