@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hyperflux.data.sets import DataError, Normalizer, epoch_generator
+from hyperflux.data.sets import DataError, GlobalBatches, Normalizer, epoch_generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -120,12 +120,9 @@ class FolderSet(Dataset):
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1), label
 
 
-class FolderLoader:
-    """Normalised (x, y) batches of a `FolderSet` through a DataLoader, in a seeded order per `set_epoch`.
-
-    Sharded (`world_size` > 1) like `BatchLoader`: `batch_size` is the global batch, and each rank reads its
-    contiguous share of every global batch, so N ranks together see exactly one process's batches.
-    """
+class FolderLoader(GlobalBatches):
+    """Normalised (x, y) batches of a `FolderSet` through a DataLoader, in a seeded order per `set_epoch`,
+    sharded over ranks like `BatchLoader`."""
 
     def __init__(
         self,
@@ -139,41 +136,16 @@ class FolderLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.num_workers = num_workers
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def shard(self, rank: int, world_size: int) -> FolderLoader:
-        """This loader's share for `rank` of `world_size` (the global batch size stays `batch_size`)."""
-        return FolderLoader(
-            self.dataset,
-            self.batch_size,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            drop_last=self.drop_last,
-            num_workers=self.num_workers,
+        super().__init__(
+            dataset,
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
             rank=rank,
             world_size=world_size,
         )
-
-    def global_size(self, batch_index: int) -> int:
-        """Samples in global batch `batch_index`, over all ranks (the last one may be short)."""
-        return min(self.batch_size, len(self.dataset) - batch_index * self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        full, rest = divmod(len(self.dataset), self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        self.num_workers = num_workers
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # workers receive a copy of the dataset when the iterator starts, so the epoch travels with it

@@ -6,8 +6,10 @@ conversion and one fused normalisation per batch are all an epoch costs; worker 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Self
 
 import numpy as np
 import torch
@@ -194,13 +196,63 @@ class RandomCropFlip:
         return cropped
 
 
-class BatchLoader:
-    """Normalised (x, y) batches of an `ImageSet` in a seeded order; `set_epoch` picks the epoch's order.
+class GlobalBatches:
+    """What the in-memory and the image-folder loaders share: the global batch count, a seeded epoch, and
+    the rank's share of each global batch.
 
-    The order and augmentation of epoch e depend only on (seed, e), so a resumed run sees the same batches.
     Sharded (`world_size` > 1), `batch_size` is the global batch: every rank walks the same global batches
     and takes its contiguous share of each (sizes differ by at most one), so N ranks see exactly the samples,
     in the same steps, that one process would, and resuming on another world size changes nothing.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def shard(self, rank: int, world_size: int) -> Self:
+        """This loader's share for `rank` of `world_size` (the global batch size stays `batch_size`)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+        shard = copy.copy(self)
+        shard.rank, shard.world_size = rank, world_size
+        return shard
+
+    def global_size(self, batch_index: int) -> int:
+        """Samples in global batch `batch_index`, over all ranks (the last one may be short)."""
+        return min(self.batch_size, len(self.dataset) - batch_index * self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+
+class BatchLoader(GlobalBatches):
+    """Normalised (x, y) batches of an `ImageSet` in a seeded order; `set_epoch` picks the epoch's order.
+
+    The order and augmentation of epoch e depend only on (seed, e), so a resumed run sees the same batches.
     """
 
     def __init__(
@@ -215,43 +267,16 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.augment = augment
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def shard(self, rank: int, world_size: int) -> BatchLoader:
-        """This loader's share for `rank` of `world_size` (the global batch size stays `batch_size`)."""
-        return BatchLoader(
-            self.dataset,
-            self.batch_size,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            drop_last=self.drop_last,
-            augment=self.augment,
+        super().__init__(
+            dataset,
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
             rank=rank,
             world_size=world_size,
         )
-
-    def global_size(self, batch_index: int) -> int:
-        """Samples in global batch `batch_index`, over all ranks (the last one may be short)."""
-        return min(self.batch_size, len(self.dataset) - batch_index * self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        full, rest = divmod(len(self.dataset), self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        self.augment = augment
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = epoch_generator(self.seed, self.epoch)
