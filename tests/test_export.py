@@ -16,25 +16,12 @@ from hyperflux import models
 from hyperflux.cli import main
 from hyperflux.export import FORMAT, file_sizes, read_sparse
 from hyperflux.sparse_inference import SparseLinear
+from pruned_models import random_prune as prune
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def prune(model: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv2d):
-            module.weight.mul_(torch.rand(module.weight.shape, generator=generator) >= sparsity)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lenet300(sparsity: float = 0.98) -> nn.Module:

@@ -13,6 +13,7 @@ from torch import nn
 from hyperflux import models
 from hyperflux.cli import main
 from hyperflux.onnx_export import export_onnx
+from pruned_models import random_prune
 
 onnxruntime = pytest.importorskip(
     "onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)"
@@ -21,22 +22,12 @@ onnxruntime = pytest.importorskip(
 RECIPES = Path(__file__).parent.parent / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@torch.no_grad()
 def pruned(name: str, size: int) -> nn.Module:
     torch.manual_seed(0)
-    model = models.build(name, num_classes=10, in_channels=1, image_size=size)
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv2d):
-            module.weight.mul_(torch.rand_like(module.weight) >= 0.9)
-    return model.eval()
+    return random_prune(models.build(name, num_classes=10, in_channels=1, image_size=size), 0.9)
 
 
 @pytest.mark.parametrize("name", ["lenet300", "lenet5"])

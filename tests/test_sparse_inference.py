@@ -15,25 +15,12 @@ from hyperflux.sparse_inference import (
     plan_sparse_inference,
     to_sparse_inference,
 )
+from pruned_models import random_prune as prune
 
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def prune(model: nn.Module, sparsity: float) -> nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv2d):
-            module.weight.mul_(torch.rand(module.weight.shape, generator=generator) >= sparsity)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
