@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hyperflux import __version__, distributed
+from hyperflux.table import text_table
 
 # Exit statuses: 2 for input the user must fix, 1 for a run that could not go on.
 EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
@@ -340,10 +341,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows.append(
         ("file (bytes)", f"{dense_bytes:,}", f"{sparse_bytes:,}", f"{dense_bytes / sparse_bytes:.1f}x")
     )
-    header = ("", "dense", "sparse", "ratio")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    line = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    print("\n".join(line.format(*row) for row in [header, *rows]))
+    print(text_table(("", "dense", "sparse", "ratio"), rows))
     print(f"threads {torch.get_num_threads()}; layers:")
     for choice in plan:
         shape = "x".join(map(str, choice.shape))

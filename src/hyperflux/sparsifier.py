@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from hyperflux.gate import FluxMeter, HardGate
 from hyperflux.scheduler import PressureScheduler, _check_fraction
 from hyperflux.selection import DEFAULT_MODULES, Target, select_targets
+from hyperflux.table import text_table
 
 STATE_FORMAT = 1
 _TRIM_LOGIT = 1e-3
@@ -447,10 +448,11 @@ class Hyperflux:
             f"pressure {s['pressure']:.4g}  gamma {s['gamma']:.4g}",
         ]
         header = ("layer", "shape", "kept", "total", "density", "pruned", "regrown", "flux min", "flux mean")
-        rows = [
-            (
-                row["name"],
-                "x".join(map(str, row["shape"])),
+
+        def cells(name: str, shape: str, row: dict[str, Any]) -> tuple[str, ...]:
+            return (
+                name,
+                shape,
                 f"{row['kept']:,}",
                 f"{row['total']:,}",
                 f"{100 * row['density']:.2f}%",
@@ -459,25 +461,10 @@ class Hyperflux:
                 num(row["flux_min"]),
                 num(row["flux_mean"]),
             )
-            for row in s["layers"]
-        ]
-        rows.append(
-            (
-                "total",
-                "",
-                f"{s['kept']:,}",
-                f"{s['total']:,}",
-                f"{100 * s['density']:.2f}%",
-                f"{s['pruned']:,}",
-                f"{s['regrown']:,}",
-                num(s["flux_min"]),
-                num(s["flux_mean"]),
-            )
-        )
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        lines.append(fmt.format(*header))
-        lines.extend(fmt.format(*row) for row in rows)
+
+        rows = [cells(row["name"], "x".join(map(str, row["shape"])), row) for row in s["layers"]]
+        rows.append(cells("total", "", s))
+        lines.append(text_table(header, rows, left=2))
         return "\n".join(lines)
 
     def __repr__(self) -> str:

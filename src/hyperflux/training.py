@@ -33,6 +33,7 @@ from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, r
 from hyperflux.scheduler import PressureScheduler
 from hyperflux.selection import select_targets
 from hyperflux.sparsifier import Hyperflux
+from hyperflux.table import text_table
 
 # Keys of the recipe that may change between a run and its resume: where it runs, not what it computes.
 RESUMABLE_CHANGES = ("device", "threads", "data.root", "data.num_workers")
@@ -805,10 +806,7 @@ class LoadedRun:
         ]
         kept, total = self.counts()
         rows.append(("total", "", f"{kept:,}", f"{total:,}", f"{100 * kept / total:.2f}%"))
-        header = ("layer", "shape", "kept", "total", "density")
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        line = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        return "\n".join(line.format(*row) for row in [header, *rows])
+        return text_table(("layer", "shape", "kept", "total", "density"), rows, left=2)
 
 
 def load_run(path: str | Path, recipe_path: str | Path | None = None, device: str = "cpu") -> LoadedRun:
