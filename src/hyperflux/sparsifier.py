@@ -522,7 +522,7 @@ class Hyperflux:
         period (closed at the last `step()` and still closed now).
 
         A pruned weight's gradient is exactly zero, so its momentum only decays, and within about 800 steps it
-        reaches denormal floats, which make a fused CPU Adam step ten times slower (measured: 2.8x -> 1.4x
+        reaches denormal floats, which make a fused CPU Adam step several times slower (measured: 2.8x -> 1.4x
         overhead on LeNet-300-100). After a period the momentum left is far below the weight's float
         resolution, so clearing it moves nothing; weights pruned during the period keep theirs until then.
         """
