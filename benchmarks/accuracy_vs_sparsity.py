@@ -298,7 +298,8 @@ def main() -> int:
         return 0
     done = {key(r) for r in results["records"]}
     default_threads = torch.get_num_threads()
-    cells = [(m, me, t, s) for m, ts in tasks.items() for t in ts for me in args.methods for s in seeds]
+    # seed-major: an interrupted run leaves every cell with as many seeds as possible, not some with three
+    cells = [(m, me, t, s) for s in seeds for m, ts in tasks.items() for t in ts for me in args.methods]
     todo = [c for c in cells if (c[0], c[1], round(c[2], 6), c[3]) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {json_path}, {len(todo)} to run")
     failed = []

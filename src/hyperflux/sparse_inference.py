@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +45,18 @@ def _csr(matrix: torch.Tensor) -> torch.Tensor:
 
 def _bias_column(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach().reshape(-1, 1).clone()
+
+
+def _transposed(flat: torch.Tensor) -> torch.Tensor:
+    """`flat.t()` as a contiguous tensor. A sparse layer's output is already in that layout, so in a chain of
+    sparse layers only the first one copies; numpy's transpose copy is cache-blocked and about 1.5x faster
+    than torch's on a 256x784 float batch, which is a third of LeNet-300-100's sparse forward."""
+    transposed = flat.t()
+    if transposed.is_contiguous():
+        return transposed
+    if flat.device.type == "cpu" and not flat.requires_grad and flat.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.ascontiguousarray(flat.numpy().T))
+    return transposed.contiguous()
 
 
 def _density(weight: torch.Tensor) -> float:
@@ -72,15 +85,24 @@ class SparseLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] == 1:  # matrix-vector: half the fixed cost of the matrix-matrix kernel
             out = self.weight @ flat[0] if self.bias is None else torch.addmv(self.bias, self.weight, flat[0])
-        else:  # in column blocks whose transposed input stays in the L2 cache across the sparse rows
-            bias = None if self.bias is None else self.bias.unsqueeze(1)
-            block = max(16, 2 ** int(math.log2(max(CACHE_BYTES // (4 * self.in_features), 1))))
-            parts = [
-                self.weight @ part.t() if bias is None else torch.addmm(bias, self.weight, part.t())
-                for part in flat.split(block)
-            ]
-            out = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).t()
+        else:
+            out = self._matmul_transposed(_transposed(flat)).t()
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _matmul_transposed(self, xt: torch.Tensor) -> torch.Tensor:
+        """``W @ xt + b`` for a contiguous (in, batch) `xt`, in contiguous column blocks whose rows stay in the
+        L2 cache across the sparse rows (1.4x faster on 4096-wide layers than one call)."""
+        bias = None if self.bias is None else self.bias.unsqueeze(1)
+        block = max(16, 2 ** int(math.log2(max(CACHE_BYTES // (4 * self.in_features), 1))))
+        if xt.shape[1] <= block:
+            return self.weight @ xt if bias is None else torch.addmm(bias, self.weight, xt)
+        out = xt.new_empty(self.out_features, xt.shape[1])
+        for start in range(0, xt.shape[1], block):
+            part = xt[:, start : start + block].contiguous()
+            out[:, start : start + block] = (
+                self.weight @ part if bias is None else torch.addmm(bias, self.weight, part)
+            )
+        return out
 
     def extra_repr(self) -> str:
         sparse_from = f", min_batch={self.min_batch}" if self.min_batch > 1 else ""
