@@ -144,6 +144,126 @@ def test_imp_replays_the_lr_schedule_in_each_round():
     assert pruner.schedule_progress((second - 1e-9) / BATCHES) == pytest.approx(EPOCHS)
 
 
+def watch(method: str, stats_every: int = 1, **settings) -> tuple[list[dict], dict[int, dict]]:
+    """Run the method's budget like `train`, calling `stats()` every `stats_every` steps; returns the records
+    and, by step, each mask change with the masks before and after and the importances the decision saw,
+    computed here: |W| after the optimiser step, and the epoch's mean |W * g| (g the dense gradient)."""
+    model = tiny()
+    pruner = baselines.build(method, model, TARGET, EPOCHS - 1, 1, BATCHES, seed=0, **settings)
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    pruner.attach(opt)
+    weights = pruner.masked_weights()
+    taylor = {name: torch.zeros_like(w) for name, w in weights.items()}
+    generator = torch.Generator().manual_seed(1)
+    records, events = [], {}
+    for step in range(1, EPOCHS * BATCHES + 1):
+        x = torch.randn(8, 12, generator=generator)
+        y = torch.randint(0, 4, (8,), generator=generator)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for name, w in weights.items():
+                taylor[name] += (w * w.grad).abs()
+        pruner.after_backward()
+        opt.step()
+        before = pruner.masks()
+        magnitude = {name: w.detach().abs().clone() for name, w in weights.items()}
+        pruner.end_step()
+        after = pruner.masks()
+        if any(not torch.equal(before[n], after[n]) for n in before):
+            mean_taylor = {name: t / BATCHES for name, t in taylor.items()}
+            events[step] = {"before": before, "after": after, "magnitude": magnitude, "taylor": mean_taylor}
+        if step % BATCHES == 0:
+            for t in taylor.values():
+                t.zero_()
+        if step % stats_every == 0:
+            records.append(pruner.stats())
+    return records, events
+
+
+def threshold(kind: str, event: dict) -> float:
+    """Magnitude: the largest |W| removed; Taylor: the smallest mean |W * g| kept."""
+    if kind == "magnitude":
+        removed = [event["magnitude"][n][event["before"][n] & ~event["after"][n]] for n in event["before"]]
+        return float(torch.cat(removed).max())
+    return float(torch.cat([event["taylor"][n][event["after"][n]] for n in event["before"]]).min())
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("magnitude", {"prune_epoch": 2}),
+        ("gmp", {"update_every": 2}),
+        ("imp", {"rewind_epoch": 0}),
+        ("taylor", {}),
+    ],
+)
+def test_importance_min_is_the_threshold_of_each_pruning_decision(method, settings):
+    records, events = watch(method, **settings)
+    kind = "taylor" if method == "taylor" else "magnitude"
+    assert len(events) >= (1 if method == "magnitude" else 2)
+    for step, record in enumerate(records, 1):
+        assert record["importance_kind"] == kind
+        event = events.get(step)
+        layer_flips = [(layer["pruned"], layer["regrown"]) for layer in record["layers"]]
+        if event is None:  # no decision in this step: nothing to report
+            assert record["importance_min"] is None, step
+            assert record["pruned"] == record["regrown"] == 0
+            assert layer_flips == [(0, 0)] * 3
+            continue
+        value = record["importance_min"]
+        assert value == pytest.approx(threshold(kind, event), rel=1e-6), step
+        before, after = event["before"], event["after"]
+        assert layer_flips == [(int((before[n] & ~after[n]).sum()), 0) for n in before]
+        assert record["pruned"] == sum(p for p, _ in layer_flips) > 0
+        # and it is a threshold: the kept weights score at least the removed ones
+        scores = event[kind]
+        kept = torch.cat([scores[n][after[n]] for n in before])
+        removed = torch.cat([scores[n][before[n] & ~after[n]] for n in before])
+        assert float(removed.max()) <= value * (1 + 1e-6) and float(kept.min()) >= value * (1 - 1e-6)
+
+
+def test_importance_min_reports_the_latest_decision_since_the_last_stats_call():
+    records, events = watch("gmp", stats_every=BATCHES, update_every=2)
+    assert len(records) == EPOCHS
+    windows = []
+    for epoch, record in enumerate(records):
+        window = [s for s in events if epoch * BATCHES < s <= (epoch + 1) * BATCHES]
+        if not window:
+            assert record["importance_min"] is None and record["pruned"] == 0
+            continue
+        windows.append(len(window))
+        assert record["importance_min"] == pytest.approx(
+            threshold("magnitude", events[max(window)]), rel=1e-6
+        )
+        pruned = sum(
+            int((events[s]["before"][n] & ~events[s]["after"][n]).sum())
+            for s in window
+            for n in events[s]["before"]
+        )
+        assert record["pruned"] == pruned == sum(layer["pruned"] for layer in record["layers"])
+    assert windows and min(windows) >= 2  # several decisions between two calls: the latest one is reported
+
+
+@pytest.mark.parametrize("method", ["rigl", "random"])
+def test_rigl_and_random_report_flips_per_layer_and_no_importance(method):
+    records, events = watch(method, update_every=3, end_epoch=3)
+    assert bool(events) == (method == "rigl") and 1 not in events
+    # the mask at the target is set at attach(), before the first step, and reported once, in the first record
+    first = records[0]
+    assert (
+        first["pruned"] == sum(layer["pruned"] for layer in first["layers"]) == first["total"] - first["kept"]
+    )
+    for step, record in enumerate(records, 1):
+        assert record["importance_kind"] is None and record["importance_min"] is None
+        flips = [(layer["pruned"], layer["regrown"]) for layer in record["layers"]]
+        if step in events:
+            # RigL keeps each layer's count: every weight dropped in a layer is matched by one grown there
+            assert all(p == r for p, r in flips) and sum(p for p, _ in flips) == record["pruned"] > 0
+        elif step > 1:
+            assert flips == [(0, 0)] * 3
+
+
 def test_erk_counts_sum_exactly_and_cap_small_layers_at_dense():
     counts = baselines.erk_counts([[1000, 784], [10, 1000], [3, 3]], 20_000)
     assert sum(counts) == 20_000
@@ -175,6 +295,20 @@ def test_run_recipe_runs_each_method(method, tmp_path):
         assert summary["kept"] == round(0.1 * summary["total"])
         assert load_run(tmp_path).counts() == (summary["kept"], summary["total"])
         assert summary["final_accuracy"] > 30
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # the telemetry of every method's metrics rows
+        assert set(row["layer_pruned"]) == set(row["layer_regrown"]) == set(row["layers"])
+        assert sum(row["layer_pruned"].values()) == row["pruned"]
+        assert sum(row["layer_regrown"].values()) == row["regrown"]
+        if method in ("magnitude", "gmp", "imp", "taylor"):
+            assert row["importance_kind"] == ("taylor" if method == "taylor" else "magnitude")
+            assert (row["importance_min"] is None) == (row["pruned"] == 0), row["epoch"]
+            assert row["importance_min"] is None or row["importance_min"] > 0
+        elif method in ("rigl", "random"):
+            assert row["importance_kind"] is None and row["importance_min"] is None
+    assert sum(row["pruned"] - row["regrown"] for row in rows) == summary["total"] - summary["kept"] or (
+        method.startswith("hyperflux")  # the exact trim at freeze time is not counted as a flip
+    )
 
 
 @pytest.mark.parametrize("method", ["imp", "rigl"])

@@ -1,15 +1,18 @@
-"""Reports: valid PNGs and an HTML page that refers to them, for finished and unfinished runs."""
+"""Reports: valid PNGs and an HTML page that refers to them, for finished and unfinished runs, with the
+telemetry plots where the metrics rows have the data and without them for runs from before it."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from hyperflux.recipe import load_recipe
-from hyperflux.report import PLOTS, write_report
+from hyperflux.report import CAPTIONS, PLOTS, TELEMETRY_PLOTS, _histogram_rows, write_report
 from hyperflux.runfiles import RunError
+from hyperflux.sparsifier import FLUX_HIST_EDGES
 from hyperflux.training import run_recipe
 
 SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
@@ -20,20 +23,43 @@ def short_recipe() -> dict:
     return load_recipe(SMOKE, ["hyperflux.pruning_epochs=3", "hyperflux.regrowth_epochs=1"])
 
 
-def check_report(folder: Path) -> str:
+def check_report(folder: Path, telemetry: tuple[str, ...] = ()) -> str:
+    """Write the report; the four plots and exactly the `telemetry` ones are drawn, valid and on the page."""
+    for name in TELEMETRY_PLOTS.values():
+        (folder / name).unlink(missing_ok=True)
     page = write_report(folder).read_text()
-    for name in PLOTS.values():
+    expected = [*PLOTS.values(), *(TELEMETRY_PLOTS[key] for key in telemetry)]
+    for name in expected:
         data = (folder / name).read_bytes()
         assert data.startswith(PNG_MAGIC), name
         assert len(data) > 5000, name  # a drawn plot, not an empty canvas
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(expected)
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert sorted(sources) == sorted(PLOTS.values())  # relative paths, beside the page
+    assert sorted(sources) == sorted(expected)  # relative paths, beside the page
+    for key in telemetry:
+        assert CAPTIONS[key] in page
     return page
+
+
+def read_rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_rows(folder: Path, rows: list[dict]) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def positive_flux_and_pressure(rows: list[dict]) -> bool:
+    return any(
+        (r.get("pressure") or 0) > 0 and (r.get(k) or 0) > 0 for r in rows for k in ("flux_min", "flux_p01")
+    )
 
 
 def test_report_of_a_finished_run(tmp_path):
     summary = run_recipe(short_recipe(), tmp_path, quiet=True)
-    page = check_report(tmp_path)
+    flux_plot = ("flux_vs_pressure",) if positive_flux_and_pressure(read_rows(tmp_path)) else ()
+    page = check_report(tmp_path, ("flips", "flux_hist", *flux_plot))
     assert f"{summary['final_accuracy']:.2f}%" in page
     assert f"{100 * summary['sparsity']:.3f}%" in page
     for layer in summary["per_layer"]:
@@ -42,8 +68,74 @@ def test_report_of_a_finished_run(tmp_path):
 
 def test_report_of_a_run_still_going(tmp_path):
     run_recipe(short_recipe(), tmp_path, quiet=True, stop_after=2)
-    page = check_report(tmp_path)
+    flux_plot = ("flux_vs_pressure",) if positive_flux_and_pressure(read_rows(tmp_path)) else ()
+    page = check_report(tmp_path, ("flips", "flux_hist", *flux_plot))
     assert "in progress: epoch 2" in page
+    # a run from before the telemetry: rows without flips and histograms still render, without those plots
+    old = [
+        {k: v for k, v in row.items() if k not in ("layer_pruned", "layer_regrown", "flux_hist")}
+        for row in read_rows(tmp_path)
+    ]
+    write_rows(tmp_path, old)
+    for row in old:
+        row["flux_min"] = row["flux_p01"] = None  # and from before the flux statistics
+    write_rows(tmp_path / "older", old)
+    page = check_report(tmp_path, ("flux_vs_pressure",) if positive_flux_and_pressure(old) else ())
+    assert "in progress: epoch 2" in page
+    check_report(tmp_path / "older")
+
+
+def hist(survivors: dict[int, int], pruned: dict[int, int]) -> dict:
+    counts = [[0] * (len(FLUX_HIST_EDGES) + 1) for _ in range(2)]
+    for side, values in zip(counts, (survivors, pruned), strict=True):
+        for index, count in values.items():
+            side[index] = count
+    return {"edges": list(FLUX_HIST_EDGES), "survivors": counts[0], "pruned": counts[1]}
+
+
+def telemetry_rows() -> list[dict]:
+    """Nine epochs: six of pruning with a rising pressure, three of regrowth; the flux near the pressure."""
+    rows = []
+    for epoch in range(1, 10):
+        pressure = 0.0 if epoch == 1 else 0.05 * 2**epoch
+        rows.append(
+            {
+                "epoch": epoch,
+                "phase": "pruning" if epoch <= 6 else "regrowth",
+                "loss": 1.0,
+                "train_accuracy": 90.0,
+                "density": 1 - 0.1 * epoch,
+                "pressure": pressure,
+                "flux_min": -0.5 if epoch == 3 else 1.3 * pressure,  # a negative minimum has no log point
+                "flux_p01": 2 * pressure,
+                "layers": {"a.weight": 1 - 0.1 * epoch, "b.weight": 1 - 0.05 * epoch},
+                "layer_pruned": {"a.weight": 100, "b.weight": 50}
+                if epoch <= 6
+                else {"a.weight": 3, "b.weight": 0},
+                "layer_regrown": {"a.weight": 0, "b.weight": 0}
+                if epoch <= 6
+                else {"a.weight": 8, "b.weight": 2},
+                "flux_hist": hist({30: 500 - 40 * epoch, 33: 200, 12: 7}, {25: 40 * epoch, 20: 30, 31: 2}),
+            }
+        )
+    return rows
+
+
+def test_report_draws_the_telemetry_plots_from_rows_that_have_them(tmp_path):
+    rows = telemetry_rows()
+    write_rows(tmp_path, rows)
+    check_report(tmp_path, tuple(TELEMETRY_PLOTS))
+    # histograms at the first, middle and last pruning epoch and the first regrowth epoch
+    assert [r["epoch"] for r in _histogram_rows(rows)] == [1, 4, 6, 7]
+    # no pruning epoch with a histogram: first, middle and last of those there are
+    assert [r["epoch"] for r in _histogram_rows(rows[7:])] == [8, 9]
+    # a baseline run: flips per layer, no pressure, no flux
+    baseline = [
+        {k: v for k, v in row.items() if k not in ("flux_hist", "pressure", "flux_min", "flux_p01")}
+        for row in rows
+    ]
+    write_rows(tmp_path / "baseline", baseline)
+    check_report(tmp_path / "baseline", ("flips",))
 
 
 def test_report_needs_a_run_folder(tmp_path):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperflux import Hyperflux, PressureScheduler
+from hyperflux.sparsifier import FLUX_HIST_EDGES
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -81,6 +82,96 @@ def test_stats_count_pruned_and_regrown_on_a_scripted_mask_sequence():
     assert hf.density() + hf.sparsity() == 1.0
     table = hf.summary()
     assert "0.weight" in table and "2.weight" in table and "total" in table and f"{hf.total - 13:,}" in table
+
+
+def flips(record):
+    """(global, per-layer) (pruned, regrown) of a stats record."""
+    return (record["pruned"], record["regrown"]), [
+        (layer["pruned"], layer["regrown"]) for layer in record["layers"]
+    ]
+
+
+def test_stats_count_flips_per_layer_over_a_scripted_sequence_of_periods():
+    hf = Hyperflux(mlp(), 0.5, pruning_epochs=10, exact_target=False)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[:10] = -1.0
+    set_logits(hf, [first, second])
+    assert flips(hf.step()) == ((10, 0), [(10, 0), (0, 0)])
+    first.view(-1)[:4] = 1.0  # regrow 4 of the 10
+    first.view(-1)[20:23] = -1.0  # prune 3 more
+    second.view(-1)[:7] = -1.0
+    set_logits(hf, [first, second])
+    assert flips(hf.stats()) == ((10, 4), [(3, 4), (7, 0)])
+    assert flips(hf.step()) == ((10, 4), [(3, 4), (7, 0)])  # the same period, closed
+    # counts start again at every step, and compare the masks at its start and end
+    second.view(-1)[:2] = 1.0  # regrow 2
+    first.view(-1)[50] = -1.0  # closed and reopened within the period: no flip
+    set_logits(hf, [first, second])
+    first.view(-1)[50] = 1.0
+    set_logits(hf, [first, second])
+    record = hf.step()
+    assert flips(record) == ((0, 2), [(0, 0), (0, 2)])
+    assert record["kept"] == hf.total - 9 - 5
+    assert [layer["kept"] for layer in record["layers"]] == [128 - 9, 64 - 5]
+    assert flips(hf.stats()) == ((0, 0), [(0, 0), (0, 0)])
+
+
+def set_flux(gate, flux, batches=2):
+    """Make `gate.mean_flux() * c * N` equal `flux` (pressure units), as if `batches` batches were sampled."""
+    gate.flux_sum = (flux * batches / (gate.scale * FLUX_TOTAL)).float()
+    gate.flux_batches = batches
+
+
+FLUX_TOTAL = 128 + 64  # weights masked by mlp()
+
+
+def bin_of(value: float) -> int:
+    """The bin a value falls in, counted independently of the code under test: the edges at or below it."""
+    return sum(edge <= value for edge in FLUX_HIST_EDGES)
+
+
+def test_flux_histogram_edges_are_fixed_symmetric_half_decades():
+    edges = FLUX_HIST_EDGES
+    assert len(edges) == 39 and edges[19] == 0.0
+    assert edges[20:] == pytest.approx([10 ** (k / 2) for k in range(-12, 7)], rel=1e-12)
+    assert edges[:19] == tuple(-e for e in reversed(edges[20:]))
+    assert [bin_of(v) for v in (-2000.0, -0.02, 0.0, 2e-5, 0.5, 5.0, 5000.0)] == [0, 10, 20, 23, 32, 34, 39]
+
+
+def test_flux_histogram_counts_survivors_and_pruned_weights_in_their_bins():
+    hf = Hyperflux(mlp(), 0.5, pruning_epochs=10, exact_target=False)
+    assert hf.total == FLUX_TOTAL
+    assert hf.stats()["flux_hist"] is None  # no batch sampled yet
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[:10] = -1.0
+    second.view(-1)[:6] = -1.0
+    set_logits(hf, [first, second])
+    flux = torch.empty(128)
+    flux[:5], flux[5:10] = -0.02, 0.0  # pruned
+    flux[10:60], flux[60:126], flux[126], flux[127] = 5.0, 2e-5, -2000.0, 5000.0  # surviving
+    set_flux(hf.gates[0], flux.view(16, 8))
+    set_flux(hf.gates[1], torch.full((4, 16), 0.5))
+
+    hist = hf.stats()["flux_hist"]
+    assert hist["edges"] == list(FLUX_HIST_EDGES)
+    assert len(hist["survivors"]) == len(hist["pruned"]) == 40
+    assert all(isinstance(c, int) for c in hist["survivors"] + hist["pruned"])
+    survivors, pruned = [0] * 40, [0] * 40
+    for value, count in ((5.0, 50), (2e-5, 66), (-2000.0, 1), (5000.0, 1), (0.5, 58)):
+        survivors[bin_of(value)] += count
+    for value, count in ((-0.02, 5), (0.0, 5), (0.5, 6)):
+        pruned[bin_of(value)] += count
+    assert hist["survivors"] == survivors and hist["pruned"] == pruned
+    assert sum(hist["survivors"]) == hf.kept() == 128 - 10 + 64 - 6
+    assert sum(hist["pruned"]) == 16
+
+    # a tensor without sampled flux is left out of the counts
+    hf.gates[1].flux_sum, hf.gates[1].flux_batches = None, 0
+    hist = hf.stats()["flux_hist"]
+    assert sum(hist["survivors"]) == 118 and sum(hist["pruned"]) == 10
+    assert hist["survivors"][bin_of(0.5)] == 0 and hist["pruned"][bin_of(0.0)] == 5
+    hf.step()  # resets the flux
+    assert hf.stats()["flux_hist"] is None
 
 
 def test_minimum_density_reopens_the_best_pruned_weights_and_lifts_the_pressure():

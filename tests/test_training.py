@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from hyperflux.recipe import load_recipe
 from hyperflux.runfiles import RunError
+from hyperflux.sparsifier import FLUX_HIST_EDGES
 from hyperflux.training import Trainer, TrainingError, run_recipe
 
 SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
@@ -105,6 +106,39 @@ def test_controller_every_counts_periods_but_phases_keep_their_epochs(tmp_path):
     summary = trainer.run()
     assert abs(summary["sparsity"] - 0.9) < 1e-4
     assert trainer.hf.squashed
+
+
+def test_metrics_rows_carry_flips_per_layer_and_the_flux_histogram(tmp_path):
+    # three controller periods per epoch: the row sums the flips of all three, the histogram is the last one's
+    summary = run_recipe(recipe("train.controller_every=20"), tmp_path, quiet=True)
+    totals = {layer["name"]: layer["total"] for layer in summary["per_layer"]}
+    metrics = rows(tmp_path)
+    kept = dict(totals)  # every weight present at the start
+    for row in metrics:
+        assert list(row["layer_pruned"]) == list(row["layer_regrown"]) == list(row["layers"]) == list(totals)
+        assert sum(row["layer_pruned"].values()) == row["pruned"]
+        assert sum(row["layer_regrown"].values()) == row["regrown"]
+        for name in totals:
+            kept[name] += row["layer_regrown"][name] - row["layer_pruned"][name]
+        if row["phase"] == "pruning":  # the flips add up to the masks (the exact trim at freeze is no flip)
+            assert kept == {name: round(d * totals[name]) for name, d in row["layers"].items()}
+        hist = row["flux_hist"]
+        assert hist["edges"] == list(FLUX_HIST_EDGES)
+        assert len(hist["survivors"]) == len(hist["pruned"]) == len(FLUX_HIST_EDGES) + 1
+        present = sum(round(d * totals[name]) for name, d in row["layers"].items())
+        assert sum(hist["survivors"]) == present  # every tensor sampled, counted at the period's end
+        assert sum(hist["survivors"]) + sum(hist["pruned"]) == row["total"] == sum(totals.values())
+        assert row["pressure"] is not None and "flux_min" in row
+    assert sum(row["pruned"] for row in metrics) > 0.5 * summary["total"]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert not {"layers", "layer_pruned", "layer_regrown", "flux_hist"} & set(header)
+
+
+def test_without_flux_sampling_rows_have_no_histogram(tmp_path):
+    run_recipe(recipe("hyperflux.flux_every=0"), tmp_path, quiet=True, stop_after=1)
+    (row,) = rows(tmp_path)
+    assert "flux_hist" not in row and row["flux_min"] is None
+    assert sum(row["layer_pruned"].values()) == row["pruned"]
 
 
 def test_weight_decay_reaches_present_weights_only(tmp_path):

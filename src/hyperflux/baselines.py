@@ -71,6 +71,8 @@ class Baseline:
     """
 
     name = "baseline"
+    # what `stats()["importance_min"]` measures: "magnitude" (|W|), "taylor" (|W * g|) or None (no threshold)
+    importance_kind: str | None = None
 
     def __init__(
         self,
@@ -99,6 +101,9 @@ class Baseline:
         self.settings = settings
         self.steps = 0
         self.pruned = self.regrown = 0
+        self.layer_pruned = dict.fromkeys(self.weights, 0)
+        self.layer_regrown = dict.fromkeys(self.weights, 0)
+        self.importance_min: float | None = None
         self.optimizers: list[torch.optim.Optimizer] = []
 
     # ------------------------------------------------------------- what the trainer calls
@@ -137,8 +142,11 @@ class Baseline:
         flipped: dict[int, torch.Tensor] = {}
         for name, new in masks.items():
             old = self.mask[name]
-            self.pruned += int((old & ~new).sum())
-            self.regrown += int((~old & new).sum())
+            pruned, regrown = int((old & ~new).sum()), int((~old & new).sum())
+            self.pruned += pruned
+            self.regrown += regrown
+            self.layer_pruned[name] += pruned
+            self.layer_regrown[name] += regrown
             flipped[id(self.weights[name])] = old ^ new
             self.mask[name] = new.clone()
         with torch.no_grad():
@@ -152,6 +160,24 @@ class Baseline:
                         if isinstance(buffer, torch.Tensor) and buffer.shape == param.shape:
                             buffer.masked_fill_(change, 0.0)
 
+    def prune_to(
+        self, masks: Mapping[str, torch.Tensor], scores: Mapping[str, torch.Tensor], unit: float = 1.0
+    ) -> None:
+        """`set_masks(masks)` for a pruning decision ranked by `scores` (by tensor name), recording its threshold
+        importance divided by `unit` (the Neural Pruning Law's minimum importance, method.md section 5): for
+        magnitude the largest score removed, for Taylor the smallest score kept. Call it before the weights
+        change."""
+        threshold = None
+        if self.importance_kind == "magnitude":
+            removed = torch.cat([scores[n][self.mask[n] & ~m].flatten().float() for n, m in masks.items()])
+            threshold = float(removed.max()) if removed.numel() else None
+        elif self.importance_kind == "taylor":
+            kept = torch.cat([scores[n][m].flatten().float() for n, m in masks.items()])
+            threshold = float(kept.min()) if kept.numel() else None
+        if threshold is not None:
+            self.importance_min = threshold / unit
+        self.set_masks(masks)
+
     def _apply(self) -> None:
         with torch.no_grad():
             for name, weight in self.weights.items():
@@ -161,6 +187,11 @@ class Baseline:
         """Keep the `count` largest |W| among the weights present now (global ranking)."""
         scores = [torch.where(self.mask[n], w.detach().abs(), -math.inf) for n, w in self.weights.items()]
         return dict(zip(self.weights, _top(scores, count), strict=True))
+
+    def magnitude_prune(self, count: int) -> None:
+        """Prune to the `count` largest |W| present now, recording the largest |W| removed."""
+        magnitudes = {n: w.detach().abs() for n, w in self.weights.items()}
+        self.prune_to(self.magnitude_masks(count), magnitudes)
 
     def count_at(self, start: int, end: int) -> int:
         """Kept count of the cubic schedule at this step, between `start` and `end` (steps)."""
@@ -196,7 +227,9 @@ class Baseline:
         return self.kept() / self.total
 
     def stats(self) -> dict[str, Any]:
-        """Counts since the last call (`pruned`, `regrown`) and now, in the shape of `Hyperflux.stats()`."""
+        """Counts since the last call (`pruned`, `regrown`, also per layer) and now, in the shape of
+        `Hyperflux.stats()`; `importance_min` is the threshold importance of the latest pruning decision since
+        the last call (None if there was none, or the method has no threshold), of kind `importance_kind`."""
         layers = [
             {
                 "name": name,
@@ -204,6 +237,8 @@ class Baseline:
                 "total": mask.numel(),
                 "kept": int(mask.sum()),
                 "density": int(mask.sum()) / mask.numel(),
+                "pruned": self.layer_pruned[name],
+                "regrown": self.layer_regrown[name],
             }
             for name, mask in self.mask.items()
         ]
@@ -218,10 +253,18 @@ class Baseline:
             "expected_density": self.expected_density(),
             "pruned": self.pruned,
             "regrown": self.regrown,
+            "importance_kind": self.importance_kind,
+            "importance_min": self.importance_min,
             "layers": layers,
         }
-        self.pruned = self.regrown = 0
+        self._reset_counts()
         return record
+
+    def _reset_counts(self) -> None:
+        self.pruned = self.regrown = 0
+        self.layer_pruned = dict.fromkeys(self.weights, 0)
+        self.layer_regrown = dict.fromkeys(self.weights, 0)
+        self.importance_min = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -239,7 +282,7 @@ class Baseline:
         if state.get("format") != STATE_FORMAT or state.get("method") != self.name:
             raise ValueError(f"the state is not a {self.name} state")
         self.steps = int(state["steps"])
-        self.pruned = self.regrown = 0  # a checkpoint is taken right after `stats()` reset them
+        self._reset_counts()  # a checkpoint is taken right after `stats()` reset them
         for name, mask in zip(self.mask, state["masks"], strict=True):
             self.mask[name] = mask.to(self.mask[name].device).bool().clone()
         self.load_extra_state(state)
@@ -272,6 +315,7 @@ class Magnitude(Baseline):
     half the budget without a regrowth phase), then fine-tuning with the same masks."""
 
     name = "magnitude"
+    importance_kind = "magnitude"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -282,7 +326,7 @@ class Magnitude(Baseline):
 
     def update(self) -> None:
         if self.steps == self.prune_step:
-            self.set_masks(self.magnitude_masks(self.target_count))
+            self.magnitude_prune(self.target_count)
 
     def expected_density(self) -> float:
         return 1.0 if self.steps < self.prune_step else self.target_count / self.total
@@ -306,15 +350,18 @@ class Gradual(Baseline):
     def scores(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def importance_unit(self) -> float:
+        """What the scores are divided by for `importance_min`."""
+        return 1.0
+
     def update(self) -> None:
         if self.start_step <= self.steps <= self.end_step_at and self.due():
             count = self.count_at(self.start_step, self.end_step_at)
             if count < self.kept():
-                present = [
-                    torch.where(self.mask[n], s, -math.inf)
-                    for n, s in zip(self.mask, self.scores(), strict=True)
-                ]
-                self.set_masks(dict(zip(self.mask, _top(present, count), strict=True)))
+                scores = dict(zip(self.mask, self.scores(), strict=True))
+                present = [torch.where(self.mask[n], s, -math.inf) for n, s in scores.items()]
+                masks = dict(zip(self.mask, _top(present, count), strict=True))
+                self.prune_to(masks, scores, unit=self.importance_unit())
 
 
 class GMP(Gradual):
@@ -322,6 +369,7 @@ class GMP(Gradual):
     (default min(100, batches per epoch)) and at the end step."""
 
     name = "gmp"
+    importance_kind = "magnitude"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -339,6 +387,7 @@ class Taylor(Gradual):
     pruned at each epoch end on the cubic schedule."""
 
     name = "taylor"
+    importance_kind = "taylor"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -355,6 +404,10 @@ class Taylor(Gradual):
 
     def scores(self) -> list[torch.Tensor]:
         return list(self.score.values())
+
+    def importance_unit(self) -> float:
+        """The summed score of an epoch's `batches` batches, reported as the mean |W * g| per batch."""
+        return float(self.batches)
 
     def update(self) -> None:
         super().update()
@@ -377,6 +430,7 @@ class IMP(Baseline):
     the lr schedule from the rewind point, compressed into its share."""
 
     name = "imp"
+    importance_kind = "magnitude"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -406,7 +460,7 @@ class IMP(Baseline):
         if self.steps == self.rewind_step and self.rewind is None:
             self.rewind = [p.detach().clone() for p in self.model.parameters()]
         if self.steps in self.ends[:-1]:
-            self.set_masks(self.magnitude_masks(self.counts[self.ends.index(self.steps)]))
+            self.magnitude_prune(self.counts[self.ends.index(self.steps)])
             with torch.no_grad():
                 for param, saved in zip(self.model.parameters(), self.rewind, strict=True):
                     param.copy_(saved)

@@ -1,8 +1,10 @@
 """The run report: PNG plots of the run's metrics and one HTML page that shows them with the summary table.
 
 Plots: density against epoch with the target trajectory, pressure against epoch, accuracy against epoch,
-and the final per-layer densities. Everything is read back from the run folder, so a report can be redrawn
-for any run, finished or not.
+and the final per-layer densities; and, where the metrics rows carry the telemetry (runs from before it do
+not, and their reports simply leave these out): weights pruned and regrown per epoch and layer, histograms of
+the flux of surviving and pruned weights at a few epochs, and the smallest surviving flux against the
+pressure. Everything is read back from the run folder, so a report can be redrawn for any run, finished or not.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from hyperflux.runfiles import RunError, RunFolder
@@ -21,6 +25,24 @@ PLOTS = {
     "pressure": "pressure.png",
     "accuracy": "accuracy.png",
     "layers": "layers.png",
+}
+# drawn only when the metrics rows have the keys they need
+TELEMETRY_PLOTS = {
+    "flips": "flips.png",
+    "flux_hist": "flux_hist.png",
+    "flux_vs_pressure": "flux_vs_pressure.png",
+}
+CAPTIONS = {
+    "density": "measured density against the target trajectory",
+    "pressure": "the pressure P the controller applied in each epoch",
+    "accuracy": "test accuracy and the running train accuracy of the masked model",
+    "layers": "final density of each masked tensor",
+    "flips": "weights pruned and regrown per epoch, stacked by layer: which layers give way when, and "
+    "whether weights regrow once the pressure eases",
+    "flux_hist": "flux of surviving and of pruned weights (pressure units) at a few epochs: near equilibrium "
+    "the survivors sit right of the pressure line and the pruned weights left of it",
+    "flux_vs_pressure": "smallest (and 1st-percentile) surviving flux against the pressure, epochs with both "
+    "positive: at equilibrium the smallest flux lies near the dashed y = x line",
 }
 
 
@@ -90,6 +112,142 @@ def plot_layers(layers: list[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
+def _layer_colors(count: int) -> list[Any]:
+    if count <= 10:
+        return [colormaps["tab10"](i) for i in range(count)]
+    return [colormaps["viridis"](i / (count - 1)) for i in range(count)]
+
+
+def plot_flips(rows: list[dict[str, Any]], path: Path) -> None:
+    """Two panels of bars per epoch, stacked by layer: weights pruned, and weights regrown (each on its own
+    scale, since regrowth is often a few weights against thousands pruned)."""
+    rows = [r for r in rows if r.get("layer_pruned") is not None]
+    fig = Figure(figsize=(7, 5.5), dpi=100)
+    axes = fig.subplots(2, 1, sharex=True)
+    names = list(rows[-1]["layer_pruned"])
+    colors = _layer_colors(len(names))
+    epochs = np.array([r["epoch"] for r in rows])
+    for ax, key, title in zip(axes, ("layer_pruned", "layer_regrown"), ("pruned", "regrown"), strict=True):
+        bottom = np.zeros(len(rows))
+        for name, color in zip(names, colors, strict=True):
+            counts = np.array([(r.get(key) or {}).get(name, 0) for r in rows], dtype=float)
+            ax.bar(epochs, counts, bottom=bottom, color=color, width=0.8, label=name)
+            bottom += counts
+        ax.set_title(f"Weights {title} per epoch", fontsize=10)
+        ax.set_ylabel(f"weights {title}")
+        ax.grid(True, axis="y", alpha=0.3)
+    if len(names) <= 12:
+        axes[0].legend(fontsize=7, ncol=2)
+        axes[1].set_xlabel("epoch")
+    else:
+        axes[1].set_xlabel(f"epoch  ({len(names)} layers stacked in model order, dark to light)")
+    _save(fig, path)
+
+
+def _histogram_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first, middle and last pruning epochs with a histogram, then the first regrowth epoch with one."""
+    have = [r for r in rows if r.get("flux_hist")]
+    pruning = [r for r in have if r.get("phase") == "pruning"] or have
+    picked = [pruning[0], pruning[len(pruning) // 2], pruning[-1]]
+    picked += [r for r in have if r.get("phase") == "regrowth"][:1]
+    unique = {r["epoch"]: r for r in picked}
+    return [unique[e] for e in sorted(unique)]
+
+
+def plot_flux_hist(rows: list[dict[str, Any]], path: Path) -> None:
+    """Step histograms on a symmetric-log flux axis, one panel per chosen epoch, log counts."""
+    chosen = _histogram_rows(rows)
+    fig = Figure(figsize=(7, 1.9 * len(chosen) + 1.0), dpi=100)
+    axes = fig.subplots(len(chosen), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, row in zip(axes, chosen, strict=True):
+        hist = row["flux_hist"]
+        edges = np.asarray(hist["edges"], dtype=float)
+        # the open end bins are drawn half a decade wide
+        edges = np.concatenate([[edges[0] * 10**0.5], edges, [edges[-1] * 10**0.5]])
+        for key, color in (("survivors", "tab:green"), ("pruned", "tab:gray")):
+            counts = np.asarray(hist[key], dtype=float)
+            if counts.sum():
+                ax.stairs(counts, edges, color=color, linewidth=1.5, label=f"{key} ({int(counts.sum()):,})")
+        pressure = row.get("pressure")
+        if pressure:
+            ax.axvline(
+                pressure, color="tab:red", linestyle="--", linewidth=1, label=f"pressure {pressure:.3g}"
+            )
+        ax.set_xscale("symlog", linthresh=min(e for e in hist["edges"] if e > 0))
+        ticks = [s * 10.0**k for s in (-1, 1) for k in range(-6, 3, 2)] + [0.0]
+        ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.7)
+        ax.set_title(f"epoch {row['epoch']} ({row.get('phase', '-')})", fontsize=9)
+        ax.set_ylabel("weights")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[-1].set_xlabel("flux (pressure units, symmetric log)")
+    fig.suptitle("Flux of surviving and pruned weights")
+    _save(fig, path)
+
+
+FLUX_SERIES = (("flux_min", "smallest", "o"), ("flux_p01", "1st percentile", "^"))
+
+
+def _flux_pressure_points(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float, float]]:
+    """(epoch, pressure, flux) of the rows where both are positive: a log axis has no room for the rest."""
+    return [
+        (r["epoch"], float(r["pressure"]), float(r[key]))
+        for r in rows
+        if (r.get("pressure") or 0) > 0 and (r.get(key) or 0) > 0
+    ]
+
+
+def plot_flux_vs_pressure(rows: list[dict[str, Any]], path: Path) -> None:
+    """Smallest (and 1st-percentile) surviving flux against the pressure, log-log, with y = x; the colour is
+    the epoch."""
+    fig, ax = _figure("Surviving flux against the pressure", "pressure P", "surviving flux (pressure units)")
+    epochs = [r["epoch"] for r in rows]
+    values = []
+    for key, label, marker in FLUX_SERIES:
+        points = _flux_pressure_points(rows, key)
+        if not points:
+            continue
+        epoch, pressure, flux = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+        ax.plot(pressure, flux, color="lightgray", linewidth=0.8, zorder=1)
+        dots = ax.scatter(
+            pressure,
+            flux,
+            c=epoch,
+            cmap="viridis",
+            vmin=min(epochs),
+            vmax=max(epochs),
+            marker=marker,
+            s=20,
+            zorder=2,
+            label=label,
+        )
+        values += [*pressure, *flux]
+    fig.colorbar(dots, ax=ax, label="epoch")
+    low, high = min(values) / 2, max(values) * 2
+    ax.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1, label="flux = pressure")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend()
+    _save(fig, path)
+
+
+def draw_telemetry(rows: list[dict[str, Any]], folder: RunFolder) -> dict[str, str]:
+    """The telemetry plots the rows have data for; returns {key: file name} of those drawn."""
+    drawn = {}
+    if any(r.get("layer_pruned") is not None for r in rows):
+        plot_flips(rows, folder.file(TELEMETRY_PLOTS["flips"]))
+        drawn["flips"] = TELEMETRY_PLOTS["flips"]
+    if any(r.get("flux_hist") for r in rows):
+        plot_flux_hist(rows, folder.file(TELEMETRY_PLOTS["flux_hist"]))
+        drawn["flux_hist"] = TELEMETRY_PLOTS["flux_hist"]
+    if any(_flux_pressure_points(rows, key) for key, _, _ in FLUX_SERIES):
+        plot_flux_vs_pressure(rows, folder.file(TELEMETRY_PLOTS["flux_vs_pressure"]))
+        drawn["flux_vs_pressure"] = TELEMETRY_PLOTS["flux_vs_pressure"]
+    return drawn
+
+
 def _final_layers(folder: RunFolder, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = folder.read_summary()
     if summary is not None:
@@ -140,6 +298,7 @@ def write_report(run_dir: str | Path) -> Path:
     plot_accuracy(rows, folder.file(PLOTS["accuracy"]))
     layers = _final_layers(folder, rows)
     plot_layers(layers, folder.file(PLOTS["layers"]))
+    drawn = PLOTS | draw_telemetry(rows, folder)
 
     layer_rows = [
         (
@@ -152,8 +311,8 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     title = f"hyperflux run: {folder.path.resolve().name}"
     images = "".join(
-        f'<figure><img src="{name}" alt="{key}"><figcaption>{key}</figcaption></figure>'
-        for key, name in PLOTS.items()
+        f'<figure><img src="{name}" alt="{key}"><figcaption>{html.escape(CAPTIONS[key])}</figcaption></figure>'
+        for key, name in drawn.items()
     )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -162,7 +321,8 @@ body {{ font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #22
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 1em; }}
-figure {{ margin: 0; }} img {{ max-width: 530px; }}
+figure {{ margin: 0; max-width: 530px; }} img {{ max-width: 530px; }}
+figcaption {{ font-size: 0.9em; color: #444; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <h2>Summary</h2>

@@ -19,6 +19,13 @@ from hyperflux.table import text_table
 STATE_FORMAT = 1
 _TRIM_LOGIT = 1e-3
 
+# Bin edges of `stats()["flux_hist"]`, in pressure units: 0 and +-10^k for k = -6, -5.5, ..., 3 (half-decade
+# steps), 39 edges and 40 bins with open ends. Bin 0 is flux < -1e3, bin i is edges[i-1] <= flux < edges[i],
+# bin 39 is flux >= 1e3; an exact zero falls in [0, 1e-6). The edges never change, so histograms of
+# different epochs and runs compare bin by bin.
+_HALF_DECADES = [10.0 ** (k / 2) for k in range(-12, 7)]
+FLUX_HIST_EDGES: tuple[float, ...] = (*(-e for e in reversed(_HALF_DECADES)), 0.0, *_HALF_DECADES)
+
 
 def _pressure_value(coefs: Sequence[float], logits: Sequence[torch.Tensor]) -> torch.Tensor:
     total = logits[0].new_zeros((), dtype=torch.float32)
@@ -45,6 +52,13 @@ class _PressureLoss(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         grads = [(grad_out * coef).expand(shape) for coef, shape in zip(ctx.coefs, ctx.shapes, strict=True)]
         return (None, *grads)
+
+
+def flux_histogram(values: torch.Tensor) -> list[int]:
+    """Counts of `values` in the bins of `FLUX_HIST_EDGES` (len(edges) + 1 bins, open at both ends)."""
+    edges = torch.tensor(FLUX_HIST_EDGES, dtype=values.dtype, device=values.device)
+    bins = torch.bucketize(values, edges, right=True)  # edges[i-1] <= v < edges[i] -> i
+    return torch.bincount(bins, minlength=len(FLUX_HIST_EDGES) + 1).tolist()
 
 
 def _quantile(values: torch.Tensor, q: float) -> float | None:
@@ -376,7 +390,9 @@ class Hyperflux:
         """Global and per-layer counts, pressure and flux since the last `step()`, as a plain dict.
 
         Flux is reported in pressure units, `c * N * mean(-W * g)`, so a weight's flux and the pressure compare
-        directly: a weight holds while its flux beats P.
+        directly: a weight holds while its flux beats P. `flux_hist` counts the flux of surviving and of
+        pruned weights over all masked tensors in the fixed bins of `FLUX_HIST_EDGES`
+        (`{"edges", "survivors", "pruned"}`), None when no batch was sampled since the last `step()`.
         """
         self._check_live()
         to_pressure_units = self.grad_scale * self.total
@@ -431,6 +447,15 @@ class Hyperflux:
             "flux_p01": _quantile(alive_all, 0.01),
             "flux_mean": float(alive_all.mean()) if alive_all.numel() else None,
             "flux_mean_pruned": float(dead_all.mean()) if dead_all.numel() else None,
+            "flux_hist": (
+                {
+                    "edges": list(FLUX_HIST_EDGES),
+                    "survivors": flux_histogram(alive_all),
+                    "pruned": flux_histogram(dead_all),
+                }
+                if survivor_flux
+                else None
+            ),
             "layers": layers,
         }
 

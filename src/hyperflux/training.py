@@ -606,11 +606,22 @@ class Trainer:
             stats = self.baseline.stats()
             row |= {k: v for k, v in stats.items() if k != "layers"}
             row["layers"] = {layer["name"]: layer["density"] for layer in stats["layers"]}
+            row["layer_pruned"] = {layer["name"]: layer["pruned"] for layer in stats["layers"]}
+            row["layer_regrown"] = {layer["name"]: layer["regrown"] for layer in stats["layers"]}
             return self._check_ranks(row)
         stats = {k: v for k, v in periods[-1].items() if k != "layers"}
         stats["pruned"] = sum(p["pruned"] for p in periods)
         stats["regrown"] = sum(p["regrown"] for p in periods)
+        if stats["flux_hist"] is None:
+            # no sampled batch in the last period: left out rather than None, so that metrics.csv (the row's
+            # scalar columns, header from the first row) keeps the same columns in every row
+            del stats["flux_hist"]
         row |= stats
+        names = [layer["name"] for layer in periods[-1]["layers"]]
+        for key in ("pruned", "regrown"):
+            row[f"layer_{key}"] = {
+                name: sum(p["layers"][i][key] for p in periods) for i, name in enumerate(names)
+            }
         # after the step: the trim at freeze time (exact mode) shows in the epoch that made it
         row["kept"] = self.hf.kept()
         row["density"] = row["kept"] / self.hf.total
