@@ -229,3 +229,55 @@ def test_law_nplh_error_when_nothing_can_be_fitted(tmp_path, capsys):
     assert "no series of these runs could be fitted" in one_line_error(capsys)
     assert main(["law", "nplh", str(run), "--lo", "0.5", "--hi", "0.1"]) == EXIT_INPUT
     assert "--lo" in one_line_error(capsys)
+
+
+# ----------------------------------------------------------------- the sweep
+SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke-digits.yaml"
+
+
+def test_sweep_recipe_is_the_paper_form_under_a_constant_pressure():
+    recipe = laws.sweep_recipe(SMOKE, 0.25, 7, ["optimizer.lr=0.002"])
+    hf = recipe["hyperflux"]
+    assert (hf["pressure"], hf["target_sparsity"], hf["pressure_schedule"]) == (0.25, None, None)
+    assert (hf["pruning_epochs"], hf["regrowth_epochs"], hf["exact_target"]) == (7, 0, False)
+    assert recipe["method"] == "hyperflux-paper" and recipe["optimizer"]["lr"] == 0.002
+    assert recipe["name"] == "smoke-digits-P0.25"
+    with pytest.raises(ValueError, match="must be positive"):
+        laws.sweep_recipe(SMOKE, 0.0, 7)
+
+
+def test_law_pressure_sweep_runs_skips_finished_runs_and_fits(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "plots"
+    argv = ["law", "pressure", "--sweep", str(SMOKE), "--pressures", "0.25", "1", "4", "--epochs", "3"]
+    argv += ["--window", "2", "--tol", "10", "--runs", str(runs), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("epochs into") == 3 and "(3 points)" in printed
+    densities = []
+    for p in ("0.25", "1", "4"):
+        rows = [json.loads(line) for line in (runs / f"P{p}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["pressure"] for r in rows] == [float(p)] * 3
+        densities.append(rows[-1]["density"])
+    assert densities[0] > densities[1] > densities[2]  # more pressure, fewer weights
+    assert main(argv) == 0  # a second call trains nothing and fits the same runs
+    again = capsys.readouterr().out
+    assert "epochs into" not in again and "(3 points)" in again
+    assert (out / "pressure_law.png").read_bytes().startswith(PNG_MAGIC)
+    changed = [*argv[:9], "4", *argv[10:]]  # --epochs 4: the finished runs belong to another recipe
+    assert main(changed) == EXIT_INPUT
+    assert "holds a finished run of another recipe" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pressures", "1", "2", "3"], "give --sweep RECIPE too"),
+        ([], "give run folders"),
+        (["--sweep", str(SMOKE), "--pressures", "1", "2"], "at least 3 pressures"),
+        (["--sweep", str(SMOKE), "--epochs", "3"], "must be at least --window"),
+    ],
+)
+def test_law_pressure_sweep_errors(tmp_path, capsys, argv, message):
+    assert main(["law", "pressure", *argv, "--runs", str(tmp_path / "runs")]) == EXIT_INPUT
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()

@@ -165,9 +165,36 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit ln S = ln c - a0 ln P - a1 (ln P)^2 on the converged densities S of finished "
         "constant-pressure runs (hyperflux.pressure in recipe.yaml), beside the authors' ResNet-50/CIFAR-10 "
         "points, and plot both on log axes. A run has converged when the densities of its last --window "
-        "pruning epochs spread by at most --tol of the last one; the others are left out.",
+        "pruning epochs spread by at most --tol of the last one; the others are left out. With --sweep "
+        "RECIPE the runs are made first: one per --pressures value, --epochs pruning epochs each, into "
+        "--runs (an interrupted sweep continues where it stopped).",
     )
-    pressure.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="finished constant-pressure runs")
+    pressure.add_argument(
+        "run_dirs", metavar="RUN_DIR", nargs="*", help="finished constant-pressure runs (besides --sweep)"
+    )
+    pressure.add_argument("--sweep", metavar="RECIPE", help="run a constant-pressure sweep of this recipe")
+    pressure.add_argument(
+        "--pressures",
+        type=float,
+        nargs="+",
+        metavar="P",
+        help="the sweep's pressures (default: 2^-8 .. 2^2, 11 values)",
+    )
+    pressure.add_argument("--epochs", type=int, default=40, help="pruning epochs per sweep run (default: 40)")
+    pressure.add_argument(
+        "--runs",
+        metavar="DIR",
+        default="runs/pressure-sweep",
+        help="sweep run folders (default: %(default)s)",
+    )
+    pressure.add_argument(
+        "--set",
+        dest="assignments",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a key of the sweep's recipe (repeatable)",
+    )
     pressure.add_argument(
         "--predict", type=float, metavar="DENSITY", help="print the pressure the fit gives for this density"
     )
@@ -355,8 +382,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_law_pressure(args: argparse.Namespace) -> int:
     from hyperflux import laws
 
+    run_dirs = list(args.run_dirs)
+    if args.sweep is not None:
+        if args.epochs < 2:
+            raise ValueError(f"--epochs must be at least 2, got {args.epochs}")
+        if args.epochs < args.window:
+            raise ValueError(f"--epochs ({args.epochs}) must be at least --window ({args.window})")
+        chosen = args.pressures or laws.DEFAULT_PRESSURES
+        run_dirs += laws.run_sweep(
+            args.sweep, chosen, args.epochs, args.runs, args.assignments, log=sys.stdout
+        )
+    elif args.pressures is not None or args.assignments:
+        raise ValueError("--pressures and --set choose a sweep's runs: give --sweep RECIPE too")
+    if not run_dirs:
+        raise ValueError("give run folders, or --sweep RECIPE to make them")
     pressures, densities = [], []
-    for run_dir in args.run_dirs:
+    for run_dir in run_dirs:
         recipe, rows = laws.read_run(run_dir)
         pressure = laws.constant_pressure(recipe)
         if pressure is None or pressure <= 0:

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from hyperflux.recipe import read_yaml
-from hyperflux.runfiles import RECIPE, RunError, RunFolder
+from hyperflux.recipe import differences, load_recipe, read_yaml
+from hyperflux.runfiles import CHECKPOINT, RECIPE, SUMMARY, RunError, RunFolder
 
 # The authors' public ResNet-50 / CIFAR-10 points (method.md section 5): pressure -> density (fraction).
 AUTHORS_RESNET50_CIFAR10: tuple[tuple[float, float], ...] = (
@@ -37,6 +37,8 @@ AUTHORS_RESNET50_CIFAR10: tuple[tuple[float, float], ...] = (
     (16.0, 0.0048),
     (32.0, 0.0029),
 )
+# The default sweep, 2^-8 .. 2^2: on LeNet-300-100 pressures above ~1 already leave less than 1% of the weights
+DEFAULT_PRESSURES: tuple[float, ...] = tuple(2.0**k for k in range(-8, 3))
 NPLH_WINDOW = (0.005, 0.5)  # lo < density <= hi, the region the authors fit
 NPLH_SERIES = ("pressure", "flux_min", "flux_p01")
 MIN_POINTS = 3
@@ -212,6 +214,72 @@ def constant_pressure(recipe: Mapping[str, Any]) -> float | None:
     """The run's constant pressure (`hyperflux.pressure`), None for a run under another schedule."""
     value = (recipe.get("hyperflux") or {}).get("pressure")
     return None if value is None else float(value)
+
+
+# ----------------------------------------------------------------- the sweep
+def sweep_recipe(
+    recipe_path: str | Path, pressure: float, epochs: int, assignments: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The recipe at `recipe_path` (with `assignments` applied) turned into a constant-pressure run: hyperflux
+    in the paper's form at pressure P for `epochs` pruning epochs and no regrowth phase, which would release
+    the pressure and let the density move away from where P holds it."""
+    if not (math.isfinite(pressure) and pressure > 0):
+        raise ValueError(f"a sweep pressure must be positive, got {pressure:g}")
+    recipe = load_recipe(
+        recipe_path,
+        [
+            *assignments,
+            "method=hyperflux-paper",
+            "hyperflux.target_sparsity=null",
+            "hyperflux.pressure_schedule=null",
+            f"hyperflux.pressure={pressure!r}",
+            "hyperflux.exact_target=false",
+            f"hyperflux.pruning_epochs={epochs}",
+            "hyperflux.regrowth_epochs=0",
+        ],
+    )
+    recipe["name"] = f"{recipe['name']}-P{pressure:g}"
+    return recipe
+
+
+def run_sweep(
+    recipe_path: str | Path,
+    pressures: Sequence[float],
+    epochs: int,
+    runs_dir: str | Path,
+    assignments: Sequence[str] = (),
+    *,
+    quiet: bool = True,
+    log: Any = None,
+) -> list[Path]:
+    """Run one constant-pressure run per pressure into `runs_dir/P<pressure>` and return the folders.
+
+    A finished run of the same recipe is kept as it is and a stopped one resumes from its checkpoint, so an
+    interrupted sweep continues where it stopped; a finished run of another recipe in the folder is an error.
+    """
+    from hyperflux.training import run_recipe  # the trainer pulls in the data and model code
+
+    if len(pressures) < MIN_POINTS:
+        raise ValueError(f"a sweep needs at least {MIN_POINTS} pressures, got {len(pressures)}")
+    folders = []
+    for index, pressure in enumerate(pressures, 1):
+        recipe = sweep_recipe(recipe_path, pressure, epochs, assignments)
+        folder = Path(runs_dir) / f"P{pressure:g}"
+        folders.append(folder)
+        if (folder / SUMMARY).is_file():
+            saved = read_yaml(folder / RECIPE)
+            changed = differences(saved, recipe) if isinstance(saved, dict) else ["recipe.yaml"]
+            if changed:
+                raise RunError(
+                    f"{folder}: holds a finished run of another recipe (differs in {', '.join(changed)}); "
+                    "sweep into another folder"
+                )
+            continue
+        if log is not None:
+            print(f"[{index}/{len(pressures)}] P {pressure:g}: {epochs} epochs into {folder}", file=log)
+        resume = (folder / CHECKPOINT).is_file()
+        run_recipe(recipe, folder, resume=resume, overwrite=not resume, quiet=quiet, log=log)
+    return folders
 
 
 # ----------------------------------------------------------------- plots
