@@ -198,10 +198,21 @@ def test_exact_target_closes_at_the_requested_count(direction):
         second -= 0.9
     set_logits(hf, [first, second])
     order = torch.cat([first.view(-1), second.view(-1)])
-    hf.step(), hf.step()
+    kept_at_start = hf.kept()
+    records = [hf.step(), hf.step()]
     assert hf.phase == "done"
     want = round(0.25 * hf.total)
     assert hf.kept() == want
+    # the trim's flips are in the records, and each record describes the masks its period leaves
+    pruned, regrown = sum(r["pruned"] for r in records), sum(r["regrown"] for r in records)
+    assert hf.total - pruned + regrown == want  # flips count from the all-present start
+    by_hand = hf.total - kept_at_start
+    if direction == "trim":
+        assert pruned > by_hand and regrown == 0
+    else:
+        assert pruned == by_hand and regrown > 0
+    assert records[-1]["kept"] == want
+    assert [layer["kept"] for layer in records[-1]["layers"]] == [int(g.mask().sum()) for g in hf.gates]
     kept = torch.cat([g.mask().view(-1) for g in hf.gates])
     # exactly the highest-logit weights survive
     assert torch.equal(kept, order >= order.topk(want).values.min())

@@ -389,6 +389,8 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
         if args.epochs < args.window:
             raise ValueError(f"--epochs ({args.epochs}) must be at least --window ({args.window})")
         chosen = args.pressures or laws.DEFAULT_PRESSURES
+        if len(chosen) < laws.MIN_POINTS:
+            raise ValueError(f"a sweep needs at least {laws.MIN_POINTS} pressures, got {len(chosen)}")
         run_dirs += laws.run_sweep(
             args.sweep, chosen, args.epochs, args.runs, args.assignments, log=sys.stdout
         )

@@ -259,8 +259,6 @@ def run_sweep(
     """
     from hyperflux.training import run_recipe  # the trainer pulls in the data and model code
 
-    if len(pressures) < MIN_POINTS:
-        raise ValueError(f"a sweep needs at least {MIN_POINTS} pressures, got {len(pressures)}")
     folders = []
     for index, pressure in enumerate(pressures, 1):
         recipe = sweep_recipe(recipe_path, pressure, epochs, assignments)

@@ -523,7 +523,9 @@ class Hyperflux:
         regrowth_done = self.period - end_of_pruning
         if not self.frozen and (self.period >= self.total_epochs or regrowth_done >= self.freeze_after):
             if self.exact_target:
+                before = [g.mask() for g in self.gates]
                 self._trim_to_target()
+                self._count_trim(record, before)
             self._freeze()
         self._set_mask_lr(optimizers)
         self._clear_pruned_momentum(optimizers)
@@ -532,6 +534,22 @@ class Hyperflux:
         self._snapshot = [g.mask() for g in self.gates]
         self.last_stats = record
         return record
+
+    def _count_trim(self, record: dict[str, Any], before: list[torch.Tensor]) -> None:
+        """Fold the trim's flips into the period's record, so that its counts and `kept` add up to the masks
+        the period leaves behind (the next period's flips are counted from them)."""
+        for layer, gate, was in zip(record["layers"], self.gates, before, strict=True):
+            mask = gate.mask()
+            closed, opened = int((was & ~mask).sum()), int((~was & mask).sum())
+            layer["pruned"] += closed
+            layer["regrown"] += opened
+            record["pruned"] += closed
+            record["regrown"] += opened
+            layer["kept"] = int(mask.sum())
+            layer["density"] = layer["kept"] / layer["total"]
+        record["kept"] = sum(layer["kept"] for layer in record["layers"])
+        record["density"] = record["kept"] / self.total
+        record["sparsity"] = 1.0 - record["density"]
 
     def _set_mask_lr(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         if self.period < self.pruning_epochs:
