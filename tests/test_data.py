@@ -640,3 +640,22 @@ def test_real_fashion_mnist_from_debian() -> None:
         32,
     )
     assert bundle.train.labels[:5].tolist() == [9, 0, 0, 3, 0]
+
+
+def test_a_holdout_split_replaces_the_test_split_with_unseen_training_samples():
+    full = data.load("digits")
+    bundle = data.load("digits", holdout=300)
+    again = data.load("digits", holdout=300)
+    assert len(bundle.train) == len(full.train) - 300 and len(bundle.test) == 300
+    assert torch.equal(bundle.test.images, again.test.images)  # a fixed choice, run after run
+    rows = {tuple(image.flatten().tolist()) for image in full.train.images}
+    train_rows = {tuple(image.flatten().tolist()) for image in bundle.train.images}
+    held_rows = {tuple(image.flatten().tolist()) for image in bundle.test.images}
+    assert held_rows <= rows and train_rows <= rows
+    assert len(train_rows) + len(held_rows) == len(rows)  # disjoint, nothing lost (digits has no duplicates)
+    assert not held_rows & {tuple(image.flatten().tolist()) for image in full.test.images}
+    assert bundle.train.mean == bundle.test.mean and bundle.train.mean != full.train.mean
+    with pytest.raises(data.DataError, match="leaves no training samples"):
+        data.load("digits", holdout=len(full.train))
+    with pytest.raises(ValueError, match="holdout must be >= 0"):
+        data.load("digits", holdout=-1)

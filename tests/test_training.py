@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -171,3 +172,12 @@ def test_dense_training_uses_the_same_recipe(tmp_path):
     # the dense model is a valid starting point for a prune
     start = run_recipe(recipe(f"model.init_checkpoint={tmp_path}"), tmp_path / "pruned", quiet=True)
     assert start["final_accuracy"] > 80
+
+
+def test_a_holdout_run_evaluates_on_training_samples_set_aside(tmp_path):
+    log = io.StringIO()
+    run_recipe(recipe("data.holdout=300"), tmp_path / "holdout", quiet=True, stop_after=1, log=log)
+    assert "holdout " in log.getvalue() and "test " not in log.getvalue()
+    trainer = Trainer(recipe("data.holdout=300"), tmp_path / "again", quiet=True)
+    assert len(trainer.train_loader.dataset) == 1437 - 300
+    assert sum(len(labels) for _, labels in trainer.test_loader) == 300

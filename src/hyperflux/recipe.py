@@ -223,6 +223,7 @@ SCHEMA: dict[str, Any] = {
         "augment": Field(None, optional(boolean)),
         "image_size": Field(224, integer(1)),
         "num_workers": Field(0, integer(0)),
+        "holdout": Field(0, integer(0)),
     },
     # other keys of `model` are the model's own arguments (checked against its signature)
     "model": {

@@ -118,7 +118,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 def load_data(recipe: dict[str, Any]) -> data.DataBundle:
     spec = recipe["data"]
-    return data.load(spec["name"], spec["root"], augment=spec["augment"], image_size=spec["image_size"])
+    return data.load(
+        spec["name"],
+        spec["root"],
+        augment=spec["augment"],
+        image_size=spec["image_size"],
+        holdout=spec["holdout"],
+    )
 
 
 def build_model(recipe: dict[str, Any], bundle: data.DataBundle, *, init: bool = True) -> nn.Module:
@@ -649,7 +655,8 @@ class Trainer:
             f"train {row['train_accuracy']:.2f}%",
         ]
         if row.get("test_accuracy") is not None:
-            parts.append(f"test {row['test_accuracy']:.2f}%")
+            split = "holdout" if self.recipe["data"]["holdout"] else "test"
+            parts.append(f"{split} {row['test_accuracy']:.2f}%")
         if self.pruner is not None:
             target = row["expected_density"]
             parts.append(

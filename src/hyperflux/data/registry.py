@@ -121,16 +121,30 @@ def names() -> list[str]:
     return [*REGISTRY, IMAGE_FOLDER]
 
 
+HOLDOUT_SEED = 0  # the holdout is the same whatever the run's seed, so runs tuned on it compare
+
+
 def load(
-    name: str, root: str | Path | None = None, *, augment: bool | None = None, image_size: int = 224
+    name: str,
+    root: str | Path | None = None,
+    *,
+    augment: bool | None = None,
+    image_size: int = 224,
+    holdout: int = 0,
 ) -> DataBundle:
     """Data set `name` from `root` (default: where `fetch` puts it), both splits, with its metadata.
 
     `augment` overrides the set's default training augmentation; `image_size` applies to "imagefolder" only
     (the other sets have their native size; the "-32" names give the 32x32x3 view of the 28x28 sets).
+    `holdout` > 0 sets that many training samples aside (a fixed random choice) and serves them as the test
+    split, for choosing settings without looking at the test set; the statistics come from the rest.
     """
     root_path = Path(root).expanduser() if root is not None else None
+    if holdout < 0:
+        raise ValueError(f"holdout must be >= 0, got {holdout}")
     if name == IMAGE_FOLDER:
+        if holdout:
+            raise DataError("a holdout split is supported for in-memory sets, not imagefolder")
         if root_path is None:
             raise DataError(
                 "imagefolder needs root: a folder holding train/<class>/<image> and val/<class>/<image>"
@@ -152,6 +166,14 @@ def load(
         raise DataError(f"unknown data set {name!r}; known: {', '.join(names())}")
     entry = REGISTRY[name]
     train, test = entry.read(root_path)
+    if holdout:
+        if holdout >= len(train):
+            raise DataError(f"holdout {holdout} leaves no training samples: {name} has {len(train)}")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+        train, test = (
+            train.subset(order[:-holdout].sort().values),
+            train.subset(order[-holdout:].sort().values),
+        )
     if entry.as_32x3:
         train, test = train.view(pad=2, channels=3), test.view(pad=2, channels=3)
     mean, std = train.channel_stats()

@@ -167,6 +167,17 @@ class ImageSet:
             means, stds = means * self.channels, stds * self.channels
         return tuple(means), tuple(stds)
 
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        """The samples at `index` (a copy), served and normalised as this set."""
+        return ImageSet(
+            self.images[index],
+            self.labels[index],
+            pad=self.pad,
+            channels=self.channels,
+            mean=self.mean,
+            std=self.std,
+        )
+
     def with_stats(self, mean: Sequence[float], std: Sequence[float]) -> ImageSet:
         """The same set normalised by the given statistics (a test split takes its training split's)."""
         return ImageSet(self.images, self.labels, pad=self.pad, channels=self.channels, mean=mean, std=std)
