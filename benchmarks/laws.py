@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from hyperflux import laws
+from hyperflux import laws, report
 from hyperflux.recipe import load_recipe
 from hyperflux.runfiles import CHECKPOINT, SUMMARY
 from hyperflux.training import Trainer, evaluate, run_recipe
@@ -135,13 +135,9 @@ def nplh(runs: Path, sweep_points: list[dict[str, Any]], converged: list[tuple[f
     ]
     series["hyperflux (1st percentile of surviving flux)"] = ([d for d, _ in flux], [f for _, f in flux])
     for method in NPLH_METHODS:
-        rows = laws.read_run(run_method(runs, method))[1]
-        points = [(r["density"], r["importance_min"]) for r in rows if r.get("importance_min")]
-        points = [(d, i) for d, i in points if i > 0]
-        series[f"{method} ({'smallest |w g| kept' if method == 'taylor' else 'largest |w| removed'})"] = (
-            [d for d, _ in points],
-            [i for _, i in points],
-        )
+        found = laws.nplh_series(laws.read_run(run_method(runs, method))[1])[laws.BASELINE_SERIES]
+        label = f"{method} ({'smallest |w g| kept' if method == 'taylor' else 'largest |w| removed'})"
+        series[label] = (found.densities, found.importances)
     fits = {label: power_fit(*values) for label, values in series.items()}
     return fits, series
 
@@ -243,8 +239,15 @@ def without_weights(trainer: Trainer, drop: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------- output
-def plots(out: Path, converged, fit, series, nplh_fits) -> None:
+TELEMETRY_RUNS = {"sweep_p0.0625": ("sweep", "P0.0625"), "order_run": ("order", "")}
+
+
+def plots(out: Path, runs: Path, converged, fit, series, nplh_fits) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    for name, (part, sub) in TELEMETRY_RUNS.items():  # what `hyperflux report` draws, for LAWS.md
+        rows = laws.read_run(runs / part / sub)[1]
+        report.plot_flux_hist(rows, out / f"flux_hist_{name}.png")
+        report.plot_flips(rows, out / f"flips_{name}.png")
     authors_p, authors_s = zip(*laws.AUTHORS_RESNET50_CIFAR10, strict=True)
     laws.plot_pressure_law(
         [
@@ -354,7 +357,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    plots(args.out.parent / "laws", converged, fit, series, nplh_fits)
+    plots(args.out.parent / "laws", args.runs, converged, fit, series, nplh_fits)
     text = markdown(results)
     args.out.with_suffix(".md").write_text(text)
     print(text)

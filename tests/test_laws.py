@@ -147,6 +147,17 @@ def test_nplh_series_takes_positive_values_of_the_pruning_epochs():
     assert series["pressure"] == ([0.4], [0.5], 1)
     assert series["flux_min"] == ([0.4], [0.2], 1)
     assert series["flux_p01"] == ([0.9], [0.1], 0)
+    assert "importance_min" not in series
+
+
+def test_nplh_series_of_a_baseline_run_is_its_pruning_thresholds():
+    metrics = [
+        {"phase": "prune", "density": 0.8, "importance_min": 0.01},
+        {"phase": "prune", "density": 0.6, "importance_min": None},  # an epoch without a pruning step
+        {"phase": "prune", "density": 0.5, "importance_min": 0.03},
+        {"phase": "train", "density": 0.5, "importance_min": 0.0},
+    ]
+    assert laws.nplh_series(metrics) == {"importance_min": ([0.8, 0.5], [0.01, 0.03], 1)}
 
 
 # ----------------------------------------------------------------- the command line

@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         "nplh",
         help="the Neural Pruning Law: ln S = ln c - k ln I per run and series",
         description="Fit ln S = ln c - k ln I between the density S and the minimum importance I of each run "
-        "(the pressure, the smallest and the 1st-percentile flux of surviving weights, in the pruning epochs) "
-        "on --lo < S <= --hi, and plot the points and fits on log axes.",
+        "(hyperflux: the pressure, the smallest and the 1st-percentile flux of surviving weights, in the "
+        "pruning epochs; magnitude, gmp, imp: the largest |w| removed; taylor: the smallest |w g| kept) on "
+        "--lo < S <= --hi, and plot the points and fits on log axes.",
     )
     nplh.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run folders")
     nplh.add_argument("--lo", type=float, default=0.005, help="fit densities above this (default: 0.005)")

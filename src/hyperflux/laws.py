@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from hyperflux.recipe import differences, load_recipe, read_yaml
+from hyperflux.recipe import RecipeError, differences, load_recipe, read_yaml, validate
 from hyperflux.runfiles import CHECKPOINT, RECIPE, SUMMARY, RunError, RunFolder
 
 # The authors' public ResNet-50 / CIFAR-10 points (method.md section 5): pressure -> density (fraction).
@@ -41,6 +41,7 @@ AUTHORS_RESNET50_CIFAR10: tuple[tuple[float, float], ...] = (
 DEFAULT_PRESSURES: tuple[float, ...] = tuple(2.0**k for k in range(-8, 3))
 NPLH_WINDOW = (0.005, 0.5)  # lo < density <= hi, the region the authors fit
 NPLH_SERIES = ("pressure", "flux_min", "flux_p01")
+BASELINE_SERIES = "importance_min"  # written by the baselines in the epochs where they prune
 MIN_POINTS = 3
 
 
@@ -182,13 +183,16 @@ class Series(NamedTuple):
 
 
 def nplh_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, Series]:
-    """The importance series of a hyperflux run (pressure, smallest and 1st-percentile flux of surviving
-    weights) against density, from the pruning epochs where they were recorded. Non-positive values are left
-    out and counted: P = 0 while the controller lets go, or a sampled negative flux, is no minimum importance."""
+    """The importance series of a run against density. A hyperflux run: the pressure and the smallest and
+    1st-percentile flux of surviving weights, from its pruning epochs. A baseline run: `importance_min`, the
+    threshold of each pruning decision (magnitude, GMP, IMP: the largest |w| removed; Taylor: the smallest
+    |w g| kept), from the epochs that pruned. Non-positive values are left out and counted: P = 0 while the
+    controller lets go, or a sampled negative flux, is no minimum importance."""
     pruning = _pruning_rows(rows)
+    sources = {key: pruning for key in NPLH_SERIES} | {BASELINE_SERIES: rows}
     series = {}
-    for key in NPLH_SERIES:
-        points = [(float(r["density"]), float(r[key])) for r in pruning if r.get(key) is not None]
+    for key, source in sources.items():
+        points = [(float(r["density"]), float(r[key])) for r in source if r.get(key) is not None]
         kept = [p for p in points if p[1] > 0]
         if points:
             series[key] = Series([p[0] for p in kept], [p[1] for p in kept], len(points) - len(kept))
@@ -242,6 +246,16 @@ def sweep_recipe(
     return recipe
 
 
+def _changed_keys(saved_path: Path, recipe: dict[str, Any]) -> list[str]:
+    """Keys in which the recipe saved in a run folder differs from `recipe`; the saved one is validated
+    again first, so a key added to the schema since the run (at its default) is no difference."""
+    try:
+        saved = validate(read_yaml(saved_path), default_name=recipe["name"])
+    except RecipeError as error:
+        return [f"recipe.yaml ({error})"]
+    return differences(saved, recipe)
+
+
 def run_sweep(
     recipe_path: str | Path,
     pressures: Sequence[float],
@@ -265,8 +279,7 @@ def run_sweep(
         folder = Path(runs_dir) / f"P{pressure:g}"
         folders.append(folder)
         if (folder / SUMMARY).is_file():
-            saved = read_yaml(folder / RECIPE)
-            changed = differences(saved, recipe) if isinstance(saved, dict) else ["recipe.yaml"]
+            changed = _changed_keys(folder / RECIPE, recipe)
             if changed:
                 raise RunError(
                     f"{folder}: holds a finished run of another recipe (differs in {', '.join(changed)}); "
