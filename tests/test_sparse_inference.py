@@ -44,16 +44,20 @@ def test_sparse_linear_equals_dense_for_every_input_shape(bias, min_batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_chain_of_sparse_layers_passes_the_transposed_layout_on(dtype):
     torch.manual_seed(0)
-    dense = nn.Sequential(nn.Linear(4096, 64), nn.ReLU(), nn.Linear(64, 10)).to(dtype)
-    for layer in (dense[0], dense[2]):
+    # 4096 inputs run in blocks of 64 columns: blocks of a row-major input, then of a transposed one
+    dense = nn.Sequential(
+        nn.Linear(4096, 64), nn.ReLU(), nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 10)
+    ).to(dtype)
+    for layer in dense[::2]:
         prune(layer, 0.9)
-    sparse = nn.Sequential(SparseLinear(dense[0]), nn.ReLU(), SparseLinear(dense[2]))
+    sparse = nn.Sequential(*(SparseLinear(m) if isinstance(m, nn.Linear) else m for m in dense))
     seen = []
-    sparse[2].register_forward_pre_hook(lambda _m, args: seen.append(args[0].t().is_contiguous()))
+    for layer in sparse[2::2]:
+        layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].t().is_contiguous()))
     with torch.no_grad():
         for x in (torch.randn(100, 4096, dtype=dtype), torch.randn(4096, 100, dtype=dtype).t()):
             torch.testing.assert_close(sparse(x), dense(x), atol=ATOL, rtol=1e-6)
-    assert seen == [True, True]  # the second layer got its input without a copy
+    assert seen == [True] * 4  # every later layer got the transposed layout it computes in
 
 
 @pytest.mark.parametrize(
