@@ -26,6 +26,7 @@ at 90, 95, 98, 99 and 99.5%; LeNet-5 on Fashion-MNIST served at 32x32 (recipes/l
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -132,7 +133,7 @@ def choose_lrs(
         on_target = {m: t for m, t in trials.items() if t["gap_pp"] <= 0.05} or trials
         best = max(on_target, key=lambda m: (on_target[m]["holdout_accuracy"], m == "1"))
         chosen[method] = {"multiplier": float(best), "trials": trials}
-        save_results(json_path, results, command)
+        save_results(json_path, results, command, [model])
     return {method: chosen[method]["multiplier"] for method in methods}
 
 
@@ -146,7 +147,26 @@ def load_results(path: Path) -> dict[str, Any]:
     return {"meta": {}, "records": []}
 
 
-def save_results(path: Path, results: dict[str, Any], command: str) -> None:
+def save_results(path: Path, results: dict[str, Any], command: str, models: list[str] | None = None) -> None:
+    """Write the results; with `models`, this process owns only those models' records and lr choices, and
+    the other models' are taken from the file as it is now, so runs of different models can share one JSON."""
+    if models is not None:
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = load_results(path)
+            results["records"] = [r for r in on_disk["records"] if r["model"] not in models] + [
+                r for r in results["records"] if r["model"] in models
+            ]
+            choice = {m: c for m, c in on_disk.get("lr_choice", {}).items() if m not in models}
+            results["lr_choice"] = choice | {
+                m: c for m, c in results.get("lr_choice", {}).items() if m in models
+            }
+            _write(path, results, command)
+        return
+    _write(path, results, command)
+
+
+def _write(path: Path, results: dict[str, Any], command: str) -> None:
     results["meta"] = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores",
@@ -420,7 +440,7 @@ def main() -> int:
             "lr": recipe["optimizer"]["lr"],
         }
         results["records"].append(record)
-        save_results(json_path, results, command)
+        save_results(json_path, results, command, list(tasks))
         print(
             f"{record['final_accuracy']:.2f}%  sparsity {100 * record['achieved_sparsity']:.3f}%  "
             f"{record['wall_time_s']:.0f}s"
@@ -428,7 +448,7 @@ def main() -> int:
     if todo:
         print(f"ran {len(todo) - len(failed)} cells in {time.perf_counter() - start:.0f}s")
     if not results["meta"]:
-        save_results(json_path, results, command)
+        save_results(json_path, results, command, list(tasks))
     write_reports(results, json_path)
     for model, method, target, seed, why in failed:
         print(f"failed: {model} {method} {target_label(target)}% seed {seed}: {why}", file=sys.stderr)
