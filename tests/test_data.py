@@ -659,3 +659,19 @@ def test_a_holdout_split_replaces_the_test_split_with_unseen_training_samples():
         data.load("digits", holdout=len(full.train))
     with pytest.raises(ValueError, match="holdout must be >= 0"):
         data.load("digits", holdout=-1)
+
+
+def test_a_train_subset_is_a_fixed_part_of_the_training_split_after_the_holdout():
+    full = data.load("digits", holdout=300)
+    bundle = data.load("digits", holdout=300, train_subset=500)
+    assert len(bundle.train) == 500 and torch.equal(bundle.test.images, full.test.images)
+    rows = {tuple(image.flatten().tolist()) for image in full.train.images}
+    assert {tuple(image.flatten().tolist()) for image in bundle.train.images} <= rows
+    again = data.load("digits", holdout=300, train_subset=500)
+    assert torch.equal(bundle.train.images, again.train.images)
+    whole_test = data.load("digits", train_subset=500)
+    assert len(whole_test.test) == len(data.load("digits").test)
+    with pytest.raises(data.DataError, match="more than the"):
+        data.load("digits", train_subset=10_000)
+    with pytest.raises(ValueError, match="train_subset must be >= 1"):
+        data.load("digits", train_subset=0)

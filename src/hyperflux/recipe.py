@@ -224,6 +224,7 @@ SCHEMA: dict[str, Any] = {
         "image_size": Field(224, integer(1)),
         "num_workers": Field(0, integer(0)),
         "holdout": Field(0, integer(0)),
+        "train_subset": Field(None, optional(integer(1))),
     },
     # other keys of `model` are the model's own arguments (checked against its signature)
     "model": {

@@ -124,6 +124,7 @@ def load_data(recipe: dict[str, Any]) -> data.DataBundle:
         augment=spec["augment"],
         image_size=spec["image_size"],
         holdout=spec["holdout"],
+        train_subset=spec["train_subset"],
     )
 
 

@@ -121,7 +121,7 @@ def names() -> list[str]:
     return [*REGISTRY, IMAGE_FOLDER]
 
 
-HOLDOUT_SEED = 0  # the holdout is the same whatever the run's seed, so runs tuned on it compare
+HOLDOUT_SEED = 0  # the holdout and subset are the same whatever the run's seed, so runs on them compare
 
 
 def load(
@@ -131,6 +131,7 @@ def load(
     augment: bool | None = None,
     image_size: int = 224,
     holdout: int = 0,
+    train_subset: int | None = None,
 ) -> DataBundle:
     """Data set `name` from `root` (default: where `fetch` puts it), both splits, with its metadata.
 
@@ -138,13 +139,17 @@ def load(
     (the other sets have their native size; the "-32" names give the 32x32x3 view of the 28x28 sets).
     `holdout` > 0 sets that many training samples aside (a fixed random choice) and serves them as the test
     split, for choosing settings without looking at the test set; the statistics come from the rest.
+    `train_subset` trains on that many samples of the (remaining) training split, a fixed random choice, for
+    budgets where a full epoch costs too much; the test split stays whole.
     """
     root_path = Path(root).expanduser() if root is not None else None
     if holdout < 0:
         raise ValueError(f"holdout must be >= 0, got {holdout}")
+    if train_subset is not None and train_subset < 1:
+        raise ValueError(f"train_subset must be >= 1, got {train_subset}")
     if name == IMAGE_FOLDER:
-        if holdout:
-            raise DataError("a holdout split is supported for in-memory sets, not imagefolder")
+        if holdout or train_subset is not None:
+            raise DataError("holdout and train_subset are supported for in-memory sets, not imagefolder")
         if root_path is None:
             raise DataError(
                 "imagefolder needs root: a folder holding train/<class>/<image> and val/<class>/<image>"
@@ -174,6 +179,11 @@ def load(
             train.subset(order[:-holdout].sort().values),
             train.subset(order[-holdout:].sort().values),
         )
+    if train_subset is not None:
+        if train_subset > len(train):
+            raise DataError(f"train_subset {train_subset} is more than the {len(train)} training samples")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED + 1))
+        train = train.subset(order[:train_subset].sort().values)
     if entry.as_32x3:
         train, test = train.view(pad=2, channels=3), test.view(pad=2, channels=3)
     mean, std = train.channel_stats()
