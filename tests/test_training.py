@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hyperflux.recipe import load_recipe
-from hyperflux.runfiles import RunError
+from hyperflux.runfiles import RunError, RunFolder
 from hyperflux.sparsifier import FLUX_HIST_EDGES
 from hyperflux.training import Trainer, TrainingError, run_recipe
 
@@ -181,3 +181,14 @@ def test_a_holdout_run_evaluates_on_training_samples_set_aside(tmp_path):
     trainer = Trainer(recipe("data.holdout=300"), tmp_path / "again", quiet=True)
     assert len(trainer.train_loader.dataset) == 1437 - 300
     assert sum(len(labels) for _, labels in trainer.test_loader) == 300
+
+
+def test_metrics_csv_keeps_its_columns_when_rows_differ(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.append_metrics({"epoch": 1, "loss": 0.5, "flux_min": None, "layers": {"a": 1.0}})
+    folder.append_metrics({"loss": 0.25, "epoch": 2, "new_key": 7, "flux_min": -1.0})  # reordered, one more
+    folder.append_metrics({"epoch": 3, "flux_min": 2.0})  # one fewer
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["epoch,loss,flux_min", "1,0.5,", "2,0.25,-1.0", "3,,2.0"]
+    assert [row["epoch"] for row in folder.read_metrics()] == [1, 2, 3]
+    assert folder.read_metrics()[1]["new_key"] == 7  # the JSONL keeps everything

@@ -85,19 +85,25 @@ class RunFolder:
 
     # ------------------------------------------------------------- metrics
     def append_metrics(self, row: Mapping[str, Any]) -> None:
-        """One epoch: the full row to JSONL, its scalar columns to CSV (header written with the first row)."""
+        """One epoch: the full row to JSONL, its scalar columns to CSV. The first row's columns are the CSV's:
+        a later row fills them by name (empty where it lacks one; a column it adds is in the JSONL only)."""
         if not self.writer:
             return
         with open(self.file(METRICS_JSONL), "a") as handle:
             handle.write(json.dumps(row, default=_json_default) + "\n")
-        scalars = {k: v for k, v in row.items() if not isinstance(v, dict | list)}
+        scalars = {k: "" if v is None else v for k, v in row.items() if not isinstance(v, dict | list)}
         path = self.file(METRICS_CSV)
-        new = not path.exists() or path.stat().st_size == 0
+        header = None
+        if path.exists() and path.stat().st_size:
+            with open(path, newline="") as handle:
+                header = next(csv.reader(handle), None)
         with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(scalars))
-            if new:
+            writer = csv.DictWriter(
+                handle, fieldnames=header or list(scalars), restval="", extrasaction="ignore"
+            )
+            if header is None:
                 writer.writeheader()
-            writer.writerow({k: "" if v is None else v for k, v in scalars.items()})
+            writer.writerow(scalars)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.file(METRICS_JSONL)
