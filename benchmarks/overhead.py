@@ -1,7 +1,9 @@
 """Training-time overhead of hyperflux: time per epoch of a prepared model against the same model dense.
 
-Pairs alternate (dense then hyperflux, hyperflux then dense, ...) in one process so machine noise hits both alike; the ratio is
-the median over pairs. Peak memory is the exact byte count of what a training step holds.
+Rounds alternate (dense, hyperflux, gates only; then the reverse order) in one process so machine noise hits all
+alike; each ratio is the median over rounds. "Gates only" is the prepared model with both gate gradients computed
+but no mask optimiser and no pressure: the share of the overhead that the gate's forward and backward cost.
+Peak memory is the exact byte count of what a training step holds.
 
     .venv/bin/python benchmarks/overhead.py [--pairs 5] [--out benchmarks/results/overhead.json]
 """
@@ -53,7 +55,7 @@ CASES = {
 class Run:
     """One model, its data and optimiser, trained dense or with hyperflux."""
 
-    def __init__(self, case: str, pruned: bool, samples: int | None = None) -> None:
+    def __init__(self, case: str, pruned: bool, samples: int | None = None, gate_only: bool = False) -> None:
         build, default_samples = CASES[case]
         torch.manual_seed(0)
         samples = samples or default_samples
@@ -73,8 +75,12 @@ class Run:
             groups = self.hf.param_groups(lr=5e-3)
         else:
             groups = [{"params": list(self.model.parameters()), "lr": 5e-3}]
+        # gate_only: the gates' forward and backward (both gradients) alone, no mask optimiser, no pressure
+        self.dropped = [g.logits for g in self.hf.gates] if gate_only else []
+        if gate_only:
+            groups = groups[:1]
         self.optimizer = torch.optim.Adam(groups, fused=True)
-        if self.hf is not None:
+        if self.hf is not None and not gate_only:
             self.hf.attach(self.optimizer)
 
     def epoch(self) -> float:
@@ -82,6 +88,8 @@ class Run:
         for i in range(0, len(self.x), BATCH):
             loss = F.cross_entropy(self.model(self.x[i : i + BATCH]), self.y[i : i + BATCH])
             self.optimizer.zero_grad(set_to_none=True)
+            for param in self.dropped:
+                param.grad = None
             loss.backward()
             self.optimizer.step()
         if self.hf is not None:
@@ -132,23 +140,24 @@ def main() -> None:
 
     records = []
     for case in CASES:
-        dense, pruned = Run(case, False), Run(case, True)
-        dense.epoch(), pruned.epoch()  # warm-up
-        pairs = []
-        for i in range(args.pairs):  # the order flips every pair so a drifting machine favours neither
-            if i % 2:
-                hf_s = pruned.epoch()
-                pairs.append((dense.epoch(), hf_s))
-            else:
-                pairs.append((dense.epoch(), pruned.epoch()))
-        dense_s = statistics.median(d for d, _ in pairs)
-        pruned_s = statistics.median(p for _, p in pairs)
-        ratio = statistics.median(p / d for d, p in pairs)
+        dense, pruned, gates = Run(case, False), Run(case, True), Run(case, True, gate_only=True)
+        runs = (dense, pruned, gates)
+        for run in runs:  # warm-up
+            run.epoch()
+        times = []
+        for i in range(args.pairs):  # the order flips every round so a drifting machine favours none
+            seconds = {id(run): run.epoch() for run in (runs if i % 2 == 0 else runs[::-1])}
+            times.append(tuple(seconds[id(run)] for run in runs))
+        dense_s = statistics.median(d for d, _, _ in times)
+        pruned_s = statistics.median(p for _, p, _ in times)
+        ratio = statistics.median(p / d for d, p, _ in times)
+        gate_ratio = statistics.median(g / d for d, _, g in times)
         mem_dense, mem_pruned = training_memory(dense), training_memory(pruned)
         records.append(
             {
                 "model": case,
                 "ratio": round(ratio, 4),
+                "gates_only_ratio": round(gate_ratio, 4),
                 "dense_epoch_s": round(dense_s, 4),
                 "hyperflux_epoch_s": round(pruned_s, 4),
                 "pairs": args.pairs,
@@ -158,11 +167,12 @@ def main() -> None:
             }
         )
     print(
-        f"{'model':<12} {'dense s':>8} {'hyperflux s':>12} {'ratio':>7} {'mem dense MB':>13} {'mem hf MB':>10} {'mem ratio':>9}"
+        f"{'model':<12} {'dense s':>8} {'hyperflux s':>12} {'ratio':>7} {'gates only':>10} {'mem dense MB':>13} {'mem hf MB':>10} {'mem ratio':>9}"
     )
     for r in records:
         print(
             f"{r['model']:<12} {r['dense_epoch_s']:>8.3f} {r['hyperflux_epoch_s']:>12.3f} {r['ratio']:>7.3f} "
+            f"{r['gates_only_ratio']:>10.3f} "
             f"{r['peak_memory_dense_mb']:>13.1f} {r['peak_memory_hyperflux_mb']:>10.1f} {r['peak_memory_ratio']:>9.3f}"
         )
     meta = {
