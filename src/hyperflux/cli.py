@@ -26,15 +26,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _set_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--set KEY=VALUE`, repeatable, collected in `assignments`."""
+    parser.add_argument(
+        "--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[], help=help
+    )
+
+
 def _recipe_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see recipes/)")
-    parser.add_argument(
-        "--set",
-        dest="assignments",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="override a recipe key, e.g. --set optimizer.lr=0.01 (repeatable; value parsed as YAML)",
+    _set_argument(
+        parser, "override a recipe key, e.g. --set optimizer.lr=0.01 (repeatable; value parsed as YAML)"
     )
     parser.add_argument("--out", metavar="DIR", help=f"run folder (default: {default_out})")
     parser.add_argument(
@@ -187,14 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="runs/pressure-sweep",
         help="sweep run folders (default: %(default)s)",
     )
-    pressure.add_argument(
-        "--set",
-        dest="assignments",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="override a key of the sweep's recipe (repeatable)",
-    )
+    _set_argument(pressure, "override a key of the sweep's recipe (repeatable)")
     pressure.add_argument(
         "--predict", type=float, metavar="DENSITY", help="print the pressure the fit gives for this density"
     )
