@@ -169,18 +169,20 @@ def save_results(path: Path, results: dict[str, Any], command: str, models: list
             results["lr_choice"] = choice | {
                 m: c for m, c in results.get("lr_choice", {}).items() if m in models
             }
-            _write(path, results, command)
+            commands = {**on_disk.get("meta", {}).get("commands", {}), **{m: command for m in models}}
+            _write(path, results, command, commands)
         return
     _write(path, results, command)
 
 
-def _write(path: Path, results: dict[str, Any], command: str) -> None:
+def _write(path: Path, results: dict[str, Any], command: str, commands: dict[str, str] | None = None) -> None:
     results["meta"] = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores",
         "threads": "1 per cell (the LeNet-300-100 recipes say so; the LeNet-5 task sets it)",
         "torch": torch.__version__,
         "command": command,
+        "commands": commands or {},  # per model, where processes ran the models side by side
         "lr_rule": "each method's lrs: the recipe's scaled by the multiplier in lr_choice (0.5, 1 or 2, "
         "best final holdout accuracy on a 6+4 epoch budget); --quick: the recipe's",
     }
@@ -244,6 +246,9 @@ def print_table(records: list[dict[str, Any]]) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     records, meta, choice = results["records"], results["meta"], results.get("lr_choice", {})
+    commands = ", ".join(f"`{c}`" for c in sorted(set(meta.get("commands", {}).values()))) or (
+        f"`{meta.get('command', '')}`"
+    )
     table = groups(records)
     names = {"lenet300": "LeNet-300-100 / MNIST", "lenet5": "LeNet-5 / Fashion-MNIST 32x32"}
     lr_rule = (
@@ -254,12 +259,13 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "## Accuracy against sparsity: hyperflux and its peers",
         "",
-        f"`{meta.get('command', '')}` on {meta.get('machine', '')}, {meta.get('date', '')}. Final-epoch test "
+        f"{commands} on {meta.get('machine', '')}, {meta.get('date', '')}. Final-epoch test "
         "accuracy (%), mean ± std over seeds; every method on the same recipe (data, model, trainer, epoch "
-        f"budget; {lr_rule}). Best mean in bold.",
+        f"budget; {lr_rule}). Best mean among the methods within 0.05 pp of the target in bold; a method that "
+        "misses the target shows the sparsity it reached.",
         "",
     ]
-    for model, methods in choice.items():
+    for model, methods in sorted(choice.items(), key=lambda item: list(TASKS).index(item[0])):
         lines += [
             f"lr multiplier chosen for {names.get(model, model)} (holdout accuracy % at 0.5x / 1x / 2x):",
             "",
@@ -277,9 +283,13 @@ def markdown(results: dict[str, Any]) -> str:
         some = next(cell for (m, _, _), cell in table.items() if m == model)
         lines += [f"### {names.get(model, model)} ({some[0]['epochs']} epochs)", ""]
         lines += ["| target | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
+        counts = {
+            stats(table[(model, t, m)])["n"] for t in targets for m in methods if (model, t, m) in table
+        }
         for target in targets:
             cells = {m: stats(table[(model, target, m)]) for m in methods if (model, target, m) in table}
-            best = max(s["mean"] for s in cells.values())
+            on_target = [s["mean"] for s in cells.values() if s["worst_gap_pp"] <= 0.05]
+            best = max(on_target, default=None)
             row = []
             for m in methods:
                 if m not in cells:
@@ -287,7 +297,11 @@ def markdown(results: dict[str, Any]) -> str:
                     continue
                 s = cells[m]
                 text = f"{s['mean']:.2f} ± {s['std']:.2f}"
-                row.append(f"**{text}**" if s["mean"] == best else text)
+                if len(counts) > 1:
+                    text += f" (n={s['n']})"
+                if s["worst_gap_pp"] > 0.05:
+                    text += f" (at {100 * s['sparsity']:.2f}%)"
+                row.append(f"**{text}**" if s["mean"] == best and s["worst_gap_pp"] <= 0.05 else text)
             lines.append(f"| {target_label(target)}% | " + " | ".join(row) + " |")
         lines += ["", "Achieved sparsity (%, mean over seeds) / wall time per cell (s, mean):", ""]
         lines += ["| target | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
