@@ -191,20 +191,22 @@ FLUX_SERIES = (("flux_min", "smallest", "o"), ("flux_p01", "1st percentile", "^"
 
 
 def _flux_pressure_points(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float, float]]:
-    """(epoch, pressure, flux) of the rows where both are positive: a log axis has no room for the rest."""
+    """(epoch, pressure, flux) of the rows with a positive pressure and a flux figure (of either sign: a
+    sampled flux estimate of a survivor is often negative, and the plot should show it)."""
     return [
         (r["epoch"], float(r["pressure"]), float(r[key]))
         for r in rows
-        if (r.get("pressure") or 0) > 0 and (r.get(key) or 0) > 0
+        if (r.get("pressure") or 0) > 0 and r.get(key) is not None
     ]
 
 
 def plot_flux_vs_pressure(rows: list[dict[str, Any]], path: Path) -> None:
-    """Smallest (and 1st-percentile) surviving flux against the pressure, log-log, with y = x; the colour is
-    the epoch."""
+    """Smallest (and 1st-percentile) surviving flux against the pressure, with y = x; log pressure, symmetric
+    log flux (linear within a tenth of the smallest pressure, so negative estimates show); the colour is the
+    epoch."""
     fig, ax = _figure("Surviving flux against the pressure", "pressure P", "surviving flux (pressure units)")
     epochs = [r["epoch"] for r in rows]
-    values = []
+    pressures: list[float] = []
     for key, label, marker in FLUX_SERIES:
         points = _flux_pressure_points(rows, key)
         if not points:
@@ -223,12 +225,13 @@ def plot_flux_vs_pressure(rows: list[dict[str, Any]], path: Path) -> None:
             zorder=2,
             label=label,
         )
-        values += [*pressure, *flux]
+        pressures += list(pressure)
     fig.colorbar(dots, ax=ax, label="epoch")
-    low, high = min(values) / 2, max(values) * 2
+    low, high = min(pressures) / 2, max(pressures) * 2
     ax.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1, label="flux = pressure")
+    ax.axhline(0.0, color="gray", linewidth=0.6)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_yscale("symlog", linthresh=min(pressures) / 10)
     ax.legend()
     _save(fig, path)
 
