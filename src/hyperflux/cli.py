@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="the sweep's pressures (default: 2^-8 .. 2^2, 11 values)",
     )
-    pressure.add_argument("--epochs", type=int, default=40, help="pruning epochs per sweep run (default: 40)")
+    pressure.add_argument("--epochs", type=int, default=50, help="pruning epochs per sweep run (default: 50)")
     pressure.add_argument(
         "--runs",
         metavar="DIR",
