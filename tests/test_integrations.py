@@ -75,6 +75,56 @@ def test_lightning_callback_prunes_and_logs(tmp_path):
     assert float(rows[0]["hyperflux/density"]) > float(rows[-1]["hyperflux/density"])
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
+)
+def test_lightning_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from hyperflux.integrations.lightning import HyperfluxCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def fit(max_epochs: int, folder, ckpt_path=None) -> HyperfluxCallback:
+        torch.manual_seed(0)
+        module = Tiny()
+        callback = HyperfluxCallback(0.8, pruning_epochs=4, regrowth_epochs=2, mask_lr=0.05)
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            default_root_dir=folder,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[callback, ModelCheckpoint(dirpath=folder, save_last=True)],
+        )
+        loader = torch.utils.data.DataLoader(TensorDataset(*toy_data()), batch_size=16)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return callback
+
+    whole = fit(6, tmp_path / "whole").hf
+    first = fit(3, tmp_path / "parts")
+    assert first.hf.period == 3 and not first.hf.frozen
+    resumed = fit(6, tmp_path / "parts", ckpt_path=tmp_path / "parts" / "last.ckpt").hf
+    assert resumed.period == 6 and resumed.frozen
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+    for a, b in zip(resumed.gates, whole.gates, strict=True):
+        assert torch.equal(a.mask(), b.mask())
+        torch.testing.assert_close(a.logits, b.logits)
+
+
 class DictSet(Dataset):
     def __init__(self) -> None:
         self.x, self.y = toy_data()

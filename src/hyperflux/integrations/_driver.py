@@ -39,6 +39,7 @@ class MaskDriver:
         self.optimizer: torch.optim.Optimizer | None = None
         self.host_optimizers: list[torch.optim.Optimizer] = []
         self.last_step = 0
+        self.pending: dict[str, Any] | None = None  # a checkpoint's state, applied once the optimiser exists
 
     def build(self, model: nn.Module) -> Hyperflux:
         """Mask the model, once: before the host builds its optimiser or wraps the model in DDP, so DDP
@@ -63,6 +64,32 @@ class MaskDriver:
             betas=self.mask_betas,
         )
         self.hf.attach(self.optimizer)
+        if self.pending is not None:
+            self.load_state_dict(self.pending)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sparsifier's schedule, the mask optimiser and the period clock, for the host's checkpoints (the
+        logits themselves are model parameters and travel with the model's state)."""
+        if self.hf is None or self.optimizer is None:
+            return {} if self.pending is None else self.pending
+        return {
+            "hf": self.hf.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; before the mask optimiser exists (hosts restore callbacks before they build
+        optimisers) it is kept and applied by `take_over`."""
+        if not state:
+            return
+        if self.hf is None or self.optimizer is None:
+            self.pending = dict(state)
+            return
+        self.hf.load_state_dict(state["hf"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.last_step = state["last_step"]
+        self.pending = None
 
     def step_masks(self, grad_scale: float | None = None) -> None:
         """One mask-optimiser step on the logits' accumulated gradients, then clear them. `grad_scale` is the

@@ -71,6 +71,13 @@ class HyperfluxCallback(pl.Callback):
         if self.driver.every_n_steps is None:
             self._close(pl_module)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved by Lightning in its checkpoints, so `fit(ckpt_path=...)` resumes the schedule too."""
+        return self.driver.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.driver.load_state_dict(state_dict)
+
     def _close(self, pl_module: pl.LightningModule) -> None:
         metrics = self.driver.close_period()
         if metrics is not None:
