@@ -184,3 +184,45 @@ def test_transformers_callback_prunes_and_logs(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "hyperflux/density" in entry]
     assert len(logged) == 5 and set(logged[0]) >= HYPERFLUX_KEYS
     assert logged[0]["hyperflux/density"] > logged[-1]["hyperflux/density"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
+    reason="transformers or accelerate not installed (extra `hf`)",
+)
+def test_transformers_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hyperflux.integrations.transformers import STATE_FILE, HyperfluxTrainerCallback
+
+    def train(folder, epochs: int, resume: bool = False) -> HyperfluxTrainerCallback:
+        torch.manual_seed(0)
+        callback = HyperfluxTrainerCallback(0.8, pruning_epochs=4, regrowth_epochs=2, mask_lr=0.05)
+        args = TrainingArguments(
+            output_dir=str(folder),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=16,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",  # the same schedule however many epochs a call asks for
+            use_cpu=True,
+            report_to=[],
+            save_strategy="epoch",
+            logging_steps=1000,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = Trainer(model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume or None)
+        return callback
+
+    whole = train(tmp_path / "whole", 6).hf
+    first = train(tmp_path / "parts", 3)
+    assert first.hf.period == 3 and (tmp_path / "parts" / "checkpoint-48" / STATE_FILE).is_file()
+    resumed = train(tmp_path / "parts", 6, resume=True)  # the Trainer's own optimiser state loads too
+    hf = resumed.hf
+    assert hf.period == 6 and hf.frozen
+    assert hf.scheduler.state_dict() == whole.scheduler.state_dict()
+    for a, b in zip(hf.gates, whole.gates, strict=True):
+        assert torch.equal(a.mask(), b.mask())
+        torch.testing.assert_close(a.logits, b.logits)
+    assert not host_params(resumed.driver.host_optimizers[0]) & {id(p) for p in hf.mask_parameters()}

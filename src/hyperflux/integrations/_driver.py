@@ -38,6 +38,7 @@ class MaskDriver:
         self.hf: Hyperflux | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.host_optimizers: list[torch.optim.Optimizer] = []
+        self.host_groups: list[list[list[torch.Tensor]]] = []
         self.last_step = 0
         self.pending: dict[str, Any] | None = None  # a checkpoint's state, applied once the optimiser exists
 
@@ -53,11 +54,11 @@ class MaskDriver:
         the weights' lr and decay) and give them their own Adam, attached so its step applies the pressure."""
         if self.optimizer is not None:
             return
-        logit_ids = {id(p) for p in self.hf.mask_parameters()}
         self.host_optimizers = list(host_optimizers)
-        for optimizer in self.host_optimizers:
-            for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in logit_ids]
+        self.host_groups = [
+            [list(group["params"]) for group in optimizer.param_groups] for optimizer in self.host_optimizers
+        ]
+        self.hide_logits()
         self.optimizer = torch.optim.Adam(
             [{"params": list(self.hf.mask_parameters()), "weight_decay": 0.0}],
             lr=self.hf.base_mask_lr,
@@ -66,6 +67,20 @@ class MaskDriver:
         self.hf.attach(self.optimizer)
         if self.pending is not None:
             self.load_state_dict(self.pending)
+
+    def hide_logits(self) -> None:
+        """Take the logits out of the host optimisers' groups (they hold no state there: never stepped)."""
+        logit_ids = {id(p) for p in self.hf.mask_parameters()}
+        for optimizer in self.host_optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in logit_ids]
+
+    def show_logits(self) -> None:
+        """Put the host optimisers' groups back as the host built them, for a host that saves its optimiser's
+        state and will load it into a freshly built optimiser (which holds the logits) on resume."""
+        for optimizer, groups in zip(self.host_optimizers, self.host_groups, strict=True):
+            for group, params in zip(optimizer.param_groups, groups, strict=True):
+                group["params"] = list(params)
 
     def state_dict(self) -> dict[str, Any]:
         """The sparsifier's schedule, the mask optimiser and the period clock, for the host's checkpoints (the

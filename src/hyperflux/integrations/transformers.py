@@ -6,11 +6,15 @@ before accelerate wraps the model, so DDP all-reduces the logits too), moves the
 optimiser to their own Adam in `on_train_begin`, steps that Adam in `on_optimizer_step` (once per real step
 under gradient accumulation), closes a period every epoch or every `every_n_steps` steps, and adds
 `hyperflux/density`, `/sparsity`, `/pressure` and `/period` to the Trainer's logs (a log is requested at each
-period's end). fp16 with a loss scaler is not supported (the scaler is out of a callback's reach); bf16 is.
+period's end). Each checkpoint folder gets `hyperflux.pt` (schedule, mask optimiser, period clock), read back
+when the Trainer resumes from a checkpoint under `output_dir`. fp16 with a loss scaler is not supported (the
+scaler is out of a callback's reach); bf16 is.
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +22,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from hyperflux.integrations._driver import MaskDriver
 from hyperflux.sparsifier import Hyperflux
+
+STATE_FILE = "hyperflux.pt"  # the callback's state, beside the Trainer's in each checkpoint folder
 
 
 class HyperfluxTrainerCallback(TrainerCallback):
@@ -67,6 +73,8 @@ class HyperfluxTrainerCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         self.driver.build(model)  # a no-op unless the callback was added after the Trainer was built
+        if state.global_step > 0:  # resumed: the checkpoint the Trainer restored holds the schedule
+            self._load(args, state)
         self.driver.take_over([optimizer])
 
     def on_optimizer_step(
@@ -79,12 +87,44 @@ class HyperfluxTrainerCallback(TrainerCallback):
     ) -> None:
         if self.driver.every_n_steps is not None and self.driver.due(state.global_step):
             self._close(control)
+        self._before_save(control)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.driver.every_n_steps is None:
             self._close(control)
+        self._before_save(control)
+
+    def _before_save(self, control: TrainerControl) -> None:
+        # The Trainer saves its optimiser's state next; saved with the logits in its groups, it loads into the
+        # optimiser a resumed Trainer builds (which holds them) instead of failing on the group sizes.
+        if control.should_save:
+            self.driver.show_logits()
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.driver.hide_logits()
+        if state.is_world_process_zero:
+            torch.save(self.driver.state_dict(), self._checkpoint(args, state) / STATE_FILE)
+
+    def _checkpoint(self, args: TrainingArguments, state: TrainerState) -> Path:
+        return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+    def _load(self, args: TrainingArguments, state: TrainerState) -> None:
+        candidates = [self._checkpoint(args, state) / STATE_FILE]
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.insert(0, Path(args.resume_from_checkpoint) / STATE_FILE)
+        found = next((path for path in candidates if path.is_file()), None)
+        if found is None:
+            warnings.warn(
+                f"resuming at step {state.global_step} without {STATE_FILE} (looked in "
+                f"{', '.join(str(p.parent) for p in candidates)}): the hyperflux schedule starts over",
+                stacklevel=2,
+            )
+            return
+        self.driver.load_state_dict(torch.load(found, weights_only=False))
 
     def on_log(
         self,
