@@ -32,6 +32,9 @@ from torch.nn.utils import parametrize
 # least this many weights (measured faster at batch 1 and 256 on the CPUs this was built on).
 MODELLED_DENSITY = 0.05
 MODELLED_MIN_WEIGHTS = 2**17
+# A layer converts only when measured at least this much faster: a tie within the machine's timing noise
+# (a few percent here) is no reason to swap a layer, and swapped ties made whole models 0.95x at batch 1.
+MIN_GAIN = 0.05
 # A sparse matmul reads a row of the transposed input per non-zero weight: batches are cut into blocks of
 # about this many input bytes so those rows come from the L2 cache (1.7x faster on 4096-wide layers).
 CACHE_BYTES = 2**20
@@ -217,10 +220,10 @@ def compare_ms(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: in
 
 
 def _faster(choice: LayerChoice, dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: int) -> bool:
-    """Time both forms on `x`, record the times in `choice`, and say whether sparse won."""
+    """Time both forms on `x`, record the times in `choice`, and say whether sparse won by `MIN_GAIN`."""
     dense_ms, sparse_ms = compare_ms(dense, sparse, x, repeats)
     choice.timings[x.shape[0]] = (dense_ms, sparse_ms)
-    return sparse_ms < dense_ms
+    return sparse_ms < (1 - MIN_GAIN) * dense_ms
 
 
 @torch.no_grad()
@@ -248,7 +251,8 @@ def plan_sparse_inference(
     """Choose, per Linear and Conv2d layer, whether its sparse form is faster.
 
     With `example` (a batch of real inputs) every layer at or below `max_density` is timed dense and sparse on
-    the input it sees, at batch 1 and at the example's batch, and goes sparse if faster at both. A Linear that
+    the input it sees, at batch 1 and at the example's batch, and goes sparse if at least `MIN_GAIN` (5%)
+    faster at both. A Linear that
     is faster sparse at the example's batch only goes sparse from the measured crossover batch. Without
     it, the choice is modelled: Linear layers of at most `MODELLED_DENSITY` and `MODELLED_MIN_WEIGHTS` weights.
     """
