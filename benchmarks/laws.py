@@ -49,12 +49,11 @@ NPLH_METHODS = ("gmp", "imp", "taylor")
 ORDER_RECIPE = ROOT / "recipes" / "lenet300-mnist-98.yaml"
 
 
-def final_row(folder: Path) -> dict[str, Any]:
-    return laws.read_run(folder)[1][-1]
-
-
 # ----------------------------------------------------------------- 1, 2: the pressure law and a prediction
-def pressure_law(runs: Path) -> tuple[dict[str, Any], laws.PressureFit, list[tuple[float, float]]]:
+def pressure_law(
+    runs: Path,
+) -> tuple[dict[str, Any], laws.PressureFit, laws.PressureFit, list[tuple[float, float]]]:
+    """The sweep's record, its fit, the fit of the authors' points, and the converged (pressure, density)."""
     folders = laws.run_sweep(
         SWEEP_RECIPE, laws.DEFAULT_PRESSURES, SWEEP_EPOCHS, runs / "sweep", SWEEP_SET, log=sys.stdout
     )
@@ -68,7 +67,7 @@ def pressure_law(runs: Path) -> tuple[dict[str, Any], laws.PressureFit, list[tup
                 "pressure": pressure,
                 "density": last["density"],
                 "converged": density is not None,
-                "last_epochs_spread": spread(rows),
+                "last_epochs_spread": laws.density_spread(rows, WINDOW),
                 "test_accuracy": last["test_accuracy"],
                 "flux_min": last.get("flux_min"),
                 "flux_p01": last.get("flux_p01"),
@@ -79,13 +78,7 @@ def pressure_law(runs: Path) -> tuple[dict[str, Any], laws.PressureFit, list[tup
     fit = laws.fit_pressure_law(*zip(*converged, strict=True))
     authors = laws.fit_pressure_law(*zip(*laws.AUTHORS_RESNET50_CIFAR10, strict=True))
     record = {**fit_record(fit), "points": points, "authors_resnet50_cifar10": fit_record(authors)}
-    return record, fit, converged
-
-
-def spread(rows: list[dict[str, Any]]) -> float:
-    """(max - min) / last of the density over the last WINDOW epochs: the convergence measure."""
-    last = [r["density"] for r in rows[-WINDOW:]]
-    return (max(last) - min(last)) / last[-1] if last[-1] > 0 else math.inf
+    return record, fit, authors, converged
 
 
 def fit_record(fit: laws.PressureFit) -> dict[str, Any]:
@@ -118,11 +111,17 @@ def run_method(runs: Path, method: str) -> Path:
     return folder
 
 
-def power_fit(densities: list[float], importances: list[float]) -> dict[str, Any]:
+def power_fit(densities: list[float], importances: list[float]) -> laws.PowerFit | str:
+    """The NPLH fit of one series, or why it cannot be fitted."""
     try:
-        fit = laws.fit_power_law(densities, importances)
+        return laws.fit_power_law(densities, importances)
     except ValueError as error:
-        return {"exponent": None, "r2": None, "n": 0, "error": str(error)}
+        return str(error)
+
+
+def power_record(fit: laws.PowerFit | str) -> dict[str, Any]:
+    if isinstance(fit, str):
+        return {"exponent": None, "r2": None, "n": 0, "error": fit}
     return {"exponent": fit.exponent, "c": fit.c, "r2": fit.r2, "n": fit.n}
 
 
@@ -242,7 +241,7 @@ def without_weights(trainer: Trainer, drop: torch.Tensor) -> float:
 TELEMETRY_RUNS = {"sweep_p0.0625": ("sweep", "P0.0625"), "order_run": ("order", "")}
 
 
-def plots(out: Path, runs: Path, converged, fit, series, nplh_fits) -> None:
+def plots(out: Path, runs: Path, converged, fit, authors, series, nplh_fits) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, (part, sub) in TELEMETRY_RUNS.items():  # what `hyperflux report` draws, for LAWS.md
         rows = laws.read_run(runs / part / sub)[1]
@@ -252,21 +251,15 @@ def plots(out: Path, runs: Path, converged, fit, series, nplh_fits) -> None:
     laws.plot_pressure_law(
         [
             ("LeNet-300-100 / MNIST", [p for p, _ in converged], [s for _, s in converged], fit),
-            (
-                "authors ResNet-50 / CIFAR-10",
-                authors_p,
-                authors_s,
-                laws.fit_pressure_law(authors_p, authors_s),
-            ),
+            ("authors ResNet-50 / CIFAR-10", authors_p, authors_s, authors),
         ],
         out / "pressure_law.png",
     )
-    fitted = []
-    for label, (densities, importances) in series.items():
-        if nplh_fits[label]["exponent"] is None:
-            continue
-        fit_ = laws.fit_power_law(densities, importances)
-        fitted.append((label, densities, importances, fit_))
+    fitted = [
+        (label, *series[label], power)
+        for label, power in nplh_fits.items()
+        if isinstance(power, laws.PowerFit)
+    ]
     laws.plot_nplh(fitted, out / "nplh.png")
 
 
@@ -333,7 +326,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "laws.json")
     args = parser.parse_args()
 
-    law, fit, converged = pressure_law(args.runs)
+    law, fit, authors, converged = pressure_law(args.runs)
     pred = prediction(args.runs, fit)
     nplh_fits, series = nplh(args.runs, law["points"], converged)
     results = {
@@ -351,13 +344,13 @@ def main() -> int:
         },
         "pressure_law": law,
         "prediction": pred,
-        "nplh": nplh_fits,
+        "nplh": {label: power_record(power) for label, power in nplh_fits.items()},
         "nplh_points": {label: {"densities": d, "importances": i} for label, (d, i) in series.items()},
         "regrowth_and_order": regrowth_and_order(args.runs),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    plots(args.out.parent / "laws", args.runs, converged, fit, series, nplh_fits)
+    plots(args.out.parent / "laws", args.runs, converged, fit, authors, series, nplh_fits)
     text = markdown(results)
     args.out.with_suffix(".md").write_text(text)
     print(text)

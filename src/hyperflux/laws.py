@@ -148,11 +148,22 @@ def converged_density(rows: Sequence[Mapping[str, Any]], window: int = 5, tol: f
     ((max - min) / last <= tol)."""
     if window < 2 or not tol >= 0:
         raise ValueError(f"need window >= 2 and tol >= 0, got {window} and {tol:g}")
+    spread = density_spread(rows, window)
+    if spread is None or spread > tol:
+        return None
+    return float(_pruning_rows(rows)[-1]["density"])
+
+
+def density_spread(rows: Sequence[Mapping[str, Any]], window: int = 5) -> float | None:
+    """(max - min) / last of the density over the last `window` pruning epochs (None with fewer epochs; 0 for
+    a run stuck at density 0, infinite for one that just reached it): the measure of convergence."""
     densities = [float(r["density"]) for r in _pruning_rows(rows)][-window:]
     if len(densities) < window:
         return None
     spread = max(densities) - min(densities)
-    return densities[-1] if spread <= tol * densities[-1] else None
+    if densities[-1] > 0:
+        return spread / densities[-1]
+    return 0.0 if spread == 0 else math.inf
 
 
 def fit_power_law(
