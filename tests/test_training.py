@@ -192,3 +192,17 @@ def test_metrics_csv_keeps_its_columns_when_rows_differ(tmp_path):
     assert lines == ["epoch,loss,flux_min", "1,0.5,", "2,0.25,-1.0", "3,,2.0"]
     assert [row["epoch"] for row in folder.read_metrics()] == [1, 2, 3]
     assert folder.read_metrics()[1]["new_key"] == 7  # the JSONL keeps everything
+
+
+def test_a_run_saved_before_a_recipe_key_existed_still_resumes(tmp_path):
+    assert run_recipe(recipe(), tmp_path, quiet=True, stop_after=1) is None
+    path = tmp_path / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["recipe"]["data"]["holdout"]  # as a run started before `data.holdout` was added
+    torch.save(checkpoint, path)
+    assert run_recipe(recipe(), tmp_path, quiet=True, resume=True) is not None
+    checkpoint["recipe"]["data"]["holdout"] = 300  # a real change is still refused
+    torch.save(checkpoint, path)
+    (tmp_path / "summary.json").unlink()
+    with pytest.raises(RunError, match=re.escape("(data.holdout)")):
+        run_recipe(recipe(), tmp_path, quiet=True, resume=True)

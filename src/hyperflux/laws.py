@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from hyperflux.recipe import RecipeError, differences, load_recipe, read_yaml, validate
+from hyperflux.recipe import changes_since, load_recipe, read_yaml
 from hyperflux.runfiles import CHECKPOINT, RECIPE, SUMMARY, RunError, RunFolder
 
 # The authors' public ResNet-50 / CIFAR-10 points (method.md section 5): pressure -> density (fraction).
@@ -257,16 +257,6 @@ def sweep_recipe(
     return recipe
 
 
-def _changed_keys(saved_path: Path, recipe: dict[str, Any]) -> list[str]:
-    """Keys in which the recipe saved in a run folder differs from `recipe`; the saved one is validated
-    again first, so a key added to the schema since the run (at its default) is no difference."""
-    try:
-        saved = validate(read_yaml(saved_path), default_name=recipe["name"])
-    except RecipeError as error:
-        return [f"recipe.yaml ({error})"]
-    return differences(saved, recipe)
-
-
 def run_sweep(
     recipe_path: str | Path,
     pressures: Sequence[float],
@@ -290,7 +280,7 @@ def run_sweep(
         folder = Path(runs_dir) / f"P{pressure:g}"
         folders.append(folder)
         if (folder / SUMMARY).is_file():
-            changed = _changed_keys(folder / RECIPE, recipe)
+            changed = changes_since(read_yaml(folder / RECIPE), recipe)
             if changed:
                 raise RunError(
                     f"{folder}: holds a finished run of another recipe (differs in {', '.join(changed)}); "

@@ -7,6 +7,7 @@ every key filled in, which the trainer saves next to its results. Errors name th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import inspect
@@ -468,6 +469,17 @@ def load_recipe(path: str | Path, assignments: Sequence[str] = ()) -> dict[str, 
 
 def dump(recipe: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=None)
+
+
+def changes_since(saved: Any, recipe: Mapping[str, Any]) -> list[str]:
+    """Dotted keys in which `recipe` differs from the recipe an earlier run saved. The saved one is validated
+    again first, so a key the schema gained since then (at its default) is no change; a saved recipe that no
+    longer validates is compared as it is."""
+    if not isinstance(saved, Mapping):
+        return ["the saved recipe (not a mapping)"]
+    with contextlib.suppress(RecipeError):
+        saved = validate(copy.deepcopy(dict(saved)), default_name=recipe["name"])
+    return differences(saved, recipe)
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from hyperflux import baselines, data, distributed, models
 from hyperflux.baselines import Baseline
-from hyperflux.recipe import BASELINE_METHODS, RecipeError, differences, load_recipe
+from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, load_recipe
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
 from hyperflux.selection import select_targets
@@ -355,7 +355,7 @@ class Trainer:
             raise RunError(
                 f"{self.files.path} holds a `{checkpoint['kind']}` run; resume it with that command"
             )
-        changed = [k for k in differences(checkpoint["recipe"], self.recipe) if k not in RESUMABLE_CHANGES]
+        changed = [k for k in changes_since(checkpoint["recipe"], self.recipe) if k not in RESUMABLE_CHANGES]
         if changed:
             raise RunError(
                 f"the recipe differs from the one {self.files.path} was started with ({', '.join(changed)}); "
