@@ -25,14 +25,9 @@ def host_params(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
-)
-def test_lightning_callback_prunes_and_logs(tmp_path):
+def lightning_module(configure_optimizers):
+    """The toy classifier as a LightningModule whose optimisers `configure_optimizers(module)` builds."""
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import CSVLogger
-
-    from hyperflux.integrations.lightning import HyperfluxCallback
 
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
@@ -44,11 +39,27 @@ def test_lightning_callback_prunes_and_logs(tmp_path):
             return F.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 2)]
+            return configure_optimizers(self)
+
+    return Tiny()
+
+
+def adamw_with_steps(module):
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.1)
+    return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 2)]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
+)
+def test_lightning_callback_prunes_and_logs(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from hyperflux.integrations.lightning import HyperfluxCallback
 
     torch.manual_seed(0)
-    module = Tiny()
+    module = lightning_module(adamw_with_steps)
     callback = HyperfluxCallback(0.8, pruning_epochs=4, regrowth_epochs=1, mask_lr=0.05)
     trainer = pl.Trainer(
         max_epochs=5,
@@ -84,21 +95,9 @@ def test_lightning_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
 
     from hyperflux.integrations.lightning import HyperfluxCallback
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
-
     def fit(max_epochs: int, folder, ckpt_path=None) -> HyperfluxCallback:
         torch.manual_seed(0)
-        module = Tiny()
+        module = lightning_module(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2))
         callback = HyperfluxCallback(0.8, pruning_epochs=4, regrowth_epochs=2, mask_lr=0.05)
         trainer = pl.Trainer(
             max_epochs=max_epochs,
@@ -146,12 +145,28 @@ class TinyClassifier(nn.Module):
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
+def training_arguments(folder, **settings):
+    """A transformers run of the toy classifier on the CPU, quiet, seeded; `settings` add to or override."""
+    from transformers import TrainingArguments
+
+    common = {
+        "per_device_train_batch_size": 16,
+        "learning_rate": 1e-2,
+        "use_cpu": True,
+        "report_to": [],
+        "logging_steps": 1000,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return TrainingArguments(output_dir=str(folder), **(common | settings))
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
     reason="transformers or accelerate not installed (extra `hf`)",
 )
 def test_transformers_callback_prunes_and_logs(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from hyperflux.integrations.transformers import HyperfluxTrainerCallback
 
@@ -159,19 +174,7 @@ def test_transformers_callback_prunes_and_logs(tmp_path):
     callback = HyperfluxTrainerCallback(
         0.8, pruning_epochs=4, regrowth_epochs=1, every_n_steps=16, mask_lr=0.05
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        num_train_epochs=5,
-        per_device_train_batch_size=16,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1000,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = training_arguments(tmp_path, num_train_epochs=5, weight_decay=0.1, save_strategy="no")
     trainer = Trainer(model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[callback])
     masks_before = {k: v.clone() for k, v in callback.hf.masks().items()}
     trainer.train()
@@ -191,25 +194,18 @@ def test_transformers_callback_prunes_and_logs(tmp_path):
     reason="transformers or accelerate not installed (extra `hf`)",
 )
 def test_transformers_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from hyperflux.integrations.transformers import STATE_FILE, HyperfluxTrainerCallback
 
     def train(folder, epochs: int, resume: bool = False) -> HyperfluxTrainerCallback:
         torch.manual_seed(0)
         callback = HyperfluxTrainerCallback(0.8, pruning_epochs=4, regrowth_epochs=2, mask_lr=0.05)
-        args = TrainingArguments(
-            output_dir=str(folder),
+        args = training_arguments(
+            folder,
             num_train_epochs=epochs,
-            per_device_train_batch_size=16,
-            learning_rate=1e-2,
             lr_scheduler_type="constant",  # the same schedule however many epochs a call asks for
-            use_cpu=True,
-            report_to=[],
             save_strategy="epoch",
-            logging_steps=1000,
-            disable_tqdm=True,
-            seed=0,
         )
         trainer = Trainer(model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[callback])
         trainer.train(resume_from_checkpoint=resume or None)

@@ -139,3 +139,30 @@ class MaskDriver:
             "hyperflux/pressure": self.hf.pressure,
             "hyperflux/period": float(self.hf.period),
         }
+
+
+class DrivenCallback:
+    """The constructor and `hf` that both trainer callbacks share (mixed in before the host's callback class).
+
+    `pruning_epochs` and `regrowth_epochs` count periods: epochs, or blocks of `every_n_steps` optimiser steps.
+    Other keyword arguments go to `Hyperflux` (`mask_lr`, `names`, `exact_target`, ...).
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float | None,
+        pruning_epochs: int,
+        regrowth_epochs: int = 0,
+        *,
+        every_n_steps: int | None = None,
+        mask_betas: tuple[float, float] = (0.9, 0.999),
+        **options: Any,
+    ) -> None:
+        self.driver = MaskDriver(
+            target_sparsity, pruning_epochs, regrowth_epochs, every_n_steps, mask_betas, options
+        )
+
+    @property
+    def hf(self) -> Hyperflux | None:
+        """The sparsifier, once the host has given the callback its model."""
+        return self.driver.hf

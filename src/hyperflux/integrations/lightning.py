@@ -16,35 +16,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from hyperflux.integrations._driver import MaskDriver
-from hyperflux.sparsifier import Hyperflux
+from hyperflux.integrations._driver import DrivenCallback
 
 
-class HyperfluxCallback(pl.Callback):
+class HyperfluxCallback(DrivenCallback, pl.Callback):
     """Hyperflux for a Lightning run: `Trainer(callbacks=[HyperfluxCallback(0.9, pruning_epochs=10)])`.
 
-    `pruning_epochs` and `regrowth_epochs` count periods: epochs, or blocks of `every_n_steps` optimiser
-    steps. Other keyword arguments go to `Hyperflux` (`mask_lr`, `names`, `exact_target`, ...). After `fit`,
-    `callback.hf` is the sparsifier: `callback.hf.squash()` bakes the masks in.
+    Arguments as `DrivenCallback`'s. After `fit`, `callback.hf` is the sparsifier: `callback.hf.squash()`
+    bakes the masks in.
     """
-
-    def __init__(
-        self,
-        target_sparsity: float | None,
-        pruning_epochs: int,
-        regrowth_epochs: int = 0,
-        *,
-        every_n_steps: int | None = None,
-        mask_betas: tuple[float, float] = (0.9, 0.999),
-        **options: Any,
-    ) -> None:
-        self.driver = MaskDriver(
-            target_sparsity, pruning_epochs, regrowth_epochs, every_n_steps, mask_betas, options
-        )
-
-    @property
-    def hf(self) -> Hyperflux | None:
-        return self.driver.hf
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -20,38 +20,21 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hyperflux.integrations._driver import MaskDriver
-from hyperflux.sparsifier import Hyperflux
+from hyperflux.integrations._driver import DrivenCallback
 
 STATE_FILE = "hyperflux.pt"  # the callback's state, beside the Trainer's in each checkpoint folder
 
 
-class HyperfluxTrainerCallback(TrainerCallback):
+class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
     """Hyperflux for a transformers run: `Trainer(..., callbacks=[HyperfluxTrainerCallback(0.9, 10)])`.
 
     Pass it to the Trainer's constructor, not `add_callback` afterwards: the masks must exist before the
-    model is wrapped for distributed training. `pruning_epochs` and `regrowth_epochs` count periods: epochs,
-    or blocks of `every_n_steps` optimiser steps. Other keyword arguments go to `Hyperflux`.
+    model is wrapped for distributed training. Arguments as `DrivenCallback`'s.
     """
 
-    def __init__(
-        self,
-        target_sparsity: float | None,
-        pruning_epochs: int,
-        regrowth_epochs: int = 0,
-        *,
-        every_n_steps: int | None = None,
-        mask_betas: tuple[float, float] = (0.9, 0.999),
-        **options: Any,
-    ) -> None:
-        self.driver = MaskDriver(
-            target_sparsity, pruning_epochs, regrowth_epochs, every_n_steps, mask_betas, options
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.pending: dict[str, float] = {}
-
-    @property
-    def hf(self) -> Hyperflux | None:
-        return self.driver.hf
 
     def on_init_end(
         self,
