@@ -100,10 +100,7 @@ class Baseline:
         self.seed = seed
         self.settings = settings
         self.steps = 0
-        self.pruned = self.regrown = 0
-        self.layer_pruned = dict.fromkeys(self.weights, 0)
-        self.layer_regrown = dict.fromkeys(self.weights, 0)
-        self.importance_min: float | None = None
+        self._reset_counts()
         self.optimizers: list[torch.optim.Optimizer] = []
 
     # ------------------------------------------------------------- what the trainer calls
@@ -142,11 +139,8 @@ class Baseline:
         flipped: dict[int, torch.Tensor] = {}
         for name, new in masks.items():
             old = self.mask[name]
-            pruned, regrown = int((old & ~new).sum()), int((~old & new).sum())
-            self.pruned += pruned
-            self.regrown += regrown
-            self.layer_pruned[name] += pruned
-            self.layer_regrown[name] += regrown
+            self.layer_pruned[name] += int((old & ~new).sum())
+            self.layer_regrown[name] += int((~old & new).sum())
             flipped[id(self.weights[name])] = old ^ new
             self.mask[name] = new.clone()
         with torch.no_grad():
@@ -251,8 +245,8 @@ class Baseline:
             "sparsity": 1 - kept / self.total,
             "target_sparsity": self.target_sparsity,
             "expected_density": self.expected_density(),
-            "pruned": self.pruned,
-            "regrown": self.regrown,
+            "pruned": sum(self.layer_pruned.values()),
+            "regrown": sum(self.layer_regrown.values()),
             "importance_kind": self.importance_kind,
             "importance_min": self.importance_min,
             "layers": layers,
@@ -261,10 +255,10 @@ class Baseline:
         return record
 
     def _reset_counts(self) -> None:
-        self.pruned = self.regrown = 0
+        """Flips per layer and the latest threshold: what `stats()` reports since its last call."""
         self.layer_pruned = dict.fromkeys(self.weights, 0)
         self.layer_regrown = dict.fromkeys(self.weights, 0)
-        self.importance_min = None
+        self.importance_min: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -619,9 +619,7 @@ class Trainer:
         stats = {k: v for k, v in periods[-1].items() if k != "layers"}
         stats["pruned"] = sum(p["pruned"] for p in periods)
         stats["regrown"] = sum(p["regrown"] for p in periods)
-        if stats["flux_hist"] is None:
-            # no sampled batch in the last period: left out rather than None, so that metrics.csv (the row's
-            # scalar columns, header from the first row) keeps the same columns in every row
+        if stats["flux_hist"] is None:  # no sampled batch in the last period: a row has a histogram or none
             del stats["flux_hist"]
         row |= stats
         names = [layer["name"] for layer in periods[-1]["layers"]]
