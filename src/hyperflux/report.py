@@ -41,8 +41,9 @@ CAPTIONS = {
     "whether weights regrow once the pressure eases",
     "flux_hist": "flux of surviving and of pruned weights (pressure units) at a few epochs: near equilibrium "
     "the survivors sit right of the pressure line and the pruned weights left of it",
-    "flux_vs_pressure": "smallest (and 1st-percentile) surviving flux against the pressure, epochs with both "
-    "positive: at equilibrium the smallest flux lies near the dashed y = x line",
+    "flux_vs_pressure": "smallest (and 1st-percentile) surviving flux against the pressure, epochs with a "
+    "positive pressure (symmetric-log flux axis: sampled minima are often negative); at a static equilibrium "
+    "the smallest flux would lie near the dashed y = x line",
 }
 
 
