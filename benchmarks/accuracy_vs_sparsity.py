@@ -121,7 +121,13 @@ def lr_label(multiplier: float) -> str:
 
 
 def choose_lrs(
-    results: dict[str, Any], model: str, methods: list[str], runs: Path, json_path: Path, command: str
+    results: dict[str, Any],
+    model: str,
+    methods: list[str],
+    runs: Path,
+    json_path: Path,
+    command: str,
+    seeds: list[int] | None = None,
 ) -> dict[str, float]:
     """Each method's lr multiplier for `model`, from the JSON or chosen now on the holdout (see the module
     docstring); every choice is saved as soon as it is made."""
@@ -141,7 +147,7 @@ def choose_lrs(
         on_target = {m: t for m, t in trials.items() if t["gap_pp"] <= 0.05} or trials
         best = max(on_target, key=lambda m: (on_target[m]["holdout_accuracy"], m == "1"))
         chosen[method] = {"multiplier": float(best), "trials": trials}
-        save_results(json_path, results, command, [model])
+        save_results(json_path, results, command, [model], seeds)
     return {method: chosen[method]["multiplier"] for method in methods}
 
 
@@ -155,15 +161,26 @@ def load_results(path: Path) -> dict[str, Any]:
     return {"meta": {}, "records": []}
 
 
-def save_results(path: Path, results: dict[str, Any], command: str, models: list[str] | None = None) -> None:
-    """Write the results; with `models`, this process owns only those models' records and lr choices, and
-    the other models' are taken from the file as it is now, so runs of different models can share one JSON."""
+def save_results(
+    path: Path,
+    results: dict[str, Any],
+    command: str,
+    models: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> None:
+    """Write the results; with `models`, this process owns only those models' records (of `seeds`, if given)
+    and lr choices, and all other records are taken from the file as it is now, so processes running different
+    models, or different seeds of one model, can share one JSON."""
     if models is not None:
+
+        def owned(record: dict[str, Any]) -> bool:
+            return record["model"] in models and (seeds is None or record["seed"] in seeds)
+
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             on_disk = load_results(path)
-            results["records"] = [r for r in on_disk["records"] if r["model"] not in models] + [
-                r for r in results["records"] if r["model"] in models
+            results["records"] = [r for r in on_disk["records"] if not owned(r)] + [
+                r for r in results["records"] if owned(r)
             ]
             choice = {m: c for m, c in on_disk.get("lr_choice", {}).items() if m not in models}
             results["lr_choice"] = choice | {
@@ -380,6 +397,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default 3; --quick: 1)")
     parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        help="only these seeds, e.g. to run the seeds of one model in two processes once its lr choice is done",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="1 seed, LeNet-300-100 at 90/98/99%%, 6+4 epochs"
     )
     parser.add_argument("--models", nargs="+", choices=list(TASKS), help="only these models")
@@ -396,7 +419,7 @@ def main() -> int:
     stem = "accuracy_vs_sparsity_quick" if args.quick else "accuracy_vs_sparsity"
     json_path = args.out or RESULTS / f"{stem}.json"
     runs = args.runs / "quick" if args.quick else args.runs
-    seeds = range(1 if args.quick else args.seeds)
+    seeds = args.seed or list(range(1 if args.quick else args.seeds))
     tasks = {
         m: QUICK_TASKS[m] if args.quick else TASKS[m]["targets"]
         for m in (QUICK_TASKS if args.quick else TASKS)
@@ -416,7 +439,7 @@ def main() -> int:
             multipliers |= {(model, method): 1.0 for method in args.methods}
             continue
         torch.set_num_threads(default_threads)
-        chosen = choose_lrs(results, model, list(args.methods), runs, json_path, command)
+        chosen = choose_lrs(results, model, list(args.methods), runs, json_path, command, args.seed)
         multipliers |= {(model, method): m for method, m in chosen.items()}
     # a record counts as done only if it was run with its method's chosen lr (older records: the recipe's)
     done = {
@@ -462,7 +485,7 @@ def main() -> int:
             "lr": recipe["optimizer"]["lr"],
         }
         results["records"].append(record)
-        save_results(json_path, results, command, list(tasks))
+        save_results(json_path, results, command, list(tasks), args.seed)
         print(
             f"{record['final_accuracy']:.2f}%  sparsity {100 * record['achieved_sparsity']:.3f}%  "
             f"{record['wall_time_s']:.0f}s"
@@ -470,7 +493,7 @@ def main() -> int:
     if todo:
         print(f"ran {len(todo) - len(failed)} cells in {time.perf_counter() - start:.0f}s")
     if not results["meta"]:
-        save_results(json_path, results, command, list(tasks))
+        save_results(json_path, results, command, list(tasks), args.seed)
     write_reports(results, json_path)
     for model, method, target, seed, why in failed:
         print(f"failed: {model} {method} {target_label(target)}% seed {seed}: {why}", file=sys.stderr)

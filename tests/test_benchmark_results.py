@@ -1,0 +1,48 @@
+"""The accuracy benchmark's results file, shared by processes that run different models or seeds side by side."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_vs_sparsity.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("accuracy_vs_sparsity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(model: str, seed: int, method: str = "hyperflux") -> dict:
+    return {"model": model, "method": method, "target_sparsity": 0.9, "seed": seed, "final_accuracy": 90.0}
+
+
+def on_disk(path: Path) -> list[tuple[str, str, int]]:
+    return sorted((r["model"], r["method"], r["seed"]) for r in json.loads(path.read_text())["records"])
+
+
+def test_processes_owning_different_seeds_keep_each_others_records(bench, tmp_path):
+    path = tmp_path / "results.json"
+    first = {"records": [record("lenet5", 0)]}
+    bench.save_results(path, first, "first", ["lenet5"], [0])
+    second = {"records": [record("lenet5", 1)]}  # started before `first` saved anything
+    bench.save_results(path, second, "second", ["lenet5"], [1])
+    first["records"].append(record("lenet5", 0, "gmp"))
+    bench.save_results(path, first, "first", ["lenet5"], [0])
+    assert on_disk(path) == [("lenet5", "gmp", 0), ("lenet5", "hyperflux", 0), ("lenet5", "hyperflux", 1)]
+
+
+def test_a_process_owning_a_whole_model_leaves_other_models_alone(bench, tmp_path):
+    path = tmp_path / "results.json"
+    bench.save_results(
+        path, {"records": [record("lenet300", 0), record("lenet5", 0)]}, "all", ["lenet300", "lenet5"]
+    )
+    bench.save_results(path, {"records": [record("lenet5", 2)]}, "lenet5 only", ["lenet5"])
+    assert on_disk(path) == [("lenet300", "hyperflux", 0), ("lenet5", "hyperflux", 2)]
+    assert json.loads(path.read_text())["meta"]["commands"] == {"lenet300": "all", "lenet5": "lenet5 only"}
