@@ -1,11 +1,14 @@
 """Training-time overhead of hyperflux: time per epoch of a prepared model against the same model dense.
 
-Rounds alternate (dense, hyperflux, gates only; then the reverse order) in one process so machine noise hits all
-alike; each ratio is the median over rounds. "Gates only" is the prepared model with both gate gradients computed
-but no mask optimiser and no pressure: the share of the overhead that the gate's forward and backward cost.
+Rounds alternate (dense, hyperflux, gates only, mask optimiser only; then the reverse order) in one process so
+machine noise hits all alike; each ratio is the median over rounds. "Gates only" is the prepared model with both
+gate gradients computed but no mask optimiser and no pressure: the share of the overhead that the gate's forward
+and backward cost. "Mask optimiser only" is the dense model whose optimiser also steps one logit-shaped tensor per
+masked weight, with a stored gradient: the share that the method's mask Adam costs, whatever the gate does.
 Peak memory is the exact byte count of what a training step holds.
 
-    .venv/bin/python benchmarks/overhead.py [--pairs 5] [--out benchmarks/results/overhead.json]
+    .venv/bin/python benchmarks/overhead.py [--pairs 9] [--out benchmarks/results/overhead.json]
+    .venv/bin/python benchmarks/overhead.py --profile lenet300   # the torch profiler's table per arm
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 import hyperflux
 
 BATCH = 128
+ARMS = ("dense", "hyperflux", "gates", "mask_optimizer")
 
 
 def lenet300() -> nn.Module:
@@ -53,9 +57,9 @@ CASES = {
 
 
 class Run:
-    """One model, its data and optimiser, trained dense or with hyperflux."""
+    """One model, its data and optimiser, trained as one of `ARMS`."""
 
-    def __init__(self, case: str, pruned: bool, samples: int | None = None, gate_only: bool = False) -> None:
+    def __init__(self, case: str, arm: str, samples: int | None = None) -> None:
         build, default_samples = CASES[case]
         torch.manual_seed(0)
         samples = samples or default_samples
@@ -63,7 +67,8 @@ class Run:
         self.y = torch.randint(0, 10, (samples,))
         self.model = build()
         self.hf = None
-        if pruned:
+        self.stored_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if arm in ("hyperflux", "gates"):
             # a constant pressure keeps the pressure term live in every step, as mid-pruning
             self.hf = hyperflux.Hyperflux(
                 self.model,
@@ -75,12 +80,18 @@ class Run:
             groups = self.hf.param_groups(lr=5e-3)
         else:
             groups = [{"params": list(self.model.parameters()), "lr": 5e-3}]
-        # gate_only: the gates' forward and backward (both gradients) alone, no mask optimiser, no pressure
-        self.dropped = [g.logits for g in self.hf.gates] if gate_only else []
-        if gate_only:
+        # gates: the gates' forward and backward (both gradients) alone, no mask optimiser, no pressure
+        self.dropped = [g.logits for g in self.hf.gates] if arm == "gates" else []
+        if arm == "gates":
             groups = groups[:1]
+        if arm == "mask_optimizer":
+            weights = [m.weight for m in self.model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+            self.stored_grads = [
+                (nn.Parameter(torch.rand_like(w)), torch.randn_like(w) * 1e-3) for w in weights
+            ]
+            groups.append({"params": [p for p, _ in self.stored_grads], "lr": 1e-3})
         self.optimizer = torch.optim.Adam(groups, fused=True)
-        if self.hf is not None and not gate_only:
+        if arm == "hyperflux":
             self.hf.attach(self.optimizer)
 
     def epoch(self) -> float:
@@ -91,6 +102,8 @@ class Run:
             for param in self.dropped:
                 param.grad = None
             loss.backward()
+            for param, grad in self.stored_grads:
+                param.grad = grad
             self.optimizer.step()
         if self.hf is not None:
             self.hf.step()  # once per epoch, as in any training loop
@@ -131,33 +144,51 @@ def training_memory(run: Run) -> int:
     return sum(storages.values())
 
 
+def profile(case: str, samples: int = 12_800) -> None:
+    """Print, per arm, the operators' own CPU time over one epoch (torch profiler), slowest first."""
+    from torch.profiler import profile as profiler
+
+    for arm in ARMS:
+        run = Run(case, arm, samples)
+        run.epoch()
+        with profiler() as prof:
+            seconds = run.epoch()
+        steps = -(-samples // BATCH)
+        print(f"\n{case}, {arm}: {1e3 * seconds / steps:.3f} ms a step (profiled)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=9)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    parser.add_argument("--profile", choices=list(CASES), help="print where each arm's time goes, then stop")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
+    if args.profile:
+        profile(args.profile)
+        return
 
     records = []
     for case in CASES:
-        dense, pruned, gates = Run(case, False), Run(case, True), Run(case, True, gate_only=True)
-        runs = (dense, pruned, gates)
+        runs = tuple(Run(case, arm) for arm in ARMS)
+        dense, pruned = runs[0], runs[1]
         for run in runs:  # warm-up
             run.epoch()
         times = []
         for i in range(args.pairs):  # the order flips every round so a drifting machine favours none
             seconds = {id(run): run.epoch() for run in (runs if i % 2 == 0 else runs[::-1])}
             times.append(tuple(seconds[id(run)] for run in runs))
-        dense_s = statistics.median(d for d, _, _ in times)
-        pruned_s = statistics.median(p for _, p, _ in times)
-        ratio = statistics.median(p / d for d, p, _ in times)
-        gate_ratio = statistics.median(g / d for d, _, g in times)
+        dense_s = statistics.median(t[0] for t in times)
+        pruned_s = statistics.median(t[1] for t in times)
+        ratio, gate_ratio, adam_ratio = (statistics.median(t[i] / t[0] for t in times) for i in (1, 2, 3))
         mem_dense, mem_pruned = training_memory(dense), training_memory(pruned)
         records.append(
             {
                 "model": case,
                 "ratio": round(ratio, 4),
                 "gates_only_ratio": round(gate_ratio, 4),
+                "mask_optimizer_only_ratio": round(adam_ratio, 4),
                 "dense_epoch_s": round(dense_s, 4),
                 "hyperflux_epoch_s": round(pruned_s, 4),
                 "pairs": args.pairs,
@@ -167,12 +198,13 @@ def main() -> None:
             }
         )
     print(
-        f"{'model':<12} {'dense s':>8} {'hyperflux s':>12} {'ratio':>7} {'gates only':>10} {'mem dense MB':>13} {'mem hf MB':>10} {'mem ratio':>9}"
+        f"{'model':<12} {'dense s':>8} {'hyperflux s':>12} {'ratio':>7} {'gates only':>10} {'mask opt only':>13} "
+        f"{'mem dense MB':>13} {'mem hf MB':>10} {'mem ratio':>9}"
     )
     for r in records:
         print(
             f"{r['model']:<12} {r['dense_epoch_s']:>8.3f} {r['hyperflux_epoch_s']:>12.3f} {r['ratio']:>7.3f} "
-            f"{r['gates_only_ratio']:>10.3f} "
+            f"{r['gates_only_ratio']:>10.3f} {r['mask_optimizer_only_ratio']:>13.3f} "
             f"{r['peak_memory_dense_mb']:>13.1f} {r['peak_memory_hyperflux_mb']:>10.1f} {r['peak_memory_ratio']:>9.3f}"
         )
     meta = {
