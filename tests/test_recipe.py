@@ -123,3 +123,12 @@ def test_unreadable_files_are_recipe_errors(tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(RecipeError, match="must be a mapping"):
         load_recipe(listed)
+
+
+@pytest.mark.parametrize(
+    ("written", "read"), [("off", "off"), ("on", "on"), ("false", "off"), ("auto", "auto")]
+)
+def test_on_and_off_read_as_words_where_a_key_takes_words(written, read):
+    # YAML 1.1 reads a bare `off` as False; keys whose values are words take it back as the word
+    assert load_recipe(SMOKE, [f"channels_last={written}"])["channels_last"] == read
+    assert load_recipe(SMOKE, ["amp=off"])["amp"] == "off"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -10,12 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from hyperflux import Hyperflux
+from hyperflux.models import build as build_model_by_name
 from hyperflux.recipe import load_recipe
 from hyperflux.runfiles import RunError, RunFolder
 from hyperflux.sparsifier import FLUX_HIST_EDGES
-from hyperflux.training import Trainer, TrainingError, run_recipe
+from hyperflux.training import Trainer, TrainingError, run_recipe, use_channels_last
 
 SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
 # SGD with weight decay and a controller step every 20 batches: the paths the smoke recipe leaves out
@@ -208,3 +212,59 @@ def test_a_run_saved_before_a_recipe_key_existed_still_resumes(tmp_path):
     (tmp_path / "summary.json").unlink()
     with pytest.raises(RunError, match=re.escape("(data.holdout)")):
         run_recipe(recipe(), tmp_path, quiet=True, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "model", "device", "expected"),
+    [
+        ("auto", torch.nn.Conv2d(1, 2, 3), "cpu", True),
+        ("auto", torch.nn.Linear(4, 2), "cpu", False),
+        ("auto", torch.nn.Conv2d(1, 2, 3), "cuda", False),
+        ("on", torch.nn.Linear(4, 2), "cuda", True),
+        ("off", torch.nn.Conv2d(1, 2, 3), "cpu", False),
+    ],
+)
+def test_channels_last_is_chosen_for_conv_models_on_the_cpu(setting, model, device, expected):
+    assert use_channels_last(setting, model, torch.device(device)) is expected
+
+
+def test_a_conv_model_trains_channels_last_unless_turned_off(tmp_path):
+    spec = yaml.safe_load(SMOKE.read_text()) | {"model": {"name": "resnet18", "width": 0.0625}}
+    conv_recipe = tmp_path / "conv.yaml"
+    conv_recipe.write_text(yaml.safe_dump(spec))
+    summaries, first_rows = {}, {}
+    for setting in ("auto", "off"):
+        trainer = Trainer(
+            load_recipe(conv_recipe, [*SHORT, f"channels_last={setting}"]), tmp_path / setting, quiet=True
+        )
+        conv = next(
+            m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+        )
+        stored = conv.parametrizations.weight  # (with one input channel both layouts are the same strides)
+        assert stored.original.is_contiguous(memory_format=torch.channels_last) is (setting == "auto")
+        assert stored[0].logits.stride() == stored.original.stride()  # masks take the weights' layout
+        summaries[setting] = trainer.run()
+        first_rows[setting] = rows(tmp_path / setting)[0]
+        saved = load_file(tmp_path / setting / "model.safetensors")
+        assert saved["conv1.weight"].is_contiguous()  # files hold plain row-major tensors either way
+    # the exact-target trim writes into channels-last logits too
+    assert summaries["auto"]["kept"] == summaries["off"]["kept"] == round(0.1 * summaries["off"]["total"])
+
+
+def test_a_prepared_conv_model_computes_the_same_in_both_layouts():
+    torch.manual_seed(0)
+    model = build_model_by_name("resnet18", in_channels=1, image_size=8, width=0.0625)
+    hf = Hyperflux(model, 0.9, pruning_epochs=2)
+    with torch.no_grad():
+        for gate in hf.gates:  # close a third of the gates, so that the masks matter
+            gate.logits.copy_(torch.rand_like(gate.logits) - 0.33)
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    losses = []
+    for net, images in ((model, x), (last, x.contiguous(memory_format=torch.channels_last))):
+        loss = torch.nn.functional.cross_entropy(net(images), y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, a), b in zip(model.named_parameters(), last.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name

@@ -140,6 +140,8 @@ def string(value: Any) -> str:
 
 def choice(options: Sequence[str]) -> Callable[[Any], str]:
     def check(value: Any) -> str:
+        if isinstance(value, bool):  # YAML reads `off` and `on` (and yes/no) as booleans
+            value = "on" if value else "off"
         if value not in options:
             raise _Bad(f"one of {', '.join(options)}")
         return value
@@ -215,6 +217,8 @@ SCHEMA: dict[str, Any] = {
     "seed": Field(0, integer(0)),
     "device": Field("auto", device),
     "amp": Field("off", choice(("off", "fp16", "bf16"))),
+    # auto: on for models with a Conv2d trained on the CPU (see training.use_channels_last)
+    "channels_last": Field("auto", choice(("auto", "on", "off"))),
     "threads": Field(None, optional(integer(1))),
     # None: hyperflux or hyperflux-paper as hyperflux.exact_target says
     "method": Field(None, optional(choice((*HYPERFLUX_METHODS, *BASELINE_METHODS)))),

@@ -86,6 +86,13 @@ class _PressureHook:
             torch._foreach_add_(grads, values)
 
 
+def _put_flat(tensor: torch.Tensor, indices: torch.Tensor, value: float) -> None:
+    """`tensor.flatten()[indices] = value`, written into `tensor` whatever its memory layout (a model moved to
+    channels-last has 4-d logits whose flat view would be a copy)."""
+    with torch.no_grad():
+        tensor.index_put_(torch.unravel_index(indices, tensor.shape), tensor.new_tensor(value))
+
+
 class _DenseKeyLoader:
     """load_state_dict pre-hook: lets a plain (dense) checkpoint load into a prepared model.
 
@@ -602,10 +609,8 @@ class Hyperflux:
             mask = gate.mask()
             missing = need - int(mask.sum())
             if missing > 0:
-                flat = gate.logits.detach().view(-1)
-                candidates = torch.where(mask.view(-1), -math.inf, flat)
-                with torch.no_grad():
-                    flat[candidates.topk(missing).indices] = _TRIM_LOGIT
+                candidates = torch.where(mask, -math.inf, gate.logits.detach()).flatten()
+                _put_flat(gate.logits, candidates.topk(missing).indices, _TRIM_LOGIT)
             self.layer_scales[i] = 0.0 if missing >= 0 else target.pressure_scale
 
     def _trim_to_target(self) -> None:
@@ -618,7 +623,7 @@ class Hyperflux:
         kept = self.kept()
         if kept == want:
             return
-        flats = [g.logits.detach().view(-1) for g in self.gates]
+        flats = [g.logits.detach().flatten() for g in self.gates]  # copies, where the layout is channels-last
         masks = [f >= 0 for f in flats]
         if kept > want:
             pools = []
@@ -643,10 +648,9 @@ class Hyperflux:
         layers = torch.cat([torch.full((len(p[0]),), p[2]) for p in pools])
         indices = torch.cat([p[1].cpu() for p in pools])
         chosen = values.topk(count, largest=largest).indices
-        with torch.no_grad():
-            for layer in range(len(flats)):
-                picked = indices[chosen[layers[chosen] == layer]]
-                flats[layer][picked.to(flats[layer].device)] = value
+        for layer, gate in enumerate(self.gates):
+            picked = indices[chosen[layers[chosen] == layer]]
+            _put_flat(gate.logits, picked.to(gate.logits.device), value)
 
     # ----------------------------------------------------------------- state and export
     def state_dict(self) -> dict[str, Any]:
