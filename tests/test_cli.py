@@ -64,6 +64,9 @@ def test_prune_writes_the_run_folder_and_a_complete_summary(smoke_run):
     assert sum(layer["kept"] for layer in summary["per_layer"]) == summary["kept"]
     assert {layer["name"] for layer in summary["per_layer"]} == {"fc1.weight", "fc2.weight", "fc3.weight"}
     assert summary["final_accuracy"] > 90
+    # an MLP uses each weight once per sample: its MACs are its weight counts
+    assert summary["macs"]["dense_macs_per_sample"] == summary["total"]
+    assert summary["macs"]["sparse_macs_per_sample"] == summary["kept"]
     metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["test_accuracy"] == summary["final_accuracy"]
     assert len((smoke_run / "metrics.csv").read_text().splitlines()) == 31  # header + 30 epochs
@@ -79,12 +82,15 @@ def test_eval_reads_checkpoint_folder_and_safetensors_alike(smoke_run, capsys):
         assert expected in out and sparsity in out, (target, out)
 
 
-def test_summary_prints_the_per_layer_table(smoke_run, capsys):
+def test_summary_prints_the_per_layer_table_and_macs(smoke_run, capsys):
     for target in (smoke_run, smoke_run / "model.safetensors"):
         assert main(["summary", str(target)]) == 0
         out = capsys.readouterr().out
         for name in ("fc1.weight", "fc2.weight", "fc3.weight", "total"):
             assert name in out
+        macs = out.split("MACs/sample dense")[1]  # the MAC table follows the mask table
+        summary = json.loads((smoke_run / "summary.json").read_text())
+        assert f"{summary['kept']:,}" in macs.splitlines()[-1]
 
 
 def test_train_and_a_stopped_run(tmp_path, capsys):

@@ -252,6 +252,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"final test accuracy {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%  "
         f"({summary['kept']:,} of {summary['total']:,} weights kept)  {summary['wall_time_s']:.1f}s  -> {out}"
     )
+    macs = summary["macs"]
+    print(
+        f"MACs per sample {macs['dense_macs_per_sample']:,} dense -> {macs['sparse_macs_per_sample']:,} "
+        f"with the present weights ({macs['reduction']:.1f}x fewer)"
+    )
     return 0
 
 
@@ -271,7 +276,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from hyperflux.training import load_run
 
-    print(load_run(args.checkpoint, args.recipe).table())
+    run = load_run(args.checkpoint, args.recipe)
+    print(run.table())
+    print()
+    print(run.macs().table())
     return 0
 
 

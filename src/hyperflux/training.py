@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from hyperflux import baselines, data, distributed, models
 from hyperflux.baselines import Baseline
+from hyperflux.macs import MacCount, count_macs
 from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, load_recipe
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
@@ -727,6 +728,7 @@ class Trainer:
             self.last_eval = evaluate(
                 self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last
             )
+        macs = count_macs(self.model, first_sample(self.test_loader, self.device, self.channels_last))
         if self.pruner is not None:
             stats = self.pruner.stats()
             layers = [
@@ -748,6 +750,7 @@ class Trainer:
             "total": total,
             "target_sparsity": None if self.dense else self.recipe["hyperflux"]["target_sparsity"],
             "per_layer": layers,
+            "macs": macs.as_dict(),
             "epochs": self.epochs,
             "wall_time_s": self.elapsed,
             "method": self.method,
@@ -761,6 +764,12 @@ class Trainer:
         self.files.write_summary(summary)
         distributed.barrier()
         return summary
+
+
+def first_sample(loader, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """The first sample of `loader` as a batch of one, on `device`: the input MAC counts are measured on."""
+    images, _ = next(iter(loader))
+    return to_device(images[:1], device, channels_last)
 
 
 def dense_layers(model: nn.Module, recipe: dict[str, Any]) -> list[dict[str, Any]]:
@@ -833,6 +842,12 @@ class LoadedRun:
             return self.hf.kept(), self.hf.total
         layers = dense_layers(self.model, self.recipe)
         return sum(layer["kept"] for layer in layers), sum(layer["total"] for layer in layers)
+
+    def macs(self) -> MacCount:
+        """MACs per sample of the model on the first test image, dense and with its present weights."""
+        return count_macs(
+            self.model, first_sample(self.bundle.loader("test", 1, device=self.device), self.device)
+        )
 
     def table(self) -> str:
         if self.hf is not None:

@@ -1,0 +1,72 @@
+"""MAC counts: per layer and per sample, by hand on small models, for prepared, squashed and dense models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hyperflux
+from hyperflux import count_macs
+
+
+def small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)
+    )
+
+
+def test_dense_and_sparse_macs_per_sample_by_hand():
+    net = small_net()
+    with torch.no_grad():
+        net[0].weight.view(-1)[:20] = 0  # 34 of 54 conv weights left
+        net[4].weight.view(-1)[10:] = 0  # 10 of 240 linear weights left
+    count = count_macs(net, torch.randn(7, 2, 4, 4))
+    # each conv weight is used once per output position (4 x 4), each linear weight once per sample
+    assert [(layer.name, layer.dense, layer.sparse) for layer in count.layers] == [
+        ("0", 54 * 16, 34 * 16),
+        ("4", 240, 10),
+    ]
+    assert (count.dense, count.sparse) == (54 * 16 + 240, 34 * 16 + 10)
+    assert count.reduction == pytest.approx((54 * 16 + 240) / (34 * 16 + 10))
+    assert count.as_dict()["sparse_macs_per_sample"] == 34 * 16 + 10
+    assert count.table().splitlines()[-1].split()[:3] == ["total", f"{count.dense:,}", f"{count.sparse:,}"]
+
+
+def test_a_prepared_model_counts_its_open_gates_as_its_squashed_form_does():
+    net = small_net()
+    hf = hyperflux.Hyperflux(net, 0.5, pruning_epochs=2)
+    with torch.no_grad():
+        for gate in hf.gates:
+            gate.logits.copy_(torch.rand_like(gate.logits) - 0.5)
+    x = torch.randn(3, 2, 4, 4)
+    net.train()
+    running_mean = net[1].running_mean.clone()
+    prepared = count_macs(net, x)
+    assert net.training  # the count runs in eval mode and gives the mode back
+    assert torch.equal(net[1].running_mean, running_mean)  # and leaves batch-norm statistics alone
+    conv_open = int(hf.gates[0].mask().sum())
+    assert prepared.layers[0].sparse == conv_open * 16
+    squashed = count_macs(hf.squash(), x)
+    assert prepared == squashed
+
+
+def test_positions_and_repeated_calls_are_counted():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.fc(x))
+
+    count = count_macs(Twice(), torch.randn(2, 6, 4))  # 6 positions per sample, the layer applied twice
+    assert count.layers[0].dense == 2 * 6 * 16
+
+
+def test_bad_examples_and_models_without_counted_layers_are_errors():
+    with pytest.raises(ValueError, match="at least one sample"):
+        count_macs(small_net(), torch.randn(0, 2, 4, 4))
+    with pytest.raises(ValueError, match="no Linear or Conv layer"):
+        count_macs(nn.Sequential(nn.ReLU()), torch.randn(2, 3))
