@@ -346,6 +346,21 @@ def test_torch_compile_of_a_prepared_model_matches_eager():
         assert torch.allclose(p.grad, g, atol=1e-6)
 
 
+def test_torch_export_of_a_prepared_and_of_a_squashed_model_matches_eager():
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=3)
+    first, second = (g.logits.detach().clone() for g in hf.gates)
+    first.view(-1)[::2] = -1.0
+    set_logits(hf, [first, second])
+    model.eval()
+    x, other = torch.randn(4, 8), torch.randn(6, 8)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
+    assert torch.equal(exported(other), model(other))  # the masks are in the exported graph
+    squashed = hf.squash()
+    assert torch.equal(torch.export.export(squashed, (x,)).module()(x), squashed(x))
+
+
 def test_constant_pressure_prunes_and_does_not_need_a_target():
     model = mlp()
     hf = Hyperflux(
