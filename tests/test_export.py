@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import hyperflux
@@ -133,7 +133,6 @@ def test_foreign_files_are_refused(tmp_path):
 def test_damaged_contents_are_refused(tmp_path):
     path = hyperflux.save_sparse({"w": sparse_tensor((100, 300), 0.02)}, tmp_path / "m.safetensors")
     _, header = read_sparse(path)
-    from safetensors.torch import load_file
 
     arrays = load_file(str(path))
     arrays["w:columns"] = arrays["w:columns"][:-1].clone()
@@ -167,7 +166,6 @@ def test_cli_export_sparse_writes_a_file_load_sparse_reads(digits_run, capsys):
     assert main(["export", str(digits_run), "--format", "sparse"]) == 0
     out = digits_run / "model.sparse.safetensors"
     assert str(out) in capsys.readouterr().out
-    from safetensors.torch import load_file
 
     dense = load_file(str(digits_run / "model.safetensors"))
     loaded = hyperflux.load_sparse(out)
@@ -185,6 +183,12 @@ def test_cli_bench_prints_one_table(digits_run, capsys):
         "fc1",
     ):
         assert row in out
+    weights = [
+        t for name, t in load_file(str(digits_run / "model.safetensors")).items() if name.endswith("weight")
+    ]
+    total, kept = sum(w.numel() for w in weights), sum(int(w.count_nonzero()) for w in weights)
+    macs = next(line for line in out.splitlines() if line.startswith("MACs per sample")).split()
+    assert macs[3:5] == [f"{total:,}", f"{kept:,}"]  # an MLP uses each weight once per sample
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -340,6 +340,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from hyperflux.export import file_sizes
+    from hyperflux.macs import count_macs
     from hyperflux.sparse_inference import compare_ms, plan_sparse_inference, to_sparse_inference
 
     if args.batch < 1 or args.repeats < 1:
@@ -372,6 +373,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows.append(
         ("file (bytes)", f"{dense_bytes:,}", f"{sparse_bytes:,}", f"{dense_bytes / sparse_bytes:.1f}x")
     )
+    macs = count_macs(run.model, images[:1])  # the arithmetic a sparse kernel could save, at most
+    rows.append(("MACs per sample", f"{macs.dense:,}", f"{macs.sparse:,}", f"{macs.reduction:.1f}x"))
     print(text_table(("", "dense", "sparse", "ratio"), rows))
     print(f"threads {torch.get_num_threads()}; layers:")
     for choice in plan:
