@@ -9,6 +9,7 @@ Peak memory is the exact byte count of what a training step holds.
 
     .venv/bin/python benchmarks/overhead.py [--pairs 9] [--out benchmarks/results/overhead.json]
     .venv/bin/python benchmarks/overhead.py --profile lenet300   # the torch profiler's table per arm
+    .venv/bin/python benchmarks/overhead.py --compile            # both models under torch.compile
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ CASES = {
 class Run:
     """One model, its data and optimiser, trained as one of `ARMS`."""
 
-    def __init__(self, case: str, arm: str, samples: int | None = None) -> None:
+    def __init__(self, case: str, arm: str, samples: int | None = None, compiled: bool = False) -> None:
         build, default_samples = CASES[case]
         torch.manual_seed(0)
         samples = samples or default_samples
@@ -93,11 +94,12 @@ class Run:
         self.optimizer = torch.optim.Adam(groups, fused=True)
         if arm == "hyperflux":
             self.hf.attach(self.optimizer)
+        self.forward = torch.compile(self.model) if compiled else self.model
 
     def epoch(self) -> float:
         start = time.perf_counter()
         for i in range(0, len(self.x), BATCH):
-            loss = F.cross_entropy(self.model(self.x[i : i + BATCH]), self.y[i : i + BATCH])
+            loss = F.cross_entropy(self.forward(self.x[i : i + BATCH]), self.y[i : i + BATCH])
             self.optimizer.zero_grad(set_to_none=True)
             for param in self.dropped:
                 param.grad = None
@@ -144,6 +146,53 @@ def training_memory(run: Run) -> int:
     return sum(storages.values())
 
 
+def alternate(runs: tuple[Run, ...], rounds: int) -> list[tuple[float, ...]]:
+    """Epoch seconds of every run per round, after one warm-up epoch each; the order flips every round so that
+    a drifting machine favours none."""
+    for run in runs:
+        run.epoch()
+    times = []
+    for i in range(rounds):
+        seconds = {id(run): run.epoch() for run in (runs if i % 2 == 0 else runs[::-1])}
+        times.append(tuple(seconds[id(run)] for run in runs))
+    return times
+
+
+def compiled(pairs: int, out: Path) -> None:
+    """The dense and hyperflux arms with both models under torch.compile (inductor): how much of the gate's cost
+    the compiler fuses away for users who compile their training."""
+    records = []
+    for case in CASES:
+        times = alternate(tuple(Run(case, arm, compiled=True) for arm in ("dense", "hyperflux")), pairs)
+        records.append(
+            {
+                "model": case,
+                "compiled": True,
+                "ratio": round(statistics.median(h / d for d, h in times), 4),
+                "dense_epoch_s": round(statistics.median(d for d, _ in times), 4),
+                "hyperflux_epoch_s": round(statistics.median(h for _, h in times), 4),
+                "pairs": pairs,
+            }
+        )
+        print(
+            f"{case:<12} compiled: dense {records[-1]['dense_epoch_s']:.3f} s, hyperflux "
+            f"{records[-1]['hyperflux_epoch_s']:.3f} s, ratio {records[-1]['ratio']:.3f}"
+        )
+    write(out, records, f"python benchmarks/overhead.py --compile --pairs {pairs}")
+
+
+def write(out: Path, records: list[dict], command: str) -> None:
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__,
+        "command": command,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def profile(case: str, samples: int = 12_800) -> None:
     """Print, per arm, the operators' own CPU time over one epoch (torch profiler), slowest first."""
     from torch.profiler import profile as profiler
@@ -163,22 +212,25 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=9)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
     parser.add_argument("--profile", choices=list(CASES), help="print where each arm's time goes, then stop")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile both models (dense and hyperflux arms only); writes overhead_compiled.json",
+    )
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if args.profile:
         profile(args.profile)
+        return
+    if args.compile:
+        compiled(args.pairs, args.out.with_name("overhead_compiled.json"))
         return
 
     records = []
     for case in CASES:
         runs = tuple(Run(case, arm) for arm in ARMS)
         dense, pruned = runs[0], runs[1]
-        for run in runs:  # warm-up
-            run.epoch()
-        times = []
-        for i in range(args.pairs):  # the order flips every round so a drifting machine favours none
-            seconds = {id(run): run.epoch() for run in (runs if i % 2 == 0 else runs[::-1])}
-            times.append(tuple(seconds[id(run)] for run in runs))
+        times = alternate(runs, args.pairs)
         dense_s = statistics.median(t[0] for t in times)
         pruned_s = statistics.median(t[1] for t in times)
         ratio, gate_ratio, adam_ratio = (statistics.median(t[i] / t[0] for t in times) for i in (1, 2, 3))
@@ -207,15 +259,7 @@ def main() -> None:
             f"{r['gates_only_ratio']:>10.3f} {r['mask_optimizer_only_ratio']:>13.3f} "
             f"{r['peak_memory_dense_mb']:>13.1f} {r['peak_memory_hyperflux_mb']:>10.1f} {r['peak_memory_ratio']:>9.3f}"
         )
-    meta = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "torch": torch.__version__,
-        "command": "python benchmarks/overhead.py --pairs " + str(args.pairs),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write(args.out, records, f"python benchmarks/overhead.py --pairs {args.pairs}")
 
 
 if __name__ == "__main__":

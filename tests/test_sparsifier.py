@@ -346,6 +346,27 @@ def test_torch_compile_of_a_prepared_model_matches_eager():
         assert torch.allclose(p.grad, g, atol=1e-6)
 
 
+def test_a_compiled_prepared_model_trains_without_recompiling():
+    torch._dynamo.reset()
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=3)  # flux sampling on: its counter must not reach the graph
+    optimizer = torch.optim.Adam(hf.param_groups(lr=1e-2, mask_lr=0.05))
+    hf.attach(optimizer)
+    compiled = torch.compile(model, backend="eager")
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+
+    def train_step() -> None:
+        loss = F.cross_entropy(compiled(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    train_step()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(10):
+            train_step()
+
+
 def test_torch_export_of_a_prepared_and_of_a_squashed_model_matches_eager():
     model = mlp()
     hf = Hyperflux(model, 0.5, pruning_epochs=3)

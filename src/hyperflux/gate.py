@@ -56,7 +56,13 @@ class FluxMeter:
         self.sampling = False
 
     def tick(self, *_: object) -> None:
-        """Called by a forward pre-hook on the model; evaluation passes (no grad) do not count."""
+        """Called by a forward pre-hook on the model; evaluation passes (no grad) do not count.
+
+        Compiled code never samples, and must not read the counter: torch.compile would guard on its value and
+        recompile at every batch until it gave up and ran the model eagerly.
+        """
+        if torch.compiler.is_compiling():
+            return
         if not torch.is_grad_enabled():
             self.sampling = False
             return
