@@ -86,7 +86,7 @@ class HardGate(nn.Module):
         self.flux_batches = 0
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        sample = self.meter.sampling and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        sample = not torch.compiler.is_compiling() and self.meter.sampling and torch.is_grad_enabled()
         return _GateFunction.apply(weight, self.logits, self.scale, self if sample else None)
 
     def add_flux(self, weight: torch.Tensor, grad_eff: torch.Tensor) -> None:
