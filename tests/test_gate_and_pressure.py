@@ -125,3 +125,24 @@ def test_flux_is_sampled_and_reported_in_pressure_units():
     assert stats["flux_batches"] == 1
     assert stats["flux_min"] == pytest.approx(float(expected.min()), rel=1e-5)
     assert stats["flux_mean"] == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_a_layer_used_twice_in_a_batch_reports_the_flux_of_both_uses():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.fc(x))
+
+    model = Twice()
+    hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3, flux_every=1, grad_scale=1.0)
+    x = torch.tensor([[1.0, -2.0, 0.5]])
+    model(x).sum().backward()  # one batch, two uses: the weight's gradient is the sum of both
+    weight = model.fc.parametrizations.weight.original.detach()
+    hidden = x @ weight.t()
+    grad = torch.ones(3, 1) @ hidden + (weight.t() @ torch.ones(3, 1)) @ x
+    stats = hf.stats()
+    assert stats["flux_batches"] == 1
+    assert stats["flux_mean"] == pytest.approx(float((-(weight * grad) * hf.total).mean()), rel=1e-5)

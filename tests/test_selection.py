@@ -109,6 +109,15 @@ def test_tied_weights_and_double_preparation():
     b.weight = a.weight
     with pytest.raises(ValueError, match="tied weights"):
         Hyperflux(nn.Sequential(a, b), 0.9, pruning_epochs=2)
+    with pytest.raises(ValueError, match="tied weights"):  # ignoring one leaves the other shared
+        Hyperflux(nn.Sequential(a, b), 0.9, pruning_epochs=2, ignore=["1"])
+    # a language model's head tied to its embedding, which is not a masked module type
+    embedding, body, head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    lm = nn.Sequential(embedding, body, head)
+    with pytest.raises(ValueError, match=r"2\.weight is the same tensor as 0\.weight \(tied weights\)"):
+        Hyperflux(lm, 0.5, pruning_epochs=2)
+    assert [t.name for t in Hyperflux(lm, 0.5, pruning_epochs=2, ignore=["2"]).targets] == ["1.weight"]
     model = nn.Sequential(nn.Linear(4, 4))
     Hyperflux(model, 0.9, pruning_epochs=2)
     with pytest.raises(ValueError, match="already parametrized"):
@@ -124,3 +133,10 @@ def test_bad_epochs_and_modes():
         Hyperflux(nn.Linear(3, 3), None, pruning_epochs=2)
     with pytest.raises(ValueError, match=r"expected a torch\.nn\.Module"):
         Hyperflux("model", 0.9, pruning_epochs=2)
+
+
+def test_a_floor_is_min_density_of_the_layer_without_float_noise():
+    # 0.07 * 100 is 7.000000000000001 in floats: the floor is 7 weights, so a 93% target with 7% floors fits
+    model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
+    hf = Hyperflux(model, 0.93, pruning_epochs=2, min_density=0.07)
+    assert [t.floor for t in hf.targets] == [7, 7]

@@ -35,7 +35,7 @@ def test_sparse_linear_equals_dense_for_every_input_shape(bias, min_batch):
     linear = prune(nn.Linear(8192, 24, bias=bias), 0.95)  # 8192 inputs: batches run in blocks of 32
     sparse = SparseLinear(linear, min_batch)
     with torch.no_grad():
-        for shape in [(8192,), (1, 8192), (3, 8192), (100, 8192), (2, 5, 8192)]:
+        for shape in [(8192,), (1, 8192), (3, 8192), (100, 8192), (2, 5, 8192), (0, 8192)]:
             x = torch.randn(shape)
             out = sparse(x)
             assert out.shape == linear(x).shape

@@ -268,3 +268,18 @@ def test_a_prepared_conv_model_computes_the_same_in_both_layouts():
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for (name, a), b in zip(model.named_parameters(), last.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_grad_clip_bounds_every_trained_parameter(tmp_path, dense):
+    # a vanishing clip norm with plain SGD: nothing the weight optimiser holds may move, biases included
+    clipped = recipe(
+        "train.grad_clip=1e-12", "optimizer.name=sgd", "optimizer.momentum=0.0", "optimizer.lr=0.1"
+    )
+    trainer = Trainer(clipped, tmp_path, dense=dense, quiet=True)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "logits" not in k}
+    trainer.run()
+    after = trainer.model.state_dict()
+    for key, value in before.items():
+        if key.endswith("bias"):
+            assert torch.allclose(after[key], value, atol=1e-9), key

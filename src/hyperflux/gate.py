@@ -84,6 +84,7 @@ class HardGate(nn.Module):
         self.meter = meter
         self.flux_sum: torch.Tensor | None = None
         self.flux_batches = 0
+        self._flux_batch: int | None = None  # the meter's batch whose flux was last added
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         sample = not torch.compiler.is_compiling() and self.meter.sampling and torch.is_grad_enabled()
@@ -93,7 +94,9 @@ class HardGate(nn.Module):
         if self.flux_sum is None or self.flux_sum.device != weight.device:
             self.flux_sum = torch.zeros_like(weight, dtype=torch.float32)
         self.flux_sum.addcmul_(weight, grad_eff, value=-1.0)
-        self.flux_batches += 1
+        if self._flux_batch != self.meter.batches:  # a module called twice in a batch adds twice, counts once
+            self._flux_batch = self.meter.batches
+            self.flux_batches += 1
 
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask, identical in training and inference."""

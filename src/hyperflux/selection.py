@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ class Target:
     @property
     def numel(self) -> int:
         return getattr(self.module, self.param_name).numel()
+
+    @property
+    def floor(self) -> int:
+        """The fewest weights this tensor keeps: `min_density` of it rounded up, after shedding float noise
+        (0.07 of 100 weights is 7, where `ceil(0.07 * 100)` says 8)."""
+        return math.ceil(round(self.min_density * self.numel, 6))
 
 
 def _matches(pattern: str, target: Target) -> bool:
@@ -61,6 +68,22 @@ def _check_fraction_range(name: str, value: float, low: float, high: float) -> f
     return value
 
 
+def _refuse_tied(model: nn.Module, selected: list[Target]) -> None:
+    """A masked weight must not be shared with another parameter (tied weights, such as a language model's head
+    and embedding): the other user would read the unmasked tensor in training and the masked one after
+    `squash()`, which writes into the shared tensor."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    for target in selected:
+        others = [n for n in names.get(id(getattr(target.module, target.param_name)), []) if n != target.name]
+        if others:
+            raise ValueError(
+                f"{target.name} is the same tensor as {', '.join(others)} (tied weights), which its mask would "
+                f"reach too; leave tied weights out (ignore) or untie them"
+            )
+
+
 def select_targets(
     model: nn.Module,
     modules: Sequence[type[nn.Module]] = DEFAULT_MODULES,
@@ -83,7 +106,6 @@ def select_targets(
         raise ValueError(f"modules must be a non-empty sequence of nn.Module subclasses, got {modules!r}")
 
     candidates: list[Target] = []
-    seen: dict[int, str] = {}
     for module_name, module in model.named_modules():
         if not isinstance(module, module_types):
             continue
@@ -95,11 +117,6 @@ def select_targets(
             continue
         if not weight.is_floating_point():
             raise ValueError(f"{name} has dtype {weight.dtype}; only floating-point weights can be masked")
-        if id(weight) in seen:
-            raise ValueError(
-                f"{name} is the same tensor as {seen[id(weight)]} (tied weights); ignore one of them"
-            )
-        seen[id(weight)] = name
         candidates.append(Target(name, module_name, module, "weight", min_density=min_density))
 
     selected = candidates
@@ -125,6 +142,7 @@ def select_targets(
             f"nothing to prune in {type(model).__name__}: no {kinds} weight is left after selection"
         )
 
+    _refuse_tied(model, selected)
     for pattern, settings in (overrides or {}).items():
         _compile_all([pattern], "overrides")
         unknown = set(settings) - OVERRIDE_KEYS

@@ -86,7 +86,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("dense_weight", linear.weight.detach().clone() if min_batch > 1 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < self.min_batch * self.in_features:
+        if self.dense_weight is not None and x.numel() < self.min_batch * self.in_features:
             return F.linear(x, self.dense_weight, self.bias)
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] == 1:  # matrix-vector: half the fixed cost of the matrix-matrix kernel

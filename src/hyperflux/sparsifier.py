@@ -201,7 +201,7 @@ class Hyperflux:
         self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)
         self.total = sum(t.numel for t in self.targets)
         if target_sparsity is not None:
-            floor = sum(math.ceil(t.min_density * t.numel) for t in self.targets)
+            floor = sum(t.floor for t in self.targets)
             if floor > round((1 - target_sparsity) * self.total):
                 raise ValueError(
                     f"the per-layer minimum densities keep {floor} of {self.total} weights, more than the "
@@ -605,7 +605,7 @@ class Hyperflux:
         for i, (target, gate) in enumerate(zip(self.targets, self.gates, strict=True)):
             if target.min_density <= 0:
                 continue
-            need = math.ceil(target.min_density * target.numel)
+            need = target.floor
             mask = gate.mask()
             missing = need - int(mask.sum())
             if missing > 0:
@@ -628,7 +628,7 @@ class Hyperflux:
         if kept > want:
             pools = []
             for layer, (target, flat, mask) in enumerate(zip(self.targets, flats, masks, strict=True)):
-                removable = int(mask.sum()) - math.ceil(target.min_density * target.numel)
+                removable = int(mask.sum()) - target.floor
                 if removable > 0:
                     values, index = torch.where(mask, flat, math.inf).topk(removable, largest=False)
                     pools.append((values, index, layer))

@@ -539,7 +539,8 @@ class Trainer:
             self._decay_present(lr)
         clip = self.recipe["train"]["grad_clip"]
         if clip is not None:
-            nn.utils.clip_grad_norm_(self.weight_optimizer.param_groups[0]["params"], clip)
+            weights = [p for group in self.weight_optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(weights, clip)
         for optimizer in self.optimizers:
             if self.scaler is not None:
                 self.scaler.step(optimizer)
