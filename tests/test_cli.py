@@ -101,7 +101,13 @@ def test_train_and_a_stopped_run(tmp_path, capsys):
     assert json.loads((tmp_path / "d" / "summary.json").read_text())["method"] == "dense"
     out = tmp_path / "p"
     assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet", "--stop-after", "1"]) == 0
-    assert "--resume" in capsys.readouterr().out
+    hint = capsys.readouterr().out.split("continue with: ")[1].split()
+    assert hint[-1] == "--resume" and hint[hint.index("--out") - 4 :] == [
+        *SHORT,
+        "--out",
+        str(out),
+        "--resume",
+    ]
     assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet"]) == 2
     assert "already holds a run" in one_line_error(capsys)
     assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet", "--resume"]) == 0
@@ -170,3 +176,25 @@ def test_python_dash_m_runs_the_same_cli():
         [sys.executable, "-m", "hyperflux", "--version"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0 and done.stdout.startswith("hyperflux ")
+
+
+def test_a_holdout_run_says_holdout_wherever_it_reports_accuracy(tmp_path, capsys):
+    out = tmp_path / "holdout"
+    assert main(["prune", SMOKE, *SHORT, "--set", "data.holdout=300", "--out", str(out), "--quiet"]) == 0
+    assert "final holdout accuracy" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["evaluated_on"] == "holdout"
+    assert main(["eval", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("holdout accuracy")
+    assert "final holdout accuracy (last epoch)" in (out / "report.html").read_text()
+
+
+def test_path_mistakes_are_one_line_errors(tmp_path, smoke_run, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["prune", SMOKE, *SHORT, "--out", str(afile), "--quiet"]) == 2
+    one_line_error(capsys)
+    assert main(["export", str(smoke_run), "--format", "sparse", "--out", str(tmp_path)]) == 2  # a folder
+    one_line_error(capsys)
+    assert main(["export", str(smoke_run), "--format", "sparse", "--out", str(tmp_path / "no" / "x.st")]) == 2
+    one_line_error(capsys)
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind

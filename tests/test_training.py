@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from hyperflux import Hyperflux
 from hyperflux.models import build as build_model_by_name
-from hyperflux.recipe import load_recipe
+from hyperflux.recipe import RecipeError, load_recipe
 from hyperflux.runfiles import RunError, RunFolder
 from hyperflux.sparsifier import FLUX_HIST_EDGES
 from hyperflux.training import Trainer, TrainingError, run_recipe, use_channels_last
@@ -75,6 +75,28 @@ def test_resume_refuses_a_changed_recipe_and_a_fresh_run_refuses_a_used_folder(t
         Trainer(recipe(), tmp_path, quiet=True)
     with pytest.raises(RunError, match=re.escape("no checkpoint.pt to resume from")):
         Trainer(recipe(), tmp_path / "empty", resume=True, quiet=True)
+    model_only = (
+        tmp_path / "model-only"
+    )  # the layout `hyperflux eval` reads: a model file is a used folder too
+    model_only.mkdir()
+    (model_only / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(RunError, match="already holds a run"):
+        Trainer(recipe(), model_only, quiet=True)
+    assert (model_only / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    expected = run_recipe(recipe(), tmp_path / "whole", quiet=True)
+    parts = tmp_path / "parts"
+    run_recipe(recipe(), parts, quiet=True, stop_after=1)
+    with open(parts / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 2, "lr": 0.001, "loss": 0.6')  # killed while writing the next row
+    resumed = run_recipe(recipe(), parts, quiet=True, resume=True)
+    assert resumed["final_accuracy"] == expected["final_accuracy"]
+    assert rows(parts) == rows(tmp_path / "whole")
+    (parts / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "lo\n{"epoch": 3}\n')
+    with pytest.raises(RunError, match=r"metrics\.jsonl, line 2: not a metrics row"):
+        RunFolder(parts).read_metrics()  # damage before the last row is not a torn write
 
 
 def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):
@@ -178,6 +200,11 @@ def test_dense_training_uses_the_same_recipe(tmp_path):
     # the dense model is a valid starting point for a prune
     start = run_recipe(recipe(f"model.init_checkpoint={tmp_path}"), tmp_path / "pruned", quiet=True)
     assert start["final_accuracy"] > 80
+    # a checkpoint of another architecture is a one-line recipe error, not a traceback
+    with pytest.raises(RecipeError, match=r"does not fit the model \(size mismatch for fc1\.weight"):
+        run_recipe(
+            recipe(f"model.init_checkpoint={tmp_path}", "model.hidden=[32, 16]"), tmp_path / "x", quiet=True
+        )
 
 
 def test_a_holdout_run_evaluates_on_training_samples_set_aside(tmp_path):

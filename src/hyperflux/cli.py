@@ -8,6 +8,7 @@ and exit status 2 (bad input) or 1 (the run could not go on); never a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -246,10 +247,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not distributed.is_main():
         return 0
     if summary is None:
-        print(f"stopped; continue with: hyperflux {command} {args.recipe} --out {out} --resume")
+        sets = "".join(f" --set {shlex.quote(assignment)}" for assignment in args.assignments)
+        print(f"stopped; continue with: hyperflux {command} {args.recipe}{sets} --out {out} --resume")
         return 0
     print(
-        f"final test accuracy {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%  "
+        f"final {summary['evaluated_on']} accuracy {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%  "
         f"({summary['kept']:,} of {summary['total']:,} weights kept)  {summary['wall_time_s']:.1f}s  -> {out}"
     )
     macs = summary["macs"]
@@ -261,13 +263,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hyperflux.training import evaluate, load_run
+    from hyperflux.training import evaluate, evaluation_split, load_run
 
     run = load_run(args.checkpoint, args.recipe, device=args.device)
     accuracy, loss = evaluate(run.model, run.bundle.loader("test", 1000, device=run.device), run.device)
     kept, total = run.counts()
     print(
-        f"test accuracy {accuracy:.2f}% (loss {loss:.4f}, {len(run.bundle.test):,} {run.bundle.name} images)  "
+        f"{evaluation_split(run.recipe)} accuracy {accuracy:.2f}% "
+        f"(loss {loss:.4f}, {len(run.bundle.test):,} {run.bundle.name} images)  "
         f"sparsity {100 * (1 - kept / total):.3f}% ({kept:,} of {total:,} weights kept)"
     )
     return 0
@@ -488,8 +491,10 @@ def _exit_status(error: BaseException) -> int | None:
 
     if isinstance(error, DataError | TrainingError):
         return EXIT_RUN
-    if isinstance(error, RecipeError | RunError | ValueError | FileNotFoundError):
-        return EXIT_INPUT
+    from safetensors import SafetensorError
+
+    if isinstance(error, RecipeError | RunError | ValueError | OSError | SafetensorError):
+        return EXIT_INPUT  # OSError: a path that is a folder, a file, missing or not writable
     return None
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import nn
+
+from hyperflux.runfiles import atomic_write
 
 FORMAT = "hyperflux-sparse"
 FORMAT_VERSION = 1
@@ -113,9 +114,7 @@ def save_sparse(
         "format_version": str(FORMAT_VERSION),
         "tensors": json.dumps(entries),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(arrays, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: handle.write(save(arrays, metadata=header)))
     return path
 
 

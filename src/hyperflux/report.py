@@ -273,7 +273,10 @@ def _summary_rows(summary: dict[str, Any] | None, rows: list[dict[str, Any]]) ->
     return [
         ("method", summary["method"]),
         ("model / data", f"{summary.get('model', '-')} / {summary.get('data', '-')}"),
-        ("final test accuracy (last epoch)", f"{summary['final_accuracy']:.2f}%"),
+        (
+            f"final {summary.get('evaluated_on', 'test')} accuracy (last epoch)",
+            f"{summary['final_accuracy']:.2f}%",
+        ),
         ("sparsity", f"{100 * summary['sparsity']:.3f}%"),
         ("target sparsity", "-" if target is None else f"{100 * target:.3f}%"),
         ("weights kept", f"{summary['kept']:,} of {summary['total']:,} (masked tensors)"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from hyperflux import recipe as recipes
 
@@ -32,14 +32,17 @@ class RunError(Exception):
     """A run folder that cannot be used as asked (missing, already used, unreadable)."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename: a kill leaves old or new."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a successful rename
 
 
 def _json_default(value: Any) -> Any:
@@ -70,7 +73,7 @@ class RunFolder:
             if not self.has_checkpoint():
                 raise RunError(f"{self.path}: no {CHECKPOINT} to resume from")
             return
-        used = [name for name in (CHECKPOINT, METRICS_JSONL, SUMMARY) if self.file(name).exists()]
+        used = [name for name in (CHECKPOINT, METRICS_JSONL, SUMMARY, MODEL) if self.file(name).exists()]
         if used and not overwrite:
             raise RunError(
                 f"{self.path} already holds a run; pass --resume to continue it, --overwrite to replace it, "
@@ -81,7 +84,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         for name in (CHECKPOINT, METRICS_JSONL, METRICS_CSV, SUMMARY, MODEL):
             self.file(name).unlink(missing_ok=True)
-        _atomic_write(self.file(RECIPE), lambda h: h.write(recipes.dump(recipe).encode()))
+        atomic_write(self.file(RECIPE), lambda h: h.write(recipes.dump(recipe).encode()))
 
     # ------------------------------------------------------------- metrics
     def append_metrics(self, row: Mapping[str, Any]) -> None:
@@ -106,10 +109,24 @@ class RunFolder:
             writer.writerow(scalars)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows written so far. A last row cut short (the run killed while writing it) is dropped, as resume
+        drops any row past the checkpoint; a damaged row elsewhere is an error naming the file and line."""
         path = self.file(METRICS_JSONL)
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        lines = text.splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                if number == len(lines) and not text.endswith("\n"):
+                    break
+                raise RunError(f"{path}, line {number}: not a metrics row ({error})") from None
+        return rows
 
     def truncate_metrics(self, epochs: int) -> None:
         """Drop rows past `epochs` (written by a run killed between its metrics and its checkpoint)."""
@@ -131,7 +148,7 @@ class RunFolder:
             torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
             handle.write(buffer.getbuffer())
 
-        _atomic_write(self.file(CHECKPOINT), write)
+        atomic_write(self.file(CHECKPOINT), write)
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         return read_checkpoint(self.file(CHECKPOINT), map_location)
@@ -140,15 +157,13 @@ class RunFolder:
         if not self.writer:
             return
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        tmp = self.file(f".{MODEL}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, self.file(MODEL))
+        atomic_write(self.file(MODEL), lambda h: h.write(save(tensors, metadata={"format": "pt"})))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         if not self.writer:
             return
         text = json.dumps(summary, indent=2, default=_json_default) + "\n"
-        _atomic_write(self.file(SUMMARY), lambda h: h.write(text.encode()))
+        atomic_write(self.file(SUMMARY), lambda h: h.write(text.encode()))
 
     def read_summary(self) -> dict[str, Any] | None:
         path = self.file(SUMMARY)

@@ -90,9 +90,11 @@ def cosine(start: float, end: float, progress: float) -> float:
     return end + (start - end) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Dense weights into a plain model: a `.safetensors` file, a state dict, a run checkpoint or run folder."""
-    where = "recipe key 'model.init_checkpoint'"
+def load_weights(
+    model: nn.Module, path: str | Path, where: str = "recipe key 'model.init_checkpoint'"
+) -> None:
+    """Dense weights into a plain model: a `.safetensors` file, a state dict, a run checkpoint or run folder;
+    `where` names what asked for them in the error when the file does not fit."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / MODEL
@@ -109,7 +111,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         state = state["model"]
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of other shapes: the first line names the first of them
+        lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        raise RecipeError(
+            f"{where}: {path} does not fit the model ({lines[0] if lines else error})"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         missing, unexpected = result.missing_keys[:3], result.unexpected_keys[:3]
         raise RecipeError(
@@ -222,6 +230,11 @@ def build_baseline(recipe: dict[str, Any], model: nn.Module, batches: int) -> Ba
         **spec,
         **recipe["baseline"],
     )
+
+
+def evaluation_split(recipe: dict[str, Any]) -> str:
+    """What a run's accuracy is measured on: "holdout" (training samples set aside) or "test"."""
+    return "holdout" if recipe["data"]["holdout"] else "test"
 
 
 def use_channels_last(setting: str, model: nn.Module, device: torch.device) -> bool:
@@ -679,8 +692,7 @@ class Trainer:
             f"train {row['train_accuracy']:.2f}%",
         ]
         if row.get("test_accuracy") is not None:
-            split = "holdout" if self.recipe["data"]["holdout"] else "test"
-            parts.append(f"{split} {row['test_accuracy']:.2f}%")
+            parts.append(f"{evaluation_split(self.recipe)} {row['test_accuracy']:.2f}%")
         if self.pruner is not None:
             target = row["expected_density"]
             parts.append(
@@ -744,6 +756,7 @@ class Trainer:
             self.files.save_model(self.model.state_dict())
         summary = {
             "final_accuracy": self.last_eval[0],
+            "evaluated_on": evaluation_split(self.recipe),
             "final_test_loss": self.last_eval[1],
             "sparsity": 1 - kept / total,
             "density": kept / total,
@@ -888,7 +901,7 @@ def load_run(path: str | Path, recipe_path: str | Path | None = None, device: st
         recipe = load_recipe(recipe_file)
         bundle = load_data(recipe)
         model = build_model(recipe, bundle, init=False)
-        load_weights(model, path)
+        load_weights(model, path, where=f"the model of {recipe_file}")
         return LoadedRun(recipe, model.to(target), None, bundle, target)
     state = read_checkpoint(path)
     recipe = state["recipe"]
