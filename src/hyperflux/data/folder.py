@@ -160,16 +160,26 @@ class FolderLoader(GlobalBatches):
         if self.drop_last and global_batches and len(global_batches[-1]) < self.batch_size:
             global_batches.pop()
         shares = [batch.tensor_split(self.world_size)[self.rank].tolist() for batch in global_batches]
-        batches = DataLoader(
-            self.dataset,
-            batch_sampler=shares,
-            num_workers=self.num_workers,
-            persistent_workers=False,
+        batches = iter(
+            DataLoader(
+                self.dataset,
+                batch_sampler=[share for share in shares if share],
+                num_workers=self.num_workers,
+                persistent_workers=False,
+            )
         )
         normalize = Normalizer(self.dataset.mean, self.dataset.std)
         try:
-            for images, labels in batches:
-                yield normalize(images), labels
+            for share in shares:
+                if share:
+                    images, labels = next(batches)
+                    yield normalize(images), labels
+                else:  # a last global batch smaller than the world: this rank's share is empty, as in memory
+                    image, label = self.dataset[0]
+                    yield (
+                        image.new_empty((0, *image.shape)),
+                        torch.empty(0, dtype=torch.as_tensor(label).dtype),
+                    )
         except DataError as error:
             # a worker's error arrives wrapped in its traceback; keep the one-line message for the user
             raise DataError(
