@@ -56,6 +56,7 @@ def main() -> None:
         use_cpu=True,
         report_to=[],
         save_strategy="no",
+        max_grad_norm=0.0,  # clipping would scale the mask logits' flux but not the pressure (README)
         logging_strategy="epoch",
         disable_tqdm=True,
     )

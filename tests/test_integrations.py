@@ -21,6 +21,13 @@ def toy_data(count: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x[:, :4].argmax(1)
 
 
+def never_stepped_by_the_host(optimizer: torch.optim.Optimizer, hf) -> bool:
+    """The host optimiser keeps state for the weights it stepped and for none of the mask logits."""
+    state = getattr(optimizer, "optimizer", optimizer).state
+    stepped = {id(p) for p in state}
+    return bool(stepped) and not stepped & {id(p) for p in hf.mask_parameters()}
+
+
 def host_params(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
@@ -80,6 +87,20 @@ def test_lightning_callback_prunes_and_logs(tmp_path):
     assert hf.sparsity() == pytest.approx(0.8, abs=1 / hf.total)
     assert not host_params(trainer.optimizers[0]) & {id(p) for p in hf.mask_parameters()}
     assert set(trainer.logged_metrics) >= HYPERFLUX_KEYS
+    # a second fit with the same callback (staged training) builds new host optimisers: taken over again
+    again = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    again.fit(module, loader)
+    assert again.optimizers[0] is not trainer.optimizers[0]
+    assert not host_params(again.optimizers[0]) & {id(p) for p in hf.mask_parameters()}
     with open(trainer.logger.experiment.metrics_file_path) as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("hyperflux/density")]
     assert len(rows) == 5
@@ -183,7 +204,7 @@ def test_transformers_callback_prunes_and_logs(tmp_path):
     assert hf.period == 5 and hf.frozen
     assert hf.sparsity() == pytest.approx(0.8, abs=1 / hf.total)
     assert any(not torch.equal(masks_before[k], m) for k, m in hf.masks().items())
-    assert not host_params(trainer.optimizer) & {id(p) for p in hf.mask_parameters()}
+    assert never_stepped_by_the_host(trainer.optimizer, hf)
     logged = [entry for entry in trainer.state.log_history if "hyperflux/density" in entry]
     assert len(logged) == 5 and set(logged[0]) >= HYPERFLUX_KEYS
     assert logged[0]["hyperflux/density"] > logged[-1]["hyperflux/density"]
@@ -221,4 +242,35 @@ def test_transformers_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
     for a, b in zip(hf.gates, whole.gates, strict=True):
         assert torch.equal(a.mask(), b.mask())
         torch.testing.assert_close(a.logits, b.logits)
-    assert not host_params(resumed.driver.host_optimizers[0]) & {id(p) for p in hf.mask_parameters()}
+    assert never_stepped_by_the_host(resumed.driver.host_optimizers[0], hf)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
+    reason="transformers or accelerate not installed (extra `hf`)",
+)
+def test_transformers_resume_from_a_best_model_checkpoint(tmp_path):
+    # save_strategy="best" decides to save after the step's callbacks ran: the saved optimiser state must load
+    from transformers import Trainer
+
+    from hyperflux.integrations.transformers import HyperfluxTrainerCallback
+
+    def train(epochs: int, resume: bool = False) -> HyperfluxTrainerCallback:
+        torch.manual_seed(0)
+        callback = HyperfluxTrainerCallback(0.8, pruning_epochs=2, regrowth_epochs=1, mask_lr=0.05)
+        args = training_arguments(
+            tmp_path,
+            num_train_epochs=epochs,
+            eval_strategy="epoch",
+            save_strategy="best",
+            metric_for_best_model="loss",
+        )
+        data = DictSet()
+        trainer = Trainer(
+            model=TinyClassifier(), args=args, train_dataset=data, eval_dataset=data, callbacks=[callback]
+        )
+        trainer.train(resume_from_checkpoint=resume or None)
+        return callback
+
+    train(2)
+    assert train(3, resume=True).hf.period == 3

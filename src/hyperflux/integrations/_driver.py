@@ -38,7 +38,6 @@ class MaskDriver:
         self.hf: Hyperflux | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.host_optimizers: list[torch.optim.Optimizer] = []
-        self.host_groups: list[list[list[torch.Tensor]]] = []
         self.last_step = 0
         self.pending: dict[str, Any] | None = None  # a checkpoint's state, applied once the optimiser exists
 
@@ -49,16 +48,18 @@ class MaskDriver:
             self.hf = Hyperflux(model, **self.settings)
         return self.hf
 
-    def take_over(self, host_optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Take the logits out of the host's optimisers (built from `model.parameters()`, they hold them with
-        the weights' lr and decay) and give them their own Adam, attached so its step applies the pressure."""
+    def take_over(self, host_optimizers: Iterable[torch.optim.Optimizer], hide: bool = True) -> None:
+        """Give the logits their own Adam, attached so that its step applies the pressure. With `hide`, also
+        take them out of the host's optimisers (built from `model.parameters()`, they hold them with the
+        weights' lr and decay); without, the host must step after `step_masks()`, which leaves their gradients
+        None, so the host's step skips them. A new fit with new host optimisers is taken over again."""
+        host_optimizers = list(host_optimizers)
+        if hide and [id(o) for o in host_optimizers] != [id(o) for o in self.host_optimizers]:
+            self.host_optimizers = host_optimizers
+            self._hide_logits()
+        self.host_optimizers = host_optimizers
         if self.optimizer is not None:
             return
-        self.host_optimizers = list(host_optimizers)
-        self.host_groups = [
-            [list(group["params"]) for group in optimizer.param_groups] for optimizer in self.host_optimizers
-        ]
-        self.hide_logits()
         self.optimizer = torch.optim.Adam(
             [{"params": list(self.hf.mask_parameters()), "weight_decay": 0.0}],
             lr=self.hf.base_mask_lr,
@@ -68,19 +69,12 @@ class MaskDriver:
         if self.pending is not None:
             self.load_state_dict(self.pending)
 
-    def hide_logits(self) -> None:
+    def _hide_logits(self) -> None:
         """Take the logits out of the host optimisers' groups (they hold no state there: never stepped)."""
         logit_ids = {id(p) for p in self.hf.mask_parameters()}
         for optimizer in self.host_optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in logit_ids]
-
-    def show_logits(self) -> None:
-        """Put the host optimisers' groups back as the host built them, for a host that saves its optimiser's
-        state and will load it into a freshly built optimiser (which holds the logits) on resume."""
-        for optimizer, groups in zip(self.host_optimizers, self.host_groups, strict=True):
-            for group, params in zip(optimizer.param_groups, groups, strict=True):
-                group["params"] = list(params)
 
     def state_dict(self) -> dict[str, Any]:
         """The sparsifier's schedule, the mask optimiser and the period clock, for the host's checkpoints (the

@@ -2,11 +2,12 @@
 hyperflux-pruning[hf]`).
 
 The callback masks the model in `on_init_end` (the end of `Trainer.__init__`: before the optimiser exists and
-before accelerate wraps the model, so DDP all-reduces the logits too), moves the logits from the host's
-optimiser to their own Adam in `on_train_begin`, steps that Adam in `on_optimizer_step` (once per real step
-under gradient accumulation), closes a period every epoch or every `every_n_steps` steps, and adds
-`hyperflux/density`, `/sparsity`, `/pressure` and `/period` to the Trainer's logs (a log is requested at each
-period's end). Each checkpoint folder gets `hyperflux.pt` (schedule, mask optimiser, period clock), read back
+before accelerate wraps the model, so DDP all-reduces the logits too), gives the logits their own Adam in
+`on_train_begin` and steps it in `on_pre_optimizer_step` (once per real step under gradient accumulation; the
+host's step then finds no gradient on the logits and leaves them alone), closes a period every epoch or every
+`every_n_steps` steps, and adds `hyperflux/density`, `/sparsity`, `/pressure` and `/period` to the Trainer's
+logs (a log is requested at each period's end). transformers clips the logits' gradients with the weights' when
+`max_grad_norm` > 0 (its default is 1.0), which the callback warns about. Each checkpoint folder gets `hyperflux.pt` (schedule, mask optimiser, period clock), read back
 when the Trainer resumes from a checkpoint under `output_dir`. fp16 with a loss scaler is not supported (the
 scaler is out of a callback's reach); bf16 is.
 """
@@ -58,37 +59,37 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
         self.driver.build(model)  # a no-op unless the callback was added after the Trainer was built
         if state.global_step > 0:  # resumed: the checkpoint the Trainer restored holds the schedule
             self._load(args, state)
-        self.driver.take_over([optimizer])
+        # the logits stay in the host optimiser's groups, so that the optimiser state a checkpoint saves always
+        # loads into the optimiser a resumed Trainer builds (from every parameter, logits included)
+        self.driver.take_over([optimizer], hide=False)
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            warnings.warn(
+                f"max_grad_norm={args.max_grad_norm}: transformers clips the mask logits' gradients (the flux) "
+                "together with the weights', but not the pressure; set max_grad_norm=0 to keep their balance "
+                "exact while clipping is active",
+                stacklevel=2,
+            )
 
-    def on_optimizer_step(
+    def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.driver.step_masks()
+        self.driver.step_masks()  # leaves the logits' gradients None: the host's step then skips them
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.driver.every_n_steps is not None and self.driver.due(state.global_step):
             self._close(control)
-        self._before_save(control)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.driver.every_n_steps is None:
             self._close(control)
-        self._before_save(control)
-
-    def _before_save(self, control: TrainerControl) -> None:
-        # The Trainer saves its optimiser's state next; saved with the logits in its groups, it loads into the
-        # optimiser a resumed Trainer builds (which holds them) instead of failing on the group sizes.
-        if control.should_save:
-            self.driver.show_logits()
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.driver.hide_logits()
         if state.is_world_process_zero:
             torch.save(self.driver.state_dict(), self._checkpoint(args, state) / STATE_FILE)
 
