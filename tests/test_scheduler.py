@@ -1,5 +1,7 @@
 """The target trajectory (reference values of method.md s. 3) and the gamma controller on scripted densities."""
 
+import warnings
+
 import pytest
 
 from hyperflux import PressureScheduler
@@ -102,3 +104,14 @@ def test_bad_arguments_are_value_errors(kwargs, message):
 def test_measured_density_must_be_a_fraction():
     with pytest.raises(ValueError, match="fraction"):
         PressureScheduler(0.9, 10).step(98.0)
+
+
+def test_a_trajectory_too_short_for_its_target_warns():
+    with pytest.warns(
+        UserWarning, match=r"in 2 periods the trajectory reaches 47\.\d+% density at the lowest"
+    ):
+        PressureScheduler(0.9, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PressureScheduler(0.9, 4)  # 4 periods reach 7.1% at the lowest: enough for 90%
+        PressureScheduler(0.99, 100)

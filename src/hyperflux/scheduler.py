@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,6 +85,15 @@ class PressureScheduler:
                 raise ValueError(f"epochs must be a positive integer for a target trajectory, got {epochs}")
             self.epochs = int(epochs)
             self.s0 = solve_s0(1.0 - self.target_sparsity, self.epochs, self.aggressivity)
+            reachable = trajectory_density(self.s0, self.epochs, self.epochs, self.aggressivity)
+            if reachable > (1.0 - self.target_sparsity) * 1.001:
+                warnings.warn(
+                    f"in {self.epochs} periods the trajectory reaches {reachable:.2%} density at the lowest, not "
+                    f"the target {1.0 - self.target_sparsity:.2%}; the controller follows what it can reach (an "
+                    "exact-target run still trims to the count at the freeze); for more periods, prune longer or "
+                    "close a period every K batches",
+                    stacklevel=2,
+                )
         elif pressure is not None:
             if not pressure >= 0 or math.isinf(pressure):
                 raise ValueError(f"a constant pressure must be finite and >= 0, got {pressure}")
