@@ -185,6 +185,8 @@ def test_a_holdout_run_says_holdout_wherever_it_reports_accuracy(tmp_path, capsy
     assert json.loads((out / "summary.json").read_text())["evaluated_on"] == "holdout"
     assert main(["eval", str(out)]) == 0
     assert capsys.readouterr().out.startswith("holdout accuracy")
+    assert main(["eval", str(out), "--test-split"]) == 0
+    assert capsys.readouterr().out.split("images")[0].endswith("360 digits ")  # the whole test split
     assert "final holdout accuracy (last epoch)" in (out / "report.html").read_text()
 
 

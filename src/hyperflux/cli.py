@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe", help="the recipe of a model.safetensors (default: recipe.yaml beside it)"
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    evaluate.add_argument(
+        "--test-split",
+        action="store_true",
+        help="a run judged on a holdout (data.holdout): evaluate on the test split instead",
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     summary = commands.add_parser(
@@ -263,14 +268,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hyperflux.training import evaluate, evaluation_split, load_run
+    import copy
+
+    from hyperflux.training import evaluate, evaluation_split, load_data, load_run
 
     run = load_run(args.checkpoint, args.recipe, device=args.device)
-    accuracy, loss = evaluate(run.model, run.bundle.loader("test", 1000, device=run.device), run.device)
+    bundle, split = run.bundle, evaluation_split(run.recipe)
+    if args.test_split and split != "test":  # the run was judged on a holdout: load the data without one
+        recipe = copy.deepcopy(run.recipe)
+        recipe["data"]["holdout"] = 0
+        bundle, split = load_data(recipe), "test"
+    accuracy, loss = evaluate(run.model, bundle.loader("test", 1000, device=run.device), run.device)
     kept, total = run.counts()
     print(
-        f"{evaluation_split(run.recipe)} accuracy {accuracy:.2f}% "
-        f"(loss {loss:.4f}, {len(run.bundle.test):,} {run.bundle.name} images)  "
+        f"{split} accuracy {accuracy:.2f}% "
+        f"(loss {loss:.4f}, {len(bundle.test):,} {bundle.name} images)  "
         f"sparsity {100 * (1 - kept / total):.3f}% ({kept:,} of {total:,} weights kept)"
     )
     return 0
