@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import warnings
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -124,6 +125,8 @@ def main() -> None:
     load_before = os.getloadavg()
     records = [r for case in CASES for r in run_case(*case, args.repeats)]
     environment = {
+        "date": date.today().isoformat(),
+        "command": f"python benchmarks/inference.py --threads {args.threads} --repeats {args.repeats}",
         "torch": torch.__version__,
         "threads": args.threads,
         "repeats": args.repeats,
