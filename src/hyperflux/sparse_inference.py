@@ -84,9 +84,11 @@ class SparseLinear(nn.Module):
         self.register_buffer("weight", _csr(linear.weight))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.register_buffer("dense_weight", linear.weight.detach().clone() if min_batch > 1 else None)
+        # a plain int (no module attribute lookup) keeps the dense path as cheap as nn.Linear's at batch 1
+        self._dense_below = min_batch * self.in_features if min_batch > 1 else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_weight is not None and x.numel() < self.min_batch * self.in_features:
+        if x.numel() < self._dense_below:
             return F.linear(x, self.dense_weight, self.bias)
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] == 1:  # matrix-vector: half the fixed cost of the matrix-matrix kernel
