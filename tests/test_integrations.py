@@ -21,6 +21,11 @@ def toy_data(count: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x[:, :4].argmax(1)
 
 
+def mask_steps(callback) -> set[int]:
+    """The step counts in the callback's mask optimiser state (one per logit tensor)."""
+    return {int(state["step"]) for state in callback.driver.optimizer.state_dict()["state"].values()}
+
+
 def never_stepped_by_the_host(optimizer: torch.optim.Optimizer, hf) -> bool:
     """The host optimiser keeps state for the weights it stepped and for none of the mask logits."""
     state = getattr(optimizer, "optimizer", optimizer).state
@@ -105,6 +110,9 @@ def test_lightning_callback_prunes_and_logs(tmp_path):
         rows = [r for r in csv.DictReader(handle) if r.get("hyperflux/density")]
     assert len(rows) == 5
     assert float(rows[0]["hyperflux/density"]) > float(rows[-1]["hyperflux/density"])
+    # the masks learned before the freeze-time trim (without mask steps the density stays 1.0 until then)
+    assert float(rows[2]["hyperflux/density"]) < 0.5
+    assert mask_steps(callback) == {4 * len(loader)}  # one mask step per batch until the freeze
 
 
 @pytest.mark.skipif(
@@ -208,6 +216,8 @@ def test_transformers_callback_prunes_and_logs(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "hyperflux/density" in entry]
     assert len(logged) == 5 and set(logged[0]) >= HYPERFLUX_KEYS
     assert logged[0]["hyperflux/density"] > logged[-1]["hyperflux/density"]
+    assert logged[2]["hyperflux/density"] < 0.5  # the masks learned before the freeze-time trim
+    assert mask_steps(callback) == {4 * 16}  # one mask step per optimiser step until the freeze
 
 
 @pytest.mark.skipif(

@@ -61,8 +61,11 @@ def test_positions_and_repeated_calls_are_counted():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.fc(x))
 
-    count = count_macs(Twice(), torch.randn(2, 6, 4))  # 6 positions per sample, the layer applied twice
-    assert count.layers[0].dense == 2 * 6 * 16
+    model = Twice()
+    with torch.no_grad():
+        model.fc.weight.view(-1)[:6] = 0  # 10 of 16 weights left
+    count = count_macs(model, torch.randn(2, 6, 4))  # 6 positions per sample, the layer applied twice
+    assert (count.layers[0].dense, count.layers[0].sparse) == (2 * 6 * 16, 2 * 6 * 10)
 
 
 def test_bad_examples_and_models_without_counted_layers_are_errors():

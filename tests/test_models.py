@@ -9,22 +9,12 @@ import torch
 from torch import nn
 
 from hyperflux import models
-
-PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from hyperflux.selection import select_targets
 
 
 def default_selection(model: nn.Module) -> list[str]:
-    """The sparsifier's default rule: the weight of every Linear / Conv, minus `hyperflux_ignore` matches."""
-    ignore = [re.compile(pattern) for pattern in model.hyperflux_ignore]
-    selected = []
-    for module_name, module in model.named_modules():
-        tensor_name = f"{module_name}.weight"
-        if not isinstance(module, PRUNABLE_TYPES):
-            continue
-        if any(pattern.fullmatch(module_name) or pattern.fullmatch(tensor_name) for pattern in ignore):
-            continue
-        selected.append(tensor_name)
-    return selected
+    """The tensors the library masks by default (Linear / Conv weights minus the model's `hyperflux_ignore`)."""
+    return [target.name for target in select_targets(model)]
 
 
 def count(model: nn.Module, suffix: str = "") -> int:

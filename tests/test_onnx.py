@@ -49,3 +49,7 @@ def test_cli_export_onnx(tmp_path, capsys):
     out = tmp_path / "exported.onnx"
     assert main(["export", str(tmp_path / "model.safetensors"), "--format", "onnx", "--out", str(out)]) == 0
     assert out.exists() and "onnxruntime max |diff|" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 8, 8)
+    (result,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(result), model(x), atol=1e-4, rtol=0)

@@ -144,6 +144,9 @@ def test_a_bare_linear_becomes_a_sparse_linear():
     linear = prune(nn.Linear(1024, 512), 0.99)
     fast = to_sparse_inference(linear)
     assert isinstance(fast, SparseLinear) and isinstance(linear, nn.Linear)
+    x = torch.randn(64, 1024)
+    with torch.no_grad():
+        close(fast(x), linear(x))
 
 
 def test_a_model_with_its_masks_is_refused():

@@ -442,3 +442,23 @@ def test_step_clears_the_momentum_of_pruned_weights_only(kind):
     assert torch.equal(state[key][~pruned], before[~pruned])
     if kind == "adam":
         assert torch.count_nonzero(state["exp_avg_sq"][pruned]) > 0  # the second moment is left alone
+
+
+def test_the_exact_trim_stops_at_a_layers_floor():
+    hf = Hyperflux(mlp(), 0.75, pruning_epochs=1, regrowth_epochs=1, overrides={"0": {"min_density": 0.25}})
+    with torch.no_grad():
+        hf.gates[0].logits.fill_(0.01)  # the trim's first choice ...
+        hf.gates[1].logits.fill_(1.0)
+    hf.step()
+    hf.step()
+    assert hf.kept() == round(0.25 * hf.total)
+    assert [int(g.mask().sum()) for g in hf.gates] == [32, 16]  # ... stops at layer 0's floor (25% of 128)
+
+
+def test_param_groups_give_the_logits_their_own_lr_and_no_weight_decay():
+    hf = Hyperflux(mlp(), 0.5, pruning_epochs=3)
+    weights, masks = hf.param_groups(lr=0.1, weight_decay=0.5, mask_lr=0.02, betas=(0.8, 0.9))
+    assert (weights["lr"], weights["weight_decay"], weights["betas"]) == (0.1, 0.5, (0.8, 0.9))
+    assert (masks["lr"], masks["weight_decay"]) == (0.02, 0.0)
+    assert {id(p) for p in masks["params"]} == {id(p) for p in hf.mask_parameters()}
+    assert not {id(p) for p in weights["params"]} & {id(p) for p in masks["params"]}
