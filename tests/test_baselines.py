@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,46 @@ def test_rigl_moves_connections_at_update_steps_only_and_keeps_each_layers_count
     assert len(layer_counts) == 1
     shapes = [list(m.shape) for m in history[0]["masks"].values()]
     assert list(layer_counts.pop()) == baselines.erk_counts(shapes, pruner.target_count)
+
+
+def test_rigl_drops_the_smallest_weights_and_grows_the_largest_gradients():
+    model = tiny()
+    pruner = baselines.build(
+        "rigl", model, TARGET, EPOCHS - 1, 1, BATCHES, seed=0, update_every=3, end_epoch=3
+    )
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    pruner.attach(opt)
+    generator = torch.Generator().manual_seed(1)
+    checked = 0
+    for step in range(1, 3 * BATCHES):
+        x, y = torch.randn(8, 12, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pruner.after_backward()
+        grads = {n: g.clone() for n, g in pruner.grad.items()}  # the dense gradients RigL grows by
+        opt.step()
+        magnitudes = {n: w.detach().abs().clone() for n, w in pruner.masked_weights().items()}
+        before = pruner.masks()
+        pruner.end_step()
+        after = pruner.masks()
+        if step % 3:
+            assert all(torch.equal(before[n], after[n]) for n in before)
+            continue
+        fraction = 0.3 * (1 + math.cos(math.pi * step / (3 * BATCHES))) / 2
+        for name, mask in before.items():
+            # the rule written out with plain sorting: keep the largest |W| of the active weights, then grow the
+            # largest |gradient| among all the others (just-dropped ones included), as many as were dropped
+            active = mask.flatten().nonzero().flatten()
+            drop = round(fraction * len(active))
+            order = magnitudes[name].flatten()[active].argsort(descending=True)
+            expected = torch.zeros(mask.numel(), dtype=torch.bool)
+            expected[active[order[: len(active) - drop]]] = True
+            candidates = (~expected).nonzero().flatten()
+            growth = grads[name].flatten()[candidates].argsort(descending=True)[:drop]
+            expected[candidates[growth]] = True
+            assert torch.equal(after[name].flatten(), expected), (step, name)
+        checked += 1
+    assert checked == 4
 
 
 def test_gmp_follows_the_cubic_schedule_at_its_update_steps():
