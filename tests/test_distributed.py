@@ -117,6 +117,10 @@ def test_a_run_resumes_on_another_world_size(tmp_path, single):
     assert "mask_hashes" not in rows[1] and len(rows[2]["mask_hashes"]) == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kept"] == json.loads((single / "summary.json").read_text())["kept"]
+    # the two processes carried on from the checkpoint (logits, optimisers, schedule), not from fresh state
+    for ours, theirs in zip(rows, metrics(single), strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        assert ours["density"] == pytest.approx(theirs["density"], abs=1e-3)
 
 
 def test_shards_of_a_global_batch_are_the_single_process_batch():
