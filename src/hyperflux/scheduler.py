@@ -88,7 +88,7 @@ class PressureScheduler:
             reachable = trajectory_density(self.s0, self.epochs, self.epochs, self.aggressivity)
             if reachable > (1.0 - self.target_sparsity) * 1.001:
                 warnings.warn(
-                    f"in {self.epochs} periods the trajectory reaches {reachable:.2%} density at the lowest, not "
+                    f"in {self.epochs} period{'s' if self.epochs != 1 else ''} the trajectory reaches {reachable:.2%} density at the lowest, not "
                     f"the target {1.0 - self.target_sparsity:.2%}; the controller follows what it can reach (an "
                     "exact-target run still trims to the count at the freeze); for more periods, prune longer or "
                     "close a period every K batches",
