@@ -1,4 +1,4 @@
-"""Randomly pruned models for the export, inference and ONNX tests."""
+"""Small models the tests share: randomly pruned ones (export, inference, ONNX) and a layer used twice."""
 
 import torch
 from torch import nn
@@ -12,3 +12,14 @@ def random_prune(model: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
         if isinstance(module, nn.Linear | nn.Conv2d):
             module.weight.mul_(torch.rand(module.weight.shape, generator=generator) >= sparsity)
     return model.eval()
+
+
+class LinearTwice(nn.Module):
+    """One bias-free Linear applied twice per forward: a weight with two uses in one graph."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(features, features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.fc(x))

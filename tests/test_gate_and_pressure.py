@@ -6,6 +6,7 @@ from torch import nn
 
 import hyperflux
 from hyperflux.gate import _GateFunction
+from pruned_models import LinearTwice
 
 
 def test_gate_forward_and_gradients_by_hand():
@@ -128,15 +129,7 @@ def test_flux_is_sampled_and_reported_in_pressure_units():
 
 
 def test_a_layer_used_twice_in_a_batch_reports_the_flux_of_both_uses():
-    class Twice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(3, 3, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.fc(x))
-
-    model = Twice()
+    model = LinearTwice(3)
     hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3, flux_every=1, grad_scale=1.0)
     x = torch.tensor([[1.0, -2.0, 0.5]])
     model(x).sum().backward()  # one batch, two uses: the weight's gradient is the sum of both

@@ -56,6 +56,20 @@ def lightning_module(configure_optimizers):
     return Tiny()
 
 
+def lightning_trainer(callbacks, **options):
+    """A quiet one-CPU Lightning Trainer with these callbacks; `options` add to its arguments."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **options,
+    )
+
+
 def adamw_with_steps(module):
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.1)
     return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 2)]
@@ -65,7 +79,6 @@ def adamw_with_steps(module):
     importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
 )
 def test_lightning_callback_prunes_and_logs(tmp_path):
-    import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
     from hyperflux.integrations.lightning import HyperfluxCallback
@@ -73,16 +86,8 @@ def test_lightning_callback_prunes_and_logs(tmp_path):
     torch.manual_seed(0)
     module = lightning_module(adamw_with_steps)
     callback = HyperfluxCallback(0.8, pruning_epochs=4, regrowth_epochs=1, mask_lr=0.05)
-    trainer = pl.Trainer(
-        max_epochs=5,
-        accelerator="cpu",
-        devices=1,
-        logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        callbacks=[callback],
+    trainer = lightning_trainer(
+        [callback], max_epochs=5, logger=CSVLogger(tmp_path), enable_checkpointing=False, log_every_n_steps=1
     )
     loader = torch.utils.data.DataLoader(TensorDataset(*toy_data()), batch_size=16)
     trainer.fit(module, loader)
@@ -93,16 +98,7 @@ def test_lightning_callback_prunes_and_logs(tmp_path):
     assert not host_params(trainer.optimizers[0]) & {id(p) for p in hf.mask_parameters()}
     assert set(trainer.logged_metrics) >= HYPERFLUX_KEYS
     # a second fit with the same callback (staged training) builds new host optimisers: taken over again
-    again = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    again = lightning_trainer([callback], max_epochs=1, logger=False, enable_checkpointing=False)
     again.fit(module, loader)
     assert again.optimizers[0] is not trainer.optimizers[0]
     assert not host_params(again.optimizers[0]) & {id(p) for p in hf.mask_parameters()}
@@ -119,7 +115,6 @@ def test_lightning_callback_prunes_and_logs(tmp_path):
     importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
 )
 def test_lightning_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from hyperflux.integrations.lightning import HyperfluxCallback
@@ -128,15 +123,11 @@ def test_lightning_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
         torch.manual_seed(0)
         module = lightning_module(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2))
         callback = HyperfluxCallback(0.8, pruning_epochs=4, regrowth_epochs=2, mask_lr=0.05)
-        trainer = pl.Trainer(
+        trainer = lightning_trainer(
+            [callback, ModelCheckpoint(dirpath=folder, save_last=True)],
             max_epochs=max_epochs,
-            accelerator="cpu",
-            devices=1,
             logger=False,
             default_root_dir=folder,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[callback, ModelCheckpoint(dirpath=folder, save_last=True)],
         )
         loader = torch.utils.data.DataLoader(TensorDataset(*toy_data()), batch_size=16)
         trainer.fit(module, loader, ckpt_path=ckpt_path)

@@ -8,6 +8,7 @@ from torch import nn
 
 import hyperflux
 from hyperflux import count_macs
+from pruned_models import LinearTwice
 
 
 def small_net() -> nn.Sequential:
@@ -53,15 +54,7 @@ def test_a_prepared_model_counts_its_open_gates_as_its_squashed_form_does():
 
 
 def test_positions_and_repeated_calls_are_counted():
-    class Twice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 4, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.fc(x))
-
-    model = Twice()
+    model = LinearTwice(4)
     with torch.no_grad():
         model.fc.weight.view(-1)[:6] = 0  # 10 of 16 weights left
     count = count_macs(model, torch.randn(2, 6, 4))  # 6 positions per sample, the layer applied twice
