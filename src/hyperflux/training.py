@@ -859,9 +859,8 @@ class LoadedRun:
 
     def macs(self) -> MacCount:
         """MACs per sample of the model on the first test image, dense and with its present weights."""
-        return count_macs(
-            self.model, first_sample(self.bundle.loader("test", 1, device=self.device), self.device)
-        )
+        # a CPU loader: only the one sample goes to the device, not the whole in-memory test set
+        return count_macs(self.model, first_sample(self.bundle.loader("test", 1), self.device))
 
     def table(self) -> str:
         if self.hf is not None:

@@ -54,10 +54,10 @@ class MaskDriver:
         weights' lr and decay); without, the host must step after `step_masks()`, which leaves their gradients
         None, so the host's step skips them. A new fit with new host optimisers is taken over again."""
         host_optimizers = list(host_optimizers)
-        if hide and [id(o) for o in host_optimizers] != [id(o) for o in self.host_optimizers]:
-            self.host_optimizers = host_optimizers
-            self._hide_logits()
+        new_hosts = [id(o) for o in host_optimizers] != [id(o) for o in self.host_optimizers]
         self.host_optimizers = host_optimizers
+        if hide and new_hosts:
+            self._hide_logits()
         if self.optimizer is not None:
             return
         self.optimizer = torch.optim.Adam(

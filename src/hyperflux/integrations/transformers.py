@@ -7,9 +7,9 @@ before accelerate wraps the model, so DDP all-reduces the logits too), gives the
 host's step then finds no gradient on the logits and leaves them alone), closes a period every epoch or every
 `every_n_steps` steps, and adds `hyperflux/density`, `/sparsity`, `/pressure` and `/period` to the Trainer's
 logs (a log is requested at each period's end). transformers clips the logits' gradients with the weights' when
-`max_grad_norm` > 0 (its default is 1.0), which the callback warns about. Each checkpoint folder gets `hyperflux.pt` (schedule, mask optimiser, period clock), read back
-when the Trainer resumes from a checkpoint under `output_dir`. fp16 with a loss scaler is not supported (the
-scaler is out of a callback's reach); bf16 is.
+`max_grad_norm` > 0 (its default is 1.0), which the callback warns about. Each checkpoint folder gets
+`hyperflux.pt` (schedule, mask optimiser, period clock), read back when the Trainer resumes from a checkpoint
+under `output_dir`. fp16 with a loss scaler is not supported (the scaler is out of a callback's reach); bf16 is.
 """
 
 from __future__ import annotations
