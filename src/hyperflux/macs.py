@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hyperflux.selection import DEFAULT_MODULES
 from hyperflux.table import text_table
-
-_COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> MacCount:
     handles = [
         module.register_forward_hook(hook(name))
         for name, module in model.named_modules()
-        if isinstance(module, _COUNTED)
+        if isinstance(module, DEFAULT_MODULES)
     ]
     was_training = model.training
     model.eval()
