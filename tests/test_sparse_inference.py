@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import hyperflux
-from hyperflux import models
+from hyperflux import kernels, models, sparse_inference
 from hyperflux.sparse_inference import (
     MIN_GAIN,
     LayerChoice,
@@ -24,13 +24,23 @@ ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def kernel(request, monkeypatch):
+    """Runs a test on hyperflux's compiled kernel and again on torch's CSR matmul (its fallback)."""
+    if request.param == "torch":
+        monkeypatch.setattr(sparse_inference, "sparse_linear_op", lambda: None)
+    else:  # this machine has a compiler: the kernel must build, or the fast path goes untested
+        assert kernels.sparse_linear_op() is not None
+    return request.param
+
+
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("min_batch", [1, 4])
-def test_sparse_linear_equals_dense_for_every_input_shape(bias, min_batch):
+def test_sparse_linear_equals_dense_for_every_input_shape(bias, min_batch, kernel):
     torch.manual_seed(0)
     linear = prune(nn.Linear(8192, 24, bias=bias), 0.95)  # 8192 inputs: batches run in blocks of 32
     sparse = SparseLinear(linear, min_batch)
@@ -43,7 +53,8 @@ def test_sparse_linear_equals_dense_for_every_input_shape(bias, min_batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_chain_of_sparse_layers_passes_the_transposed_layout_on(dtype):
+def test_a_chain_of_sparse_layers_passes_the_transposed_layout_on(dtype, monkeypatch):
+    monkeypatch.setattr(sparse_inference, "sparse_linear_op", lambda: None)  # torch's path transposes
     torch.manual_seed(0)
     # 4096 inputs run in blocks of 64 columns: blocks of a row-major input, then of a transposed one
     dense = nn.Sequential(
@@ -70,7 +81,7 @@ def test_a_chain_of_sparse_layers_passes_the_transposed_layout_on(dtype):
         {"kernel_size": (1, 3), "stride": (1, 2)},
     ],
 )
-def test_sparse_conv_equals_dense(options):
+def test_sparse_conv_equals_dense(options, kernel):
     torch.manual_seed(0)
     conv = prune(nn.Conv2d(6, 10, **({"kernel_size": 3} | options)), 0.9)
     sparse = SparseConv2d(conv)
@@ -87,6 +98,41 @@ def test_a_conv_without_a_sparse_form_is_refused_and_left_dense():
     assert not choice.sparse and "no sparse form" in choice.reason
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_kernel_equals_linear_on_every_tile_shape(threads):
+    """Batches of 1-2 rows (gathers), 3-8, 9-16 and more (tiles of 8, 16, 32, full and short), widths that are
+    not a multiple of the 8-wide transpose, empty weight rows, no bias, a non-contiguous input, and split
+    output features when a batch has fewer tiles than threads."""
+    op = kernels.sparse_linear_op()
+    assert op is not None
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    for out_features, in_features in [(37, 13), (300, 784), (5, 4099)]:
+        # scaled as an initialised layer is, so that outputs are of order 1 and float rounding stays under ATOL
+        mask = torch.rand(out_features, in_features) < 0.1
+        weight = torch.randn(out_features, in_features) * mask / (0.1 * in_features) ** 0.5
+        weight[out_features // 2] = 0  # a row with no weights left
+        csr = sparse_inference._csr(weight)
+        for bias in (torch.randn(out_features), None):
+            for batch in (0, 1, 2, 3, 7, 8, 9, 16, 17, 31, 32, 33, 100):
+                x = torch.randn(in_features, batch).t()  # non-contiguous
+                out = op(x, csr.crow_indices(), csr.col_indices(), csr.values(), bias)
+                close(out, torch.nn.functional.linear(x, weight, bias))
+
+
+def test_the_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("Error building extension 'hyperflux_kernels'\nc++: not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="compiled sparse kernel is unavailable .*Error building"):
+        assert kernels.sparse_linear_op.__wrapped__() is None
+    monkeypatch.setenv("HYPERFLUX_KERNELS", "0")
+    assert kernels.sparse_linear_op.__wrapped__() is None
+
+
 def every_layer_sparse(model: nn.Module) -> list[LayerChoice]:
     plan = plan_sparse_inference(model, max_density=1.0)  # modelled; then force every layer
     for choice in plan:
@@ -97,7 +143,7 @@ def every_layer_sparse(model: nn.Module) -> list[LayerChoice]:
 @pytest.mark.parametrize(
     ("name", "size", "channels"), [("lenet300", 28, 1), ("lenet5", 28, 1), ("resnet18", 16, 3)]
 )
-def test_a_fully_converted_model_gives_the_dense_outputs(name, size, channels):
+def test_a_fully_converted_model_gives_the_dense_outputs(name, size, channels, kernel):
     torch.manual_seed(0)
     kwargs = {"width": 0.125} if name == "resnet18" else {}
     model = prune(models.build(name, num_classes=10, in_channels=channels, image_size=size, **kwargs), 0.9)

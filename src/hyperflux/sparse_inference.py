@@ -6,9 +6,9 @@ layers, low density, and enough work per call to amortise the sparse kernel's ov
 dense. So each layer is converted only when measured faster at both batch 1 and the example's batch, and the
 measurements are kept in the plan (`plan_sparse_inference`) for anyone to read.
 
-The sparse modules compute ``W @ x.T`` with W in CSR (torch's sparse CSR matmul) and return the transposed
-view, so the output of one sparse layer is already in the layout the next one wants; only the first layer of a
-chain pays for transposing its input.
+The sparse modules keep W in CSR and compute with hyperflux's compiled kernel (`hyperflux.kernels`), which
+reads the batch as it is; where that kernel cannot be built they fall back to torch's sparse CSR matmul on
+``W @ x.T``, returning the transposed view so that only the first layer of a chain transposes its input.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+from hyperflux.kernels import sparse_linear_op
 
 # Without an example input the choice is modelled, conservatively: a Linear with at most this density and at
 # least this many weights (measured faster at batch 1 and 256 on the CPUs this was built on).
@@ -65,6 +67,15 @@ def _transposed(flat: torch.Tensor) -> torch.Tensor:
     return transposed.contiguous()
 
 
+def _compiled(x: torch.Tensor, weight: torch.Tensor):
+    """The compiled kernel when it can take `x` (float32 on the CPU, no gradient wanted), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    if x.requires_grad and torch.is_grad_enabled():
+        return None
+    return sparse_linear_op()
+
+
 def _density(weight: torch.Tensor) -> float:
     return int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
 
@@ -91,7 +102,11 @@ class SparseLinear(nn.Module):
         if x.numel() < self._dense_below:
             return F.linear(x, self.dense_weight, self.bias)
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] == 1:  # matrix-vector: half the fixed cost of the matrix-matrix kernel
+        op = _compiled(flat, self.weight)
+        if op is not None:
+            w = self.weight
+            out = op(flat, w.crow_indices(), w.col_indices(), w.values(), self.bias)
+        elif flat.shape[0] == 1:  # matrix-vector: half the fixed cost of the matrix-matrix kernel
             out = self.weight @ flat[0] if self.bias is None else torch.addmv(self.bias, self.weight, flat[0])
         else:
             out = self._matmul_transposed(flat).t()
@@ -146,10 +161,17 @@ class SparseConv2d(nn.Module):
         images = x if batched else x.unsqueeze(0)
         n, height, width = images.shape[0], images.shape[2], images.shape[3]
         cols = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)
-        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-        out = self.weight @ cols if self.bias is None else torch.addmm(self.bias, self.weight, cols)
-        out = out.reshape(self.out_channels, n, self._side(height, 0), self._side(width, 1))
-        out = out.transpose(0, 1).contiguous()
+        sides = self._side(height, 0), self._side(width, 1)
+        op = _compiled(cols, self.weight)
+        if op is not None:  # one row per output pixel: (n * pixels, channels), then back to NCHW
+            w, bias = self.weight, None if self.bias is None else self.bias.reshape(-1)
+            patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            out = op(patches, w.crow_indices(), w.col_indices(), w.values(), bias)
+            out = out.reshape(n, *sides, self.out_channels).permute(0, 3, 1, 2).contiguous()
+        else:
+            cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+            out = self.weight @ cols if self.bias is None else torch.addmm(self.bias, self.weight, cols)
+            out = out.reshape(self.out_channels, n, *sides).transpose(0, 1).contiguous()
         return out if batched else out[0]
 
     def extra_repr(self) -> str:
