@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -118,6 +122,39 @@ def test_the_compiled_kernel_equals_linear_on_every_tile_shape(threads):
                 x = torch.randn(in_features, batch).t()  # non-contiguous
                 out = op(x, csr.crow_indices(), csr.col_indices(), csr.values(), bias)
                 close(out, torch.nn.functional.linear(x, weight, bias))
+
+
+OTHER_BUILD = """
+import torch
+from hyperflux import kernels, sparse_inference
+op = kernels.sparse_linear_op()
+assert op is not None
+torch.manual_seed(0)
+for out_features, in_features in [(37, 13), (300, 784)]:
+    weight = torch.randn(out_features, in_features) * (torch.rand(out_features, in_features) < 0.1) / 3
+    csr = sparse_inference._csr(weight)
+    for batch in (1, 3, 8, 9, 17, 40):
+        x = torch.randn(batch, in_features)
+        out = op(x, csr.crow_indices(), csr.col_indices(), csr.values(), None)
+        torch.testing.assert_close(out, x @ weight.t(), atol=1e-5, rtol=0)
+"""
+
+
+@pytest.mark.parametrize("arch", ["avx2", "generic"])
+def test_the_other_builds_of_the_kernel(arch):
+    """The build this CPU does not pick (8-wide tiles with AVX2; plain C++ without vector extensions), in a
+    fresh process because a process holds one build of the op."""
+    if arch == "avx2" and not {"avx2", "fma"} <= kernels._cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "HYPERFLUX_KERNEL_ARCH": arch}
+    done = subprocess.run([sys.executable, "-c", OTHER_BUILD], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_bad_kernel_arch_is_named(monkeypatch):
+    monkeypatch.setenv("HYPERFLUX_KERNEL_ARCH", "sse9")
+    with pytest.raises(ValueError, match="HYPERFLUX_KERNEL_ARCH"):
+        kernels.sparse_linear_op.__wrapped__()
 
 
 def test_the_kernel_falls_back_to_torch_with_a_warning(monkeypatch):

@@ -67,20 +67,35 @@ def _transposed(flat: torch.Tensor) -> torch.Tensor:
     return transposed.contiguous()
 
 
-def _compiled(x: torch.Tensor, weight: torch.Tensor):
-    """The compiled kernel when it can take `x` (float32 on the CPU, no gradient wanted), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return None
-    if x.requires_grad and torch.is_grad_enabled():
-        return None
-    return sparse_linear_op()
+class _CompiledCSR(nn.Module):
+    """What SparseLinear and SparseConv2d share: `y = x W^T + b` by the compiled kernel, which reads the CSR
+    arrays of the `weight` buffer; they are looked up once per weight (a second of the few microseconds a
+    small layer's call takes) and again whenever `.to()` or `load_state_dict` puts a new weight there."""
+
+    _arrays: tuple[torch.Tensor | None, ...] = ()
+
+    def _compiled(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The product for a 2-D `x`, or None where the kernel cannot take it (not float32 on the CPU,
+        a gradient wanted, or no kernel built), leaving it to torch's sparse matmul."""
+        if not x.is_cpu or x.dtype is not torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        op = sparse_linear_op()
+        weight, bias = self.weight, self.bias
+        if op is None or weight.dtype is not torch.float32:
+            return None
+        arrays = self._arrays
+        if not arrays or arrays[0] is not weight or arrays[1] is not bias:
+            flat_bias = None if bias is None else bias.reshape(-1)
+            arrays = (weight, bias, weight.crow_indices(), weight.col_indices(), weight.values(), flat_bias)
+            self._arrays = arrays
+        return op(x, *arrays[2:])
 
 
 def _density(weight: torch.Tensor) -> float:
     return int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(_CompiledCSR):
     """A Linear whose weight is a CSR tensor: ``y = (W @ x.T).T + b``, bias fused into the sparse kernel.
 
     The sparse kernel has a fixed cost per call that a small layer at a small batch does not earn back: below
@@ -102,15 +117,18 @@ class SparseLinear(nn.Module):
         if x.numel() < self._dense_below:
             return F.linear(x, self.dense_weight, self.bias)
         flat = x.reshape(-1, self.in_features)
-        op = _compiled(flat, self.weight)
-        if op is not None:
-            w = self.weight
-            out = op(flat, w.crow_indices(), w.col_indices(), w.values(), self.bias)
-        elif flat.shape[0] == 1:  # matrix-vector: half the fixed cost of the matrix-matrix kernel
-            out = self.weight @ flat[0] if self.bias is None else torch.addmv(self.bias, self.weight, flat[0])
-        else:
-            out = self._matmul_transposed(flat).t()
-        return out.reshape(*x.shape[:-1], self.out_features)
+        out = self._compiled(flat)
+        if out is None:
+            out = self._torch_matmul(flat)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _torch_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """The fallback on torch's sparse kernels: matrix-vector for one row (half the fixed cost)."""
+        if flat.shape[0] == 1:
+            return (
+                self.weight @ flat[0] if self.bias is None else torch.addmv(self.bias, self.weight, flat[0])
+            )[None]
+        return self._matmul_transposed(flat).t()
 
     def _matmul_transposed(self, flat: torch.Tensor) -> torch.Tensor:
         """``W @ flat.T + b`` as a contiguous (out, batch) tensor. Large inputs go in blocks of columns whose
@@ -138,7 +156,7 @@ class SparseLinear(nn.Module):
         )
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(_CompiledCSR):
     """A Conv2d (groups=1, zero padding) as im2col (`F.unfold`) followed by a CSR matmul."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -162,11 +180,8 @@ class SparseConv2d(nn.Module):
         n, height, width = images.shape[0], images.shape[2], images.shape[3]
         cols = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)
         sides = self._side(height, 0), self._side(width, 1)
-        op = _compiled(cols, self.weight)
-        if op is not None:  # one row per output pixel: (n * pixels, channels), then back to NCHW
-            w, bias = self.weight, None if self.bias is None else self.bias.reshape(-1)
-            patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-            out = op(patches, w.crow_indices(), w.col_indices(), w.values(), bias)
+        out = self._compiled(cols.transpose(1, 2).reshape(-1, cols.shape[1]))  # a row per output pixel
+        if out is not None:
             out = out.reshape(n, *sides, self.out_channels).permute(0, 3, 1, 2).contiguous()
         else:
             cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
