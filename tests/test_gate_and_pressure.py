@@ -5,14 +5,24 @@ import torch
 from torch import nn
 
 import hyperflux
+from hyperflux import kernels
 from hyperflux.gate import _GateFunction
 from pruned_models import LinearTwice
 
 
-def test_gate_forward_and_gradients_by_hand():
+def python_gate(weight, logits, scale):
+    return _GateFunction.apply(weight, logits, scale, None)
+
+
+# the C++ gate (hyperflux.kernels) must build on this machine, or the path training takes goes untested
+GATES = {"python": python_gate, "compiled": lambda *args: kernels.gate_op()(*args)}
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_gate_forward_and_gradients_by_hand(gate):
     weight = torch.tensor([[0.5, -2.0], [3.0, 0.25]], requires_grad=True)
     logits = torch.tensor([[0.1, -0.3], [0.0, -1e-6]], requires_grad=True)
-    out = _GateFunction.apply(weight, logits, 0.25, None)
+    out = GATES[gate](weight, logits, 0.25)
     assert torch.equal(out, torch.tensor([[0.5, 0.0], [3.0, 0.0]]))  # m >= 0 opens, m = 0 included
 
     upstream = torch.tensor([[1.0, 2.0], [-1.0, 4.0]])
@@ -20,6 +30,46 @@ def test_gate_forward_and_gradients_by_hand():
     # dL/dW = H(m) * g ; dL/dm = c * W * g, for open and closed gates alike
     assert torch.equal(weight.grad, torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
     assert torch.allclose(logits.grad, 0.25 * torch.tensor([[0.5, -4.0], [-3.0, 1.0]]))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "linear"])
+@pytest.mark.parametrize("wanted", [(True, True), (True, False), (False, True)])
+def test_the_compiled_gate_equals_the_python_gate(layout, wanted):
+    """Values and both gradients bit for bit, in a conv weight's two layouts and a Linear's, with either input
+    frozen, for an upstream gradient of another layout (an expanded scalar from `sum()`) and one that comes
+    back through a product."""
+    torch.manual_seed(0)
+    shape = (70, 45) if layout == "linear" else (8, 3, 3, 3)
+    weight, logits = torch.randn(shape), torch.randn(shape)
+    logits.view(-1)[0] = 0.0  # the gate's edge: m = 0 is open
+    if layout == "channels_last":
+        weight, logits = (t.contiguous(memory_format=torch.channels_last) for t in (weight, logits))
+    x, upstream = torch.randn(5, 45), torch.randn(shape)
+    results = []
+    for gate in GATES.values():
+        w, m = (t.clone().requires_grad_(want) for t, want in zip((weight, logits), wanted, strict=True))
+        out = gate(w, m, 0.3)
+        through = torch.nn.functional.linear(x, out) if layout == "linear" else out * upstream
+        through.sum().backward(retain_graph=True)
+        first = [None if t.grad is None else t.grad.clone() for t in (w, m)]
+        for t in (w, m):
+            t.grad = None
+        out.sum().backward()
+        results.append((out.detach(), first, [None if t.grad is None else t.grad for t in (w, m)]))
+    (out_py, first_py, sum_py), (out_c, first_c, sum_c) = results
+    assert torch.equal(out_py, out_c) and out_c.stride() == weight.stride()
+    for a, b in zip(first_py + sum_py, first_c + sum_c, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_training_steps_take_the_compiled_gate_and_flux_batches_the_python_one():
+    model = nn.Linear(6, 4)
+    hyperflux.Hyperflux(model, 0.5, pruning_epochs=3, flux_every=2)
+    x = torch.randn(2, 6)
+    # addmm <- t() <- the gate
+    names = [model(x).grad_fn.next_functions[-1][0].next_functions[0][0].name() for _ in range(4)]
+    assert ["GateFunction" in name for name in names] == [True] * 4
+    assert ["CppNode" in name for name in names] == [False, True, False, True]  # batches 0 and 2 sample flux
 
 
 def test_gate_scale_is_configurable_and_logits_init_in_range():

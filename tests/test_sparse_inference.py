@@ -154,20 +154,22 @@ def test_the_other_builds_of_the_kernel(arch):
 def test_a_bad_kernel_arch_is_named(monkeypatch):
     monkeypatch.setenv("HYPERFLUX_KERNEL_ARCH", "sse9")
     with pytest.raises(ValueError, match="HYPERFLUX_KERNEL_ARCH"):
-        kernels.sparse_linear_op.__wrapped__()
+        kernels.load.__wrapped__()
 
 
-def test_the_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
+def test_the_kernel_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, capsys):
     import torch.utils.cpp_extension
 
     def no_compiler(**_):
         raise RuntimeError("Error building extension 'hyperflux_kernels'\nc++: not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with pytest.warns(RuntimeWarning, match="compiled sparse kernel is unavailable .*Error building"):
-        assert kernels.sparse_linear_op.__wrapped__() is None
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there: the notice is printed
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernels are unavailable .*Error building"):
+        assert kernels.load.__wrapped__() is False
+    assert "compiling its CPU kernels" in capsys.readouterr().err
     monkeypatch.setenv("HYPERFLUX_KERNELS", "0")
-    assert kernels.sparse_linear_op.__wrapped__() is None
+    assert kernels.load.__wrapped__() is False
 
 
 def every_layer_sparse(model: nn.Module) -> list[LayerChoice]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hyperflux.kernels import gate_op
+
 
 class _GateFunction(torch.autograd.Function):
     """`W * 1[m >= 0]` with the gradients of method.md section 1, one kernel per output each way.
@@ -87,8 +89,20 @@ class HardGate(nn.Module):
         self._flux_batch: int | None = None  # the meter's batch whose flux was last added
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        sample = not torch.compiler.is_compiling() and self.meter.sampling and torch.is_grad_enabled()
-        return _GateFunction.apply(weight, self.logits, self.scale, self if sample else None)
+        if torch.compiler.is_compiling():  # traced: the Python function, which compilers see through
+            return _GateFunction.apply(weight, self.logits, self.scale, None)
+        if self.meter.sampling and torch.is_grad_enabled():  # a flux batch: the Python path adds the flux
+            return _GateFunction.apply(weight, self.logits, self.scale, self)
+        logits = self.logits
+        if (
+            weight.is_cpu
+            and weight.dtype is torch.float32
+            and logits.dtype is torch.float32
+            and weight.stride() == logits.stride()
+            and (op := gate_op()) is not None
+        ):
+            return op(weight, logits, self.scale)  # the same gate and gradients, one C++ pass each way
+        return _GateFunction.apply(weight, logits, self.scale, None)
 
     def add_flux(self, weight: torch.Tensor, grad_eff: torch.Tensor) -> None:
         if self.flux_sum is None or self.flux_sum.device != weight.device:

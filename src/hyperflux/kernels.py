@@ -1,11 +1,11 @@
 """Optional compiled CPU kernels (`csrc/kernels.cpp`), built on first use with the machine's C++ compiler.
 
-torch's sparse CSR matmul wants the batch transposed and runs one scalar loop per non-zero; the compiled
-kernel reads the batch as it is, a tile of rows at a time, and vectorises across the tile (2.5-3x faster
-than torch's on LeNet-300-100 and 4096-wide layers at batch 256, BENCHMARKS.md). It is built once per
-machine into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in
-about 15 s. Where no compiler is found, or with `HYPERFLUX_KERNELS=0`, everything falls back to torch's own
-sparse kernels, with one warning that says why. `HYPERFLUX_KERNEL_ARCH=avx512|avx2|generic` overrides the
+Two kernels: the sparse-inference product (torch's sparse CSR matmul wants the batch transposed; this one reads
+it as it is, a tile of rows at a time, vectorised across the tile: about 2x faster than torch's on
+LeNet-300-100 and 4096-wide layers at batch 256, BENCHMARKS.md) and the training gate (one pass each way
+instead of four, its autograd in C++). They are built once per machine into torch's extension cache
+(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in about 25 s. Where no compiler is found,
+or with `HYPERFLUX_KERNELS=0`, everything runs on plain PyTorch, after one warning that says why. `HYPERFLUX_KERNEL_ARCH=avx512|avx2|generic` overrides the
 vector extensions detected from /proc/cpuinfo.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -48,28 +49,42 @@ def _arch() -> tuple[str, list[str]]:
 
 
 @functools.cache
-def sparse_linear_op():
-    """`torch.ops.hyperflux.sparse_linear`, building it on the first call; None where it cannot be built."""
+def load() -> bool:
+    """Build (first time on a machine) and load the kernels; False, with one warning, where that fails."""
     if os.environ.get("HYPERFLUX_KERNELS", "1") == "0":
-        return None
+        return False
     suffix, arch = _arch()
+    name = "hyperflux_kernels" + suffix
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils import cpp_extension
 
-        load(
-            name="hyperflux_kernels" + suffix,
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not any(folder.glob("*.so")):
+            print(f"hyperflux: compiling its CPU kernels into {folder} (once per machine)", file=sys.stderr)
+        cpp_extension.load(
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *arch],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
-    except Exception as error:  # no compiler, no ninja, a read-only cache: torch's kernels still work
+    except Exception as error:  # no compiler, no ninja, a read-only cache: plain PyTorch still works
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         warnings.warn(
-            f"hyperflux: the compiled sparse kernel is unavailable ({type(error).__name__}: {reason}); "
-            "using torch's sparse CSR matmul instead, which is slower",
+            f"hyperflux: its compiled CPU kernels are unavailable ({type(error).__name__}: {reason}); "
+            "using plain PyTorch instead, which is slower",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        return None
-    return torch.ops.hyperflux.sparse_linear.default  # the overload: a few microseconds less per call
+        return False
+    return True
+
+
+def sparse_linear_op():
+    """`torch.ops.hyperflux.sparse_linear` (y = x W^T + b, W in CSR), or None where the kernels are unavailable."""
+    return torch.ops.hyperflux.sparse_linear.default if load() else None
+
+
+def gate_op():
+    """`torch.ops.hyperflux.gate` (the hard gate with its gradients), or None where the kernels are unavailable."""
+    return torch.ops.hyperflux.gate.default if load() else None

@@ -1,10 +1,14 @@
 // CPU kernels for hyperflux, compiled on first use by hyperflux.kernels (torch.utils.cpp_extension).
 //
+// gate: the hard L0 gate W * 1[m >= 0] of method.md section 1 as one pass forward and one backward, its
+// autograd in C++: in Python it took four passes over the weight and a Python function call each way.
+//
 // sparse_linear: y = x W^T + b for a CSR weight W and a row-major batch x, the product that torch's sparse CSR
 // matmul computes from a transposed copy of x. Here x is transposed a tile of rows at a time into a buffer
 // that stays in cache, and each non-zero weight is one broadcast and Tile/8 vector FMAs over the tile's rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #ifdef __AVX2__
@@ -199,10 +203,75 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
   return y;
 }
 
+// The gate's operands as flat arrays: weight and logits share one dense layout (contiguous, channels-last or
+// any other), and the result and gradients are made in that layout too.
+void check_gate(const at::Tensor& weight, const at::Tensor& logits) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && logits.scalar_type() == at::kFloat &&
+                  weight.sizes() == logits.sizes() && weight.strides() == logits.strides() &&
+                  weight.is_non_overlapping_and_dense(),
+              "hyperflux::gate: weight and logits must be float32 CPU tensors of one shape and one dense layout");
+}
+
+class GateFunction : public torch::autograd::Function<GateFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
+                            const at::Tensor& logits, double scale) {
+    check_gate(weight, logits);
+    ctx->save_for_backward({weight, logits});
+    ctx->saved_data["scale"] = scale;
+    at::Tensor out = at::empty_like(weight);
+    const float* __restrict__ w = weight.data_ptr<float>();
+    const float* __restrict__ m = logits.data_ptr<float>();
+    float* __restrict__ o = out.data_ptr<float>();
+    // W * H(m) as a product, as the Python gate computes it (same zeros' signs and NaNs), and branch-free
+    at::parallel_for(0, weight.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = w[i] * (m[i] >= 0.0f ? 1.0f : 0.0f);
+    });
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[0];
+    const at::Tensor& logits = saved[1];
+    const float scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
+    at::Tensor grad = grads[0];
+    const bool want_weight = ctx->needs_input_grad(0), want_logits = ctx->needs_input_grad(1);
+    at::Tensor grad_weight = want_weight ? at::empty_like(weight) : at::Tensor();
+    at::Tensor grad_logits = want_logits ? at::empty_like(weight) : at::Tensor();
+    const float* __restrict__ w = weight.data_ptr<float>();
+    const float* __restrict__ m = logits.data_ptr<float>();
+    float* __restrict__ gw = want_weight ? grad_weight.data_ptr<float>() : nullptr;
+    float* __restrict__ gm = want_logits ? grad_logits.data_ptr<float>() : nullptr;
+    // an upstream gradient of another layout (an expanded scalar, say) is copied into the weight's
+    if (grad.strides() != weight.strides()) grad = at::empty_like(weight).copy_(grad);
+    const float* __restrict__ g = grad.data_ptr<float>();
+    at::parallel_for(0, weight.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+      if (gw && gm) {
+        for (int64_t i = begin; i < end; ++i) {
+          gw[i] = g[i] * (m[i] >= 0.0f ? 1.0f : 0.0f);  // dL/dW = H(m) * g
+          gm[i] = scale * w[i] * g[i];                   // straight through: dL/dm = c * W * g
+        }
+      } else if (gw) {
+        for (int64_t i = begin; i < end; ++i) gw[i] = g[i] * (m[i] >= 0.0f ? 1.0f : 0.0f);
+      } else if (gm) {
+        for (int64_t i = begin; i < end; ++i) gm[i] = scale * w[i] * g[i];
+      }
+    });
+    return {grad_weight, grad_logits, at::Tensor()};
+  }
+};
+
+at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale) {
+  return GateFunction::apply(weight, logits, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hyperflux, m) {
   m.def("sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor val, Tensor? bias) -> Tensor");
+  m.def("gate(Tensor weight, Tensor logits, float scale) -> Tensor", &gate);
 }
 
 TORCH_LIBRARY_IMPL(hyperflux, CPU, m) { m.impl("sparse_linear", &sparse_linear); }
