@@ -1,8 +1,8 @@
 """Optional compiled CPU kernels (`csrc/kernels.cpp`), built on first use with the machine's C++ compiler.
 
 Two kernels: the sparse-inference product (torch's sparse CSR matmul wants the batch transposed; this one reads
-it as it is, a tile of rows at a time, vectorised across the tile: about 2x faster than torch's on
-LeNet-300-100 and 4096-wide layers at batch 256, BENCHMARKS.md) and the training gate (one pass each way
+it as it is, a tile of rows at a time, vectorised across the tile: 1.6-2x faster than torch's on
+LeNet-300-100 and 4096-wide models at batch 256, BENCHMARKS.md) and the training gate (one pass each way
 instead of four, its autograd in C++). They are built once per machine into torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in about 25 s. Where no compiler is found,
 or with `HYPERFLUX_KERNELS=0`, everything runs on plain PyTorch, after one warning that says why. `HYPERFLUX_KERNEL_ARCH=avx512|avx2|generic` overrides the
