@@ -62,6 +62,22 @@ def test_the_compiled_gate_equals_the_python_gate(layout, wanted):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_the_compiled_gate_has_second_derivatives():
+    """Under create_graph (gradient penalties, Hessian-vector products) the gradients must be differentiable
+    in turn, and equal the Python gate's."""
+    torch.manual_seed(0)
+    weight, logits, x = torch.randn(7, 5), torch.randn(7, 5), torch.randn(3, 5)
+    results = []
+    for gate in GATES.values():
+        w, m = weight.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss = torch.tanh(torch.nn.functional.linear(x, gate(w, m, 0.25))).sum()
+        grad_w, grad_m = torch.autograd.grad(loss, (w, m), create_graph=True)
+        penalty = grad_w.square().sum() + grad_m.square().sum()
+        results.append((grad_w, grad_m, *torch.autograd.grad(penalty, (w, m))))
+    for python, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, python)
+
+
 def test_training_steps_take_the_compiled_gate_and_flux_batches_the_python_one():
     model = nn.Linear(6, 4)
     hyperflux.Hyperflux(model, 0.5, pruning_epochs=3, flux_every=2)

@@ -120,7 +120,7 @@ def test_the_compiled_kernel_equals_linear_on_every_tile_shape(threads):
         for bias in (torch.randn(out_features), None):
             for batch in (0, 1, 2, 3, 7, 8, 9, 16, 17, 31, 32, 33, 100):
                 x = torch.randn(in_features, batch).t()  # non-contiguous
-                out = op(x, csr.crow_indices(), csr.col_indices(), csr.values(), bias)
+                out = op(x, csr.crow_indices(), csr.col_indices(), csr.values(), bias, in_features)
                 close(out, torch.nn.functional.linear(x, weight, bias))
 
 
@@ -135,7 +135,7 @@ for out_features, in_features in [(37, 13), (300, 784)]:
     csr = sparse_inference._csr(weight)
     for batch in (1, 3, 8, 9, 17, 40):
         x = torch.randn(batch, in_features)
-        out = op(x, csr.crow_indices(), csr.col_indices(), csr.values(), None)
+        out = op(x, csr.crow_indices(), csr.col_indices(), csr.values(), None, in_features)
         torch.testing.assert_close(out, x @ weight.t(), atol=1e-5, rtol=0)
 """
 
@@ -155,6 +155,31 @@ def test_a_bad_kernel_arch_is_named(monkeypatch):
     monkeypatch.setenv("HYPERFLUX_KERNEL_ARCH", "sse9")
     with pytest.raises(ValueError, match="HYPERFLUX_KERNEL_ARCH"):
         kernels.load.__wrapped__()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_kernel_refuses_a_wrong_width_and_takes_no_outputs(threads):
+    torch.set_num_threads(threads)
+    op = kernels.sparse_linear_op()
+    csr = sparse_inference._csr(torch.eye(6)[:4])
+    with pytest.raises(RuntimeError, match="x has 5 features, the weight 6"):
+        op(torch.randn(3, 5), csr.crow_indices(), csr.col_indices(), csr.values(), None, 6)
+    conv = SparseConv2d(prune(nn.Conv2d(64, 8, 3), 0.9))
+    with pytest.raises(RuntimeError, match="features"):
+        conv(torch.randn(4, 2, 12, 12))  # two channels where the weight has 64
+    empty = SparseLinear(nn.Linear(5, 0))  # no outputs, fewer than the threads' parts
+    assert empty(torch.randn(4, 5)).shape == (4, 0)
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    kernels._clear_stale_lock(lock)  # fresh: a build may be running
+    assert lock.exists()
+    os.utime(lock, (0, 0))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        kernels._clear_stale_lock(lock)
+    assert not lock.exists()
 
 
 def test_the_kernel_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, capsys):

@@ -96,6 +96,7 @@ class HardGate(nn.Module):
         logits = self.logits
         if (
             weight.is_cpu
+            and logits.is_cpu
             and weight.dtype is torch.float32
             and logits.dtype is torch.float32
             and weight.stride() == logits.stride()

@@ -4,9 +4,9 @@ Two kernels: the sparse-inference product (torch's sparse CSR matmul wants the b
 it as it is, a tile of rows at a time, vectorised across the tile: 1.6-2x faster than torch's on
 LeNet-300-100 and 4096-wide models at batch 256, BENCHMARKS.md) and the training gate (one pass each way
 instead of four, its autograd in C++). They are built once per machine into torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in about 25 s. Where no compiler is found,
-or with `HYPERFLUX_KERNELS=0`, everything runs on plain PyTorch, after one warning that says why. `HYPERFLUX_KERNEL_ARCH=avx512|avx2|generic` overrides the
-vector extensions detected from /proc/cpuinfo.
+(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in about 25 s. Where no compiler is found
+everything runs on plain PyTorch after one warning that says why; `HYPERFLUX_KERNELS=0` asks for plain PyTorch.
+`HYPERFLUX_KERNEL_ARCH=avx512|avx2|generic` overrides the vector extensions detected from /proc/cpuinfo.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -54,11 +56,14 @@ def load() -> bool:
     if os.environ.get("HYPERFLUX_KERNELS", "1") == "0":
         return False
     suffix, arch = _arch()
-    name = "hyperflux_kernels" + suffix
+    # torch's version in the name: a build against other torch headers must never be loaded (its dependency
+    # list names only kernels.cpp, so an upgraded torch would not trigger a rebuild)
+    name = "hyperflux_kernels" + suffix + "_torch" + re.sub(r"\W", "_", torch.__version__)
     try:
         from torch.utils import cpp_extension
 
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        _clear_stale_lock(folder / "lock")
         if not any(folder.glob("*.so")):
             print(f"hyperflux: compiling its CPU kernels into {folder} (once per machine)", file=sys.stderr)
         cpp_extension.load(
@@ -78,6 +83,20 @@ def load() -> bool:
         )
         return False
     return True
+
+
+def _clear_stale_lock(lock: Path, stale_s: float = 600.0) -> None:
+    """torch's build lock outlives a build that was killed, and every later build then waits on it forever; a
+    build takes under a minute, so a lock ten minutes old is such a leftover."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > stale_s:
+        warnings.warn(
+            f"hyperflux: removing a stale build lock ({age / 60:.0f} min old): {lock}", stacklevel=3
+        )
+        lock.unlink(missing_ok=True)
 
 
 def sparse_linear_op():

@@ -85,10 +85,12 @@ class _CompiledCSR(nn.Module):
             return None
         arrays = self._arrays
         if not arrays or arrays[0] is not weight or arrays[1] is not bias:
+            if bias is not None and bias.dtype is not torch.float32:
+                return None
             flat_bias = None if bias is None else bias.reshape(-1)
             arrays = (weight, bias, weight.crow_indices(), weight.col_indices(), weight.values(), flat_bias)
             self._arrays = arrays
-        return op(x, *arrays[2:])
+        return op(x, *arrays[2:], weight.shape[1])
 
 
 def _density(weight: torch.Tensor) -> float:

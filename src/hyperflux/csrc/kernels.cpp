@@ -163,9 +163,12 @@ void gathered(const float* x, int64_t rows, int64_t in, const int64_t* crow, con
 }
 
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val,
-                         const std::optional<at::Tensor>& bias) {
+                         const std::optional<at::Tensor>& bias, int64_t in_features) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "hyperflux::sparse_linear: x must be a 2-D float32 CPU tensor");
+  // the column indices are trusted to lie below in_features (they come from a CSR tensor of that width)
+  TORCH_CHECK(x.size(1) == in_features, "hyperflux::sparse_linear: x has ", x.size(1), " features, the weight ",
+              in_features);
   TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong && val.scalar_type() == at::kFloat &&
                   crow.is_contiguous() && col.is_contiguous() && val.is_contiguous() &&
                   col.numel() == val.numel() && crow.numel() >= 1,
@@ -185,7 +188,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
   const float* xp = xc.data_ptr<float>();
   const float* v = val.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (batch == 0) return y;
+  if (batch == 0 || out_features == 0) return y;
   if (batch <= 2) {
     gathered(xp, batch, in, cp, cl, v, b, out_features, yp);
     return y;
@@ -238,6 +241,10 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
     const float scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
     at::Tensor grad = grads[0];
     const bool want_weight = ctx->needs_input_grad(0), want_logits = ctx->needs_input_grad(1);
+    if (at::GradMode::is_enabled()) {  // create_graph: gradients built from ATen ops, differentiable in turn
+      return {want_weight ? grad * logits.ge(0).to(grad.scalar_type()) : at::Tensor(),
+              want_logits ? grad * weight * scale : at::Tensor(), at::Tensor()};
+    }
     at::Tensor grad_weight = want_weight ? at::empty_like(weight) : at::Tensor();
     at::Tensor grad_logits = want_logits ? at::empty_like(weight) : at::Tensor();
     const float* __restrict__ w = weight.data_ptr<float>();
@@ -270,7 +277,7 @@ at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale
 }  // namespace
 
 TORCH_LIBRARY(hyperflux, m) {
-  m.def("sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor val, Tensor? bias) -> Tensor");
+  m.def("sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor val, Tensor? bias, int in_features) -> Tensor");
   m.def("gate(Tensor weight, Tensor logits, float scale) -> Tensor", &gate);
 }
 
