@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hyperflux import models
+from hyperflux import kernels, models
 from hyperflux.export import file_sizes
 from hyperflux.sparse_inference import compare_ms, plan_sparse_inference, to_sparse_inference
 
@@ -135,6 +135,7 @@ def main() -> None:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "masks": "random, uniform per Linear layer at the given sparsity",
+        "kernels": kernels.describe(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": environment, "records": records}, indent=1) + "\n")

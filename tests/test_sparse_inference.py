@@ -195,6 +195,7 @@ def test_the_kernel_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, ca
     assert "compiling its CPU kernels" in capsys.readouterr().err
     monkeypatch.setenv("HYPERFLUX_KERNELS", "0")
     assert kernels.load.__wrapped__() is False
+    assert kernels.describe() == "plain PyTorch (HYPERFLUX_KERNELS=0)"
 
 
 def every_layer_sparse(model: nn.Module) -> list[LayerChoice]:

@@ -354,6 +354,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from hyperflux import kernels
     from hyperflux.export import file_sizes
     from hyperflux.macs import count_macs
     from hyperflux.sparse_inference import compare_ms, plan_sparse_inference, to_sparse_inference
@@ -391,7 +392,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     macs = count_macs(run.model, images[:1])  # the arithmetic a sparse kernel could save, at most
     rows.append(("MACs per sample", f"{macs.dense:,}", f"{macs.sparse:,}", f"{macs.reduction:.1f}x"))
     print(text_table(("", "dense", "sparse", "ratio"), rows))
-    print(f"threads {torch.get_num_threads()}; layers:")
+    print(f"threads {torch.get_num_threads()}; sparse kernels: {kernels.describe()}; layers:")
     for choice in plan:
         shape = "x".join(map(str, choice.shape))
         kind = "sparse" if choice.sparse else "dense"

@@ -99,6 +99,13 @@ def _clear_stale_lock(lock: Path, stale_s: float = 600.0) -> None:
         lock.unlink(missing_ok=True)
 
 
+def describe() -> str:
+    """Which kernels run here, for reports: "compiled (avx512)" or why plain PyTorch runs instead."""
+    if os.environ.get("HYPERFLUX_KERNELS", "1") == "0":
+        return "plain PyTorch (HYPERFLUX_KERNELS=0)"
+    return f"compiled ({_arch()[0].lstrip('_')})" if load() else "plain PyTorch (no compiled kernels)"
+
+
 def sparse_linear_op():
     """`torch.ops.hyperflux.sparse_linear` (y = x W^T + b, W in CSR), or None where the kernels are unavailable."""
     return torch.ops.hyperflux.sparse_linear.default if load() else None
