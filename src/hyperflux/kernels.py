@@ -1,12 +1,13 @@
 """Optional compiled CPU kernels (`csrc/kernels.cpp`), built on first use with the machine's C++ compiler.
 
 Two kernels: the sparse-inference product (torch's sparse CSR matmul wants the batch transposed; this one reads
-it as it is, a tile of rows at a time, vectorised across the tile: 1.6-2x faster than torch's on
-LeNet-300-100 and 4096-wide models at batch 256, BENCHMARKS.md) and the training gate (one pass each way
-instead of four, its autograd in C++). They are built once per machine into torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in about 25 s. Where no compiler is found
+it as it is, a tile of rows at a time, vectorised across the tile; BENCHMARKS.md has the speed-ups) and the
+training gate (one pass each way instead of two, its autograd in C++). They are built on first use, once per
+machine, CPU type and torch version (and again when kernels.cpp changes), into torch's extension cache
+(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in 20-40 s. Where no compiler is found
 everything runs on plain PyTorch after one warning that says why; `HYPERFLUX_KERNELS=0` asks for plain PyTorch.
-`HYPERFLUX_KERNEL_ARCH=avx512|avx2|generic` overrides the vector extensions detected from /proc/cpuinfo.
+`HYPERFLUX_KERNEL_ARCH=avx512|avx2|generic` overrides the vector extensions detected from /proc/cpuinfo (a
+build this CPU cannot run then crashes it: the override is for testing and for CPUs misdetected).
 """
 
 from __future__ import annotations

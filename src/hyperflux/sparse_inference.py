@@ -1,10 +1,11 @@
 """Sparse inference on CPU: pruned Linear and Conv2d layers computed from their non-zero weights only.
 
 Unstructured sparsity pays only where a sparse kernel beats a dense BLAS call that is far better tuned: large
-layers, low density, and enough work per call to amortise the sparse kernel's overhead. Small layers (the
-10x100 head of LeNet-300-100), dense-ish layers (above roughly 10% density) and most convolutions stay faster
-dense. So each layer is converted only when measured faster at both batch 1 and the example's batch, and the
-measurements are kept in the plan (`plan_sparse_inference`) for anyone to read.
+layers, low density, and enough work per call to amortise the sparse kernel's overhead; small layers at small
+batches and convolutions (whose im2col copies cost more than the product) often do not. So each layer is
+converted only when measured faster at the example's batch, and runs dense below the measured crossover batch
+when it is slower at batch 1; the measurements are kept in the plan (`plan_sparse_inference`) for anyone to
+read.
 
 The sparse modules keep W in CSR and compute with hyperflux's compiled kernel (`hyperflux.kernels`), which
 reads the batch as it is; where that kernel cannot be built they fall back to torch's sparse CSR matmul on

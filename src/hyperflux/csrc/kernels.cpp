@@ -1,11 +1,11 @@
 // CPU kernels for hyperflux, compiled on first use by hyperflux.kernels (torch.utils.cpp_extension).
 //
 // gate: the hard L0 gate W * 1[m >= 0] of method.md section 1 as one pass forward and one backward, its
-// autograd in C++: in Python it took four passes over the weight and a Python function call each way.
+// autograd in C++: in Python it took two passes over the weight and a Python function call each way.
 //
 // sparse_linear: y = x W^T + b for a CSR weight W and a row-major batch x, the product that torch's sparse CSR
 // matmul computes from a transposed copy of x. Here x is transposed a tile of rows at a time into a buffer
-// that stays in cache, and each non-zero weight is one broadcast and Tile/8 vector FMAs over the tile's rows.
+// that stays in cache, and each non-zero weight is one broadcast and Tile/kWidth vector FMAs over the tile's rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -24,7 +24,7 @@ namespace {
 
 // One register of floats (16 with AVX-512, 8 with AVX or two SSE registers) as a GCC/Clang vector type: the
 // compiler then vectorises across the tile's rows as intended (left to itself, GCC may gather along the
-// non-zeros instead, 10x slower). AVX-512 was 1.4x faster than AVX2 on 4096-wide layers here.
+// non-zeros instead, several times slower). AVX-512 was faster than AVX2 on 4096-wide layers here.
 #ifdef __AVX512F__
 typedef float fvec __attribute__((vector_size(64)));
 #else
@@ -38,7 +38,7 @@ void transpose_tile(const float* x, int64_t in, float* xt) {
   int64_t k = 0;
 #ifdef __AVX2__
   // 8x8 blocks in registers: row by row would write one cache line per float, and column by column reads
-  // Tile rows that may fall into one L1 set (rows 16 KB apart); this was 2-5x faster than either here.
+  // Tile rows that may fall into one L1 set (rows 16 KB apart); this was faster than either here.
   for (; k + 8 <= in; k += 8) {
     for (int64_t rb = 0; rb < Tile; rb += 8) {
       const float* s = x + rb * in + k;
