@@ -171,6 +171,16 @@ def test_the_compiled_kernel_refuses_a_wrong_width_and_takes_no_outputs(threads)
     assert empty(torch.randn(4, 5)).shape == (4, 0)
 
 
+def test_the_kernels_command_builds_and_names_them(capsys, monkeypatch):
+    from hyperflux.cli import main
+
+    assert main(["kernels"]) == 0
+    assert capsys.readouterr().out.strip() == f"compiled ({kernels._arch()[0].lstrip('_')})"
+    monkeypatch.setattr(kernels, "load", lambda: False)
+    assert main(["kernels"]) == 1
+    assert "plain PyTorch" in capsys.readouterr().out
+
+
 def test_a_stale_build_lock_is_removed(tmp_path):
     lock = tmp_path / "lock"
     lock.write_text("")

@@ -149,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     bench.set_defaults(func=cmd_bench)
 
+    kernels = commands.add_parser(
+        "kernels",
+        help="build the compiled CPU kernels now and say which run",
+        description="Build hyperflux's C++ kernels (sparse inference, training gate) if they are not built "
+        "yet, for example in a container image, so that no training or inference run pays the first build; "
+        "exit status 1 when they cannot be built here.",
+    )
+    kernels.set_defaults(func=cmd_kernels)
+
     data = commands.add_parser("data", help="data sets", description="Manage the data set cache.")
     data_commands = data.add_subparsers(
         dest="data_command", metavar="ACTION", parser_class=Parser, required=True
@@ -303,6 +312,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print(write_report(args.run_dir))
     return 0
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from hyperflux import kernels
+
+    print(kernels.describe())
+    return 0 if kernels.load() else EXIT_RUN
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
