@@ -73,7 +73,7 @@ class _CompiledCSR(nn.Module):
     arrays of the `weight` buffer; they are looked up once per weight (a second of the few microseconds a
     small layer's call takes) and again whenever `.to()` or `load_state_dict` puts a new weight there."""
 
-    _arrays: tuple[torch.Tensor | None, ...] = ()
+    _arrays: tuple[torch.Tensor | int | None, ...] = ()
 
     def _compiled(self, x: torch.Tensor) -> torch.Tensor | None:
         """The product for a 2-D `x`, or None where the kernel cannot take it (not float32 on the CPU,
@@ -89,9 +89,10 @@ class _CompiledCSR(nn.Module):
             if bias is not None and bias.dtype is not torch.float32:
                 return None
             flat_bias = None if bias is None else bias.reshape(-1)
-            arrays = (weight, bias, weight.crow_indices(), weight.col_indices(), weight.values(), flat_bias)
+            csr = (weight.crow_indices(), weight.col_indices(), weight.values())
+            arrays = (weight, bias, *csr, flat_bias, weight.shape[1])
             self._arrays = arrays
-        return op(x, *arrays[2:], weight.shape[1])
+        return op(x, *arrays[2:])
 
 
 def _density(weight: torch.Tensor) -> float:
@@ -119,7 +120,7 @@ class SparseLinear(_CompiledCSR):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < self._dense_below:
             return F.linear(x, self.dense_weight, self.bias)
-        flat = x.reshape(-1, self.in_features)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         out = self._compiled(flat)
         if out is None:
             out = self._torch_matmul(flat)
