@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +181,14 @@ def test_the_kernels_command_builds_and_names_them(capsys, monkeypatch):
     monkeypatch.setattr(kernels, "load", lambda: False)
     assert main(["kernels"]) == 1
     assert "plain PyTorch" in capsys.readouterr().out
+
+
+def test_the_pip_ninja_is_found_without_an_activated_environment(monkeypatch):
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    kernels._put_ninja_on_path()
+    assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")
 
 
 def test_a_stale_build_lock_is_removed(tmp_path):

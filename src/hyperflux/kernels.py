@@ -16,6 +16,7 @@ import functools
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -63,6 +64,7 @@ def load() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        _put_ninja_on_path()
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))
         _clear_stale_lock(folder / "lock")
         if not any(folder.glob("*.so")):
@@ -84,6 +86,17 @@ def load() -> bool:
         )
         return False
     return True
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the one pip installed with hyperflux sits in the environment's bin folder,
+    which is not on PATH when a virtual environment's python is run without activating it."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _clear_stale_lock(lock: Path, stale_s: float = 600.0) -> None:
