@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -127,7 +128,8 @@ void tiled(const float* x, int64_t batch, int64_t in, const int64_t* crow, const
   const int64_t parts = tiles >= threads ? 1 : std::min<int64_t>(out_features, (threads + tiles - 1) / tiles);
   const int64_t part_size = (out_features + parts - 1) / parts;
   at::parallel_for(0, tiles * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<fvec> xt(in * (Tile / kWidth));
+    // left uninitialised: each tile's transpose writes all of it (a short tile is padded with zeros first)
+    std::unique_ptr<fvec[]> xt(new fvec[in * (Tile / kWidth)]);
     std::vector<float> pad;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tile = item / parts, part = item % parts;
@@ -136,7 +138,7 @@ void tiled(const float* x, int64_t batch, int64_t in, const int64_t* crow, const
       if (out_begin >= out_end) continue;
       if (rows < Tile && pad.empty()) pad.resize(Tile * in);
       tile_rows<Tile>(x + row0 * in, rows, in, crow, col, val, bias, out_begin, out_end, out_features,
-                      y + row0 * out_features, xt.data(), pad.data());
+                      y + row0 * out_features, xt.get(), pad.data());
     }
   });
 }
