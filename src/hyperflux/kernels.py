@@ -52,10 +52,14 @@ def _arch() -> tuple[str, list[str]]:
     return f"_{chosen}", builds[chosen]
 
 
+def _disabled() -> bool:
+    return os.environ.get("HYPERFLUX_KERNELS", "1") == "0"
+
+
 @functools.cache
 def load() -> bool:
     """Build (first time on a machine) and load the kernels; False, with one warning, where that fails."""
-    if os.environ.get("HYPERFLUX_KERNELS", "1") == "0":
+    if _disabled():
         return False
     suffix, arch = _arch()
     # torch's version in the name: a build against other torch headers must never be loaded (its dependency
@@ -68,7 +72,10 @@ def load() -> bool:
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))
         _clear_stale_lock(folder / "lock")
         if not any(folder.glob("*.so")):
-            print(f"hyperflux: compiling its CPU kernels into {folder} (once per machine)", file=sys.stderr)
+            print(
+                f"hyperflux: compiling its CPU kernels into {folder} (once per machine and torch version)",
+                file=sys.stderr,
+            )
         cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
@@ -115,7 +122,7 @@ def _clear_stale_lock(lock: Path, stale_s: float = 600.0) -> None:
 
 def describe() -> str:
     """Which kernels run here, for reports: "compiled (avx512)" or why plain PyTorch runs instead."""
-    if os.environ.get("HYPERFLUX_KERNELS", "1") == "0":
+    if _disabled():
         return "plain PyTorch (HYPERFLUX_KERNELS=0)"
     return f"compiled ({_arch()[0].lstrip('_')})" if load() else "plain PyTorch (no compiled kernels)"
 

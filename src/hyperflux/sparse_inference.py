@@ -75,14 +75,14 @@ class _CompiledCSR(nn.Module):
 
     _arrays: tuple[torch.Tensor | int | None, ...] = ()
 
-    def _compiled(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The product for a 2-D `x`, or None where the kernel cannot take it (not float32 on the CPU,
-        a gradient wanted, or no kernel built), leaving it to torch's sparse matmul."""
+    def _kernel_args(self, x: torch.Tensor) -> tuple[torch.Tensor | int | None, ...] | None:
+        """The compiled kernel's arguments after the input, or None where it cannot take `x` (not float32 on
+        the CPU, a gradient wanted, or no kernel built), leaving it to torch's sparse matmul. Asked before
+        the input is laid out for the kernel, so that the fallback pays for no layout it does not use."""
         if not x.is_cpu or x.dtype is not torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        op = sparse_linear_op()
         weight, bias = self.weight, self.bias
-        if op is None or weight.dtype is not torch.float32:
+        if sparse_linear_op() is None or weight.dtype is not torch.float32:
             return None
         arrays = self._arrays
         if not arrays or arrays[0] is not weight or arrays[1] is not bias:
@@ -92,7 +92,7 @@ class _CompiledCSR(nn.Module):
             csr = (weight.crow_indices(), weight.col_indices(), weight.values())
             arrays = (weight, bias, *csr, flat_bias, weight.shape[1])
             self._arrays = arrays
-        return op(x, *arrays[2:])
+        return arrays[2:]
 
 
 def _density(weight: torch.Tensor) -> float:
@@ -121,9 +121,8 @@ class SparseLinear(_CompiledCSR):
         if x.numel() < self._dense_below:
             return F.linear(x, self.dense_weight, self.bias)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = self._compiled(flat)
-        if out is None:
-            out = self._torch_matmul(flat)
+        args = self._kernel_args(flat)
+        out = self._torch_matmul(flat) if args is None else sparse_linear_op()(flat, *args)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _torch_matmul(self, flat: torch.Tensor) -> torch.Tensor:
@@ -184,8 +183,10 @@ class SparseConv2d(_CompiledCSR):
         n, height, width = images.shape[0], images.shape[2], images.shape[3]
         cols = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)
         sides = self._side(height, 0), self._side(width, 1)
-        out = self._compiled(cols.transpose(1, 2).reshape(-1, cols.shape[1]))  # a row per output pixel
-        if out is not None:
+        args = self._kernel_args(cols)
+        if args is not None:  # one row per output pixel: (n * pixels, channels), then back to NCHW
+            patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            out = sparse_linear_op()(patches, *args)
             out = out.reshape(n, *sides, self.out_channels).permute(0, 3, 1, 2).contiguous()
         else:
             cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
