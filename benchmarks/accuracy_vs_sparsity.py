@@ -10,8 +10,16 @@ runs the task's recipe with every optimiser lr (lr, lr_end, lr_reset, lr_final) 
 6 + 4 epoch budget at the task's choice target (98% LeNet-300-100, 95% LeNet-5), trained on the training
 split less 10,000 samples and judged on those 10,000 (`data.holdout`), never on the test split. The
 multiplier with the best final holdout accuracy among the runs within 0.05 pp of the target wins (ties: the
-recipe's own, 1). The choice is stored in the JSON (`lr_choice`) and reused; everything else (Adam, label
-smoothing 0.1, no weight decay, the baselines' default schedules from `hyperflux.baselines`) is the recipe's.
+recipe's own, 1). The choice is stored in the JSON (`lr_choice`) and reused.
+
+Schedule granularity, chosen the same way right after the lr, for every method that updates its masks on a
+step interval: hyperflux and hyperflux-paper (`train.controller_every`: a controller period per epoch by
+default), GMP, Taylor and RigL (`baseline.update_every`: every min(100, batches per epoch) steps for GMP and
+RigL, per epoch for Taylor, by default). At the chosen lr, the default interval (its run is the lr choice's) is
+compared with every 40 batches (one more holdout run, same budget and rule; ties: the default) and the better
+is kept (`schedule_choice`). Magnitude, IMP and random have no such interval. Everything else (Adam, label
+smoothing 0.1, no weight decay, the baselines' other default schedules from `hyperflux.baselines`) is the
+recipe's.
 
 Tasks: LeNet-300-100 on MNIST (recipes/lenet300-mnist-*.yaml: 30 pruning + 15 regrowth epochs, Adam 5e-3)
 at 90, 95, 98, 99 and 99.5%; LeNet-5 on Fashion-MNIST served at 32x32 (recipes/lenet5-fashion-*.yaml with
@@ -76,6 +84,16 @@ QUICK_TASKS = {"lenet300": (0.90, 0.98, 0.99)}
 QUICK_EPOCHS = (6, 4)  # pruning + regrowth epochs of the --quick budget
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
 LR_KEYS = ("lr", "lr_end", "lr_reset", "lr_final")
+# the recipe key of each method's mask-update interval, and the finer interval the choice tries
+SCHEDULE_KEYS = {
+    "hyperflux": "train.controller_every",
+    "hyperflux-paper": "train.controller_every",
+    "gmp": "baseline.update_every",
+    "taylor": "baseline.update_every",
+    "rigl": "baseline.update_every",
+}
+FINE_EVERY = 40
+CHOICES = ("lr_choice", "schedule_choice")
 CHOICE_EPOCHS = (6, 4)
 CHOICE_HOLDOUT = 10_000
 
@@ -93,6 +111,7 @@ def cell_recipe(
     quick: bool,
     lr_multiplier: float = 1.0,
     choosing: bool = False,
+    every: int | None = None,
 ) -> dict[str, Any]:
     task = TASKS[model]
     path = ROOT / task["recipe"].format(target=target_label(target))
@@ -106,6 +125,8 @@ def cell_recipe(
         assignments += [f"hyperflux.pruning_epochs={epochs[0]}", f"hyperflux.regrowth_epochs={epochs[1]}"]
     if choosing:
         assignments.append(f"data.holdout={CHOICE_HOLDOUT}")
+    if every is not None:
+        assignments.append(f"{SCHEDULE_KEYS[method]}={every}")
     if lr_multiplier != 1.0:
         optimizer = load_recipe(path, assignments)["optimizer"]
         assignments += [
@@ -116,8 +137,30 @@ def cell_recipe(
     return recipe
 
 
-def lr_label(multiplier: float) -> str:
-    return "" if multiplier == 1.0 else f"-lr{multiplier:g}x"
+def run_label(multiplier: float, every: int | None) -> str:
+    """The run folder's suffix for a non-default lr or interval."""
+    return ("" if multiplier == 1.0 else f"-lr{multiplier:g}x") + ("" if every is None else f"-every{every}")
+
+
+def holdout_trial(
+    model: str, method: str, runs: Path, multiplier: float, every: int | None
+) -> dict[str, float]:
+    """One choice run (seed 0, 6+4 epochs, on the holdout at the task's choice target)."""
+    target = TASKS[model]["choice_target"]
+    out = runs / "lr-choice" / model / method / f"x{multiplier:g}{'' if every is None else f'-every{every}'}"
+    print(f"choice: {model} {method} lr x{multiplier:g} every {every or 'default'} ...", end=" ", flush=True)
+    summary = run_cell(
+        cell_recipe(model, method, target, 0, False, multiplier, choosing=True, every=every), out
+    )
+    print(f"holdout {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%")
+    return {"holdout_accuracy": summary["final_accuracy"], "gap_pp": 100 * abs(summary["sparsity"] - target)}
+
+
+def best_trial(trials: dict[str, dict[str, float]], default: str) -> str:
+    """The trial with the best holdout accuracy among those within 0.05 pp of the target (all, if none is);
+    ties go to `default`."""
+    on_target = {k: t for k, t in trials.items() if t["gap_pp"] <= 0.05} or trials
+    return max(on_target, key=lambda k: (on_target[k]["holdout_accuracy"], k == default))
 
 
 def choose_lrs(
@@ -132,23 +175,39 @@ def choose_lrs(
     """Each method's lr multiplier for `model`, from the JSON or chosen now on the holdout (see the module
     docstring); every choice is saved as soon as it is made."""
     chosen = results.setdefault("lr_choice", {}).setdefault(model, {})
-    target = TASKS[model]["choice_target"]
     for method in methods:
         if method in chosen:
             continue
-        trials = {}
-        for multiplier in LR_MULTIPLIERS:
-            out = runs / "lr-choice" / model / method / f"x{multiplier:g}"
-            print(f"lr choice: {model} {method} lr x{multiplier:g} ...", end=" ", flush=True)
-            summary = run_cell(cell_recipe(model, method, target, 0, False, multiplier, choosing=True), out)
-            gap_pp = 100 * abs(summary["sparsity"] - target)
-            trials[f"{multiplier:g}"] = {"holdout_accuracy": summary["final_accuracy"], "gap_pp": gap_pp}
-            print(f"holdout {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%")
-        on_target = {m: t for m, t in trials.items() if t["gap_pp"] <= 0.05} or trials
-        best = max(on_target, key=lambda m: (on_target[m]["holdout_accuracy"], m == "1"))
-        chosen[method] = {"multiplier": float(best), "trials": trials}
+        trials = {f"{m:g}": holdout_trial(model, method, runs, m, None) for m in LR_MULTIPLIERS}
+        chosen[method] = {"multiplier": float(best_trial(trials, "1")), "trials": trials}
         save_results(json_path, results, command, [model], seeds)
     return {method: chosen[method]["multiplier"] for method in methods}
+
+
+def choose_schedules(
+    results: dict[str, Any],
+    model: str,
+    multipliers: dict[str, float],
+    runs: Path,
+    json_path: Path,
+    command: str,
+    seeds: list[int] | None = None,
+) -> dict[str, int | None]:
+    """Each method's mask-update interval for `model` (None: its default), from the JSON or chosen now on the
+    holdout at the method's chosen lr (see the module docstring)."""
+    lr_trials = results["lr_choice"][model]
+    chosen = results.setdefault("schedule_choice", {}).setdefault(model, {})
+    for method, multiplier in multipliers.items():
+        if method in chosen or method not in SCHEDULE_KEYS:
+            continue
+        trials = {
+            "default": lr_trials[method]["trials"][f"{multiplier:g}"],
+            f"{FINE_EVERY}": holdout_trial(model, method, runs, multiplier, FINE_EVERY),
+        }
+        best = best_trial(trials, "default")
+        chosen[method] = {"every": None if best == "default" else int(best), "trials": trials}
+        save_results(json_path, results, command, [model], seeds)
+    return {method: chosen[method]["every"] if method in chosen else None for method in multipliers}
 
 
 def key(record: dict[str, Any]) -> tuple[str, str, float, int]:
@@ -182,10 +241,9 @@ def save_results(
             results["records"] = [r for r in on_disk["records"] if not owned(r)] + [
                 r for r in results["records"] if owned(r)
             ]
-            choice = {m: c for m, c in on_disk.get("lr_choice", {}).items() if m not in models}
-            results["lr_choice"] = choice | {
-                m: c for m, c in results.get("lr_choice", {}).items() if m in models
-            }
+            for name in CHOICES:
+                theirs = {m: c for m, c in on_disk.get(name, {}).items() if m not in models}
+                results[name] = theirs | {m: c for m, c in results.get(name, {}).items() if m in models}
             commands = {**on_disk.get("meta", {}).get("commands", {}), **{m: command for m in models}}
             _write(path, results, command, commands)
         return
@@ -201,7 +259,8 @@ def _write(path: Path, results: dict[str, Any], command: str, commands: dict[str
         "command": command,
         "commands": commands or {},  # per model, where processes ran the models side by side
         "lr_rule": "each method's lrs: the recipe's scaled by the multiplier in lr_choice (0.5, 1 or 2, "
-        "best final holdout accuracy on a 6+4 epoch budget); --quick: the recipe's",
+        "best final holdout accuracy on a 6+4 epoch budget); its mask-update interval: the default or every "
+        f"{FINE_EVERY} batches, the better on the same holdout (schedule_choice); --quick: the recipe's",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -293,6 +352,19 @@ def markdown(results: dict[str, Any]) -> str:
             accs = [c["trials"].get(f"{m:g}", {}).get("holdout_accuracy") for m in LR_MULTIPLIERS]
             cells = " | ".join("–" if a is None else f"{a:.2f}" for a in accs)
             lines.append(f"| {method} | {c['multiplier']:g}x | {cells} |")
+        lines.append("")
+    intervals = results.get("schedule_choice", {})
+    for model, methods in sorted(intervals.items(), key=lambda item: list(TASKS).index(item[0])):
+        lines += [
+            f"Mask-update interval chosen for {names.get(model, model)} at the chosen lr (holdout accuracy %):",
+            "",
+            f"| method | chosen | default | every {FINE_EVERY} batches |",
+            "| --- | --- | --- | --- |",
+        ]
+        for method, c in methods.items():
+            accs = [c["trials"][k]["holdout_accuracy"] for k in ("default", f"{FINE_EVERY}")]
+            chosen_every = "default" if c["every"] is None else f"every {c['every']}"
+            lines.append(f"| {method} | {chosen_every} | {accs[0]:.2f} | {accs[1]:.2f} |")
         lines.append("")
     for model in models_in(records):
         targets = sorted({t for m, t, _ in table if m == model})
@@ -433,22 +505,25 @@ def main() -> int:
         write_reports(results, json_path)
         return 0
     default_threads = torch.get_num_threads()
-    multipliers: dict[tuple[str, str], float] = {}
+    # (model, method) -> (lr multiplier, mask-update interval or None for the method's default)
+    settings: dict[tuple[str, str], tuple[float, int | None]] = {}
     for model in tasks:
         if args.quick:
-            multipliers |= {(model, method): 1.0 for method in args.methods}
+            settings |= {(model, method): (1.0, None) for method in args.methods}
             continue
         torch.set_num_threads(default_threads)
-        chosen = choose_lrs(results, model, list(args.methods), runs, json_path, command, args.seed)
-        multipliers |= {(model, method): m for method, m in chosen.items()}
-    # a record counts as done only if it was run with its method's chosen lr (older records: the recipe's)
+        lrs = choose_lrs(results, model, list(args.methods), runs, json_path, command, args.seed)
+        torch.set_num_threads(default_threads)
+        intervals = choose_schedules(results, model, lrs, runs, json_path, command, args.seed)
+        settings |= {(model, method): (lrs[method], intervals[method]) for method in args.methods}
+    # a record counts as done only if it was run with its method's chosen settings (older records: the recipe's)
     done = {
         key(r)
         for r in results["records"]
-        if r.get("lr_multiplier", 1.0) == multipliers.get((r["model"], r["method"]))
+        if (r.get("lr_multiplier", 1.0), r.get("update_every")) == settings.get((r["model"], r["method"]))
     }
     results["records"] = [
-        r for r in results["records"] if key(r) in done or (r["model"], r["method"]) not in multipliers
+        r for r in results["records"] if key(r) in done or (r["model"], r["method"]) not in settings
     ]
     # seed-major: an interrupted run leaves every cell with as many seeds as possible, not some with three
     cells = [(m, me, t, s) for s in seeds for m, ts in tasks.items() for t in ts for me in args.methods]
@@ -458,13 +533,13 @@ def main() -> int:
     start = time.perf_counter()
     for i, (model, method, target, seed) in enumerate(todo, 1):
         torch.set_num_threads(default_threads)  # a recipe's `threads` must not leak into the next cell
-        multiplier = multipliers[(model, method)]
-        out = runs / model / method / target_label(target) / f"seed{seed}{lr_label(multiplier)}"
+        multiplier, every = settings[(model, method)]
+        out = runs / model / method / target_label(target) / f"seed{seed}{run_label(multiplier, every)}"
         print(
             f"[{i}/{len(todo)}] {model} {method} {target_label(target)}% seed {seed} ...", end=" ", flush=True
         )
         try:
-            recipe = cell_recipe(model, method, target, seed, args.quick, multiplier)
+            recipe = cell_recipe(model, method, target, seed, args.quick, multiplier, every=every)
             summary = run_cell(recipe, out)
         except Exception as error:  # one failing cell must not cost the rest of a run of hours
             failed.append((model, method, target, seed, f"{type(error).__name__}: {error}"))
@@ -483,6 +558,7 @@ def main() -> int:
             "wall_time_s": round(summary["wall_time_s"], 2),
             "lr_multiplier": multiplier,
             "lr": recipe["optimizer"]["lr"],
+            "update_every": every,
         }
         results["records"].append(record)
         save_results(json_path, results, command, list(tasks), args.seed)

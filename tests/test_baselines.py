@@ -161,6 +161,15 @@ def test_taylor_prunes_at_epoch_ends_only():
     assert history[3 * BATCHES]["kept"] == pruner.target_count
 
 
+def test_taylor_prunes_every_update_every_steps_and_reaches_the_target_at_the_end_step():
+    pruner, history = train("taylor", end_epoch=3, update_every=4)
+    end = 3 * BATCHES  # 15: not a multiple of 4, so the last update is the end step's own
+    assert change_steps(history) == [4, 8, 12, end]
+    assert history[end]["kept"] == pruner.target_count
+    progress = 8 / end
+    assert history[8]["kept"] == round(pruner.total * (1 - baselines.cubic(0.0, TARGET, progress)))
+
+
 def test_imp_prunes_a_fifth_of_what_remains_per_round_and_rewinds():
     pruner, history = train("imp", rewind_epoch=0)
     assert change_steps(history) == pruner.ends[:-1]
@@ -188,13 +197,15 @@ def test_imp_replays_the_lr_schedule_in_each_round():
 def watch(method: str, stats_every: int = 1, **settings) -> tuple[list[dict], dict[int, dict]]:
     """Run the method's budget like `train`, calling `stats()` every `stats_every` steps; returns the records
     and, by step, each mask change with the masks before and after and the importances the decision saw,
-    computed here: |W| after the optimiser step, and the epoch's mean |W * g| (g the dense gradient)."""
+    computed here: |W| after the optimiser step, and the mean |W * g| since Taylor's last update step (g the
+    dense gradient)."""
     model = tiny()
     pruner = baselines.build(method, model, TARGET, EPOCHS - 1, 1, BATCHES, seed=0, **settings)
     opt = OPTIMIZERS["sgd"](model.parameters())
     pruner.attach(opt)
     weights = pruner.masked_weights()
     taylor = {name: torch.zeros_like(w) for name, w in weights.items()}
+    every, accumulated = settings.get("update_every") or BATCHES, 0
     generator = torch.Generator().manual_seed(1)
     records, events = [], {}
     for step in range(1, EPOCHS * BATCHES + 1):
@@ -205,6 +216,7 @@ def watch(method: str, stats_every: int = 1, **settings) -> tuple[list[dict], di
         with torch.no_grad():
             for name, w in weights.items():
                 taylor[name] += (w * w.grad).abs()
+        accumulated += 1
         pruner.after_backward()
         opt.step()
         before = pruner.masks()
@@ -212,9 +224,10 @@ def watch(method: str, stats_every: int = 1, **settings) -> tuple[list[dict], di
         pruner.end_step()
         after = pruner.masks()
         if any(not torch.equal(before[n], after[n]) for n in before):
-            mean_taylor = {name: t / BATCHES for name, t in taylor.items()}
+            mean_taylor = {name: t / accumulated for name, t in taylor.items()}
             events[step] = {"before": before, "after": after, "magnitude": magnitude, "taylor": mean_taylor}
-        if step % BATCHES == 0:
+        if step % every == 0:
+            accumulated = 0
             for t in taylor.values():
                 t.zero_()
         if step % stats_every == 0:
@@ -237,6 +250,7 @@ def threshold(kind: str, event: dict) -> float:
         ("gmp", {"update_every": 2}),
         ("imp", {"rewind_epoch": 0}),
         ("taylor", {}),
+        ("taylor", {"update_every": 4, "end_epoch": 3}),
     ],
 )
 def test_importance_min_is_the_threshold_of_each_pruning_decision(method, settings):

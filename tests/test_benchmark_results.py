@@ -46,3 +46,29 @@ def test_a_process_owning_a_whole_model_leaves_other_models_alone(bench, tmp_pat
     bench.save_results(path, {"records": [record("lenet5", 2)]}, "lenet5 only", ["lenet5"])
     assert on_disk(path) == [("lenet300", "hyperflux", 0), ("lenet5", "hyperflux", 2)]
     assert json.loads(path.read_text())["meta"]["commands"] == {"lenet300": "all", "lenet5": "lenet5 only"}
+
+
+def test_each_process_keeps_the_other_models_lr_and_schedule_choices(bench, tmp_path):
+    path = tmp_path / "results.json"
+    choice = {"lenet300": {"gmp": {"every": 40}}}
+    bench.save_results(
+        path, {"records": [], "lr_choice": choice, "schedule_choice": choice}, "a", ["lenet300"]
+    )
+    other = {"lenet5": {"gmp": {"every": None}}}
+    bench.save_results(path, {"records": [], "lr_choice": other, "schedule_choice": other}, "b", ["lenet5"])
+    saved = json.loads(path.read_text())
+    for name in ("lr_choice", "schedule_choice"):
+        assert saved[name] == choice | other
+
+
+def test_the_choice_prefers_on_target_runs_and_breaks_ties_for_the_default(bench):
+    trials = {
+        "default": {"holdout_accuracy": 90.0, "gap_pp": 0.0},
+        "40": {"holdout_accuracy": 90.0, "gap_pp": 0.01},
+        "80": {"holdout_accuracy": 95.0, "gap_pp": 0.2},  # better, but off target
+    }
+    assert bench.best_trial(trials, "default") == "default"
+    trials["40"]["holdout_accuracy"] = 90.01
+    assert bench.best_trial(trials, "default") == "40"
+    off = {k: {**t, "gap_pp": 1.0} for k, t in trials.items()}
+    assert bench.best_trial(off, "default") == "80"  # none on target: the best of all

@@ -377,14 +377,15 @@ class GMP(Gradual):
 
 
 class Taylor(Gradual):
-    """First-order Taylor importance (Molchanov et al.): |W * dL/dW| summed over the last epoch's batches,
-    pruned at each epoch end on the cubic schedule."""
+    """First-order Taylor importance (Molchanov et al.): |W * dL/dW| summed over the batches since the last
+    update, pruned every `update_every` steps (default: at each epoch end) on the cubic schedule."""
 
     name = "taylor"
     importance_kind = "taylor"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.every = self.setting("update_every", self.batches)
         self.score = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in self.weights.items()}
 
     def observe(self) -> None:
@@ -394,18 +395,19 @@ class Taylor(Gradual):
                     self.score[name].add_((weight.detach() * weight.grad).abs().float())
 
     def due(self) -> bool:
-        return self.steps % self.batches == 0 and self.steps > self.start_step
+        at_end = self.steps == self.end_step_at
+        return (self.steps % self.every == 0 or at_end) and self.steps > self.start_step
 
     def scores(self) -> list[torch.Tensor]:
         return list(self.score.values())
 
     def importance_unit(self) -> float:
-        """The summed score of an epoch's `batches` batches, reported as the mean |W * g| per batch."""
-        return float(self.batches)
+        """The score summed over the batches since the last reset, reported as the mean |W * g| per batch."""
+        return float(self.steps % self.every or self.every)
 
     def update(self) -> None:
         super().update()
-        if self.steps % self.batches == 0:
+        if self.steps % self.every == 0:
             for score in self.score.values():
                 score.zero_()
 

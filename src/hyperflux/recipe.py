@@ -288,7 +288,7 @@ SCHEMA: dict[str, Any] = {
         "prune_epoch": Field(None, optional(integer(0))),  # magnitude
         "start_epoch": Field(None, optional(integer(0))),  # gmp, taylor
         "end_epoch": Field(None, optional(integer(1))),  # gmp, taylor, rigl
-        "update_every": Field(None, optional(integer(1))),  # gmp, rigl: steps between mask updates
+        "update_every": Field(None, optional(integer(1))),  # gmp, rigl, taylor: steps between mask updates
         "rewind_epoch": Field(None, optional(integer(0))),  # imp
         "prune_fraction": Field(0.2, fraction_open),  # imp: of the remaining weights per round
         "drop_fraction": Field(0.3, fraction_open),  # rigl: at the start, cosine-decayed to 0
