@@ -7,9 +7,10 @@ converted only when measured faster at the example's batch, and runs dense below
 when it is slower at batch 1; the measurements are kept in the plan (`plan_sparse_inference`) for anyone to
 read.
 
-The sparse modules keep W in CSR and compute with hyperflux's compiled kernel (`hyperflux.kernels`), which
-reads the batch as it is; where that kernel cannot be built they fall back to torch's sparse CSR matmul on
-``W @ x.T``, returning the transposed view so that only the first layer of a chain transposes its input.
+The sparse modules keep W in CSR and compute with hyperflux's compiled kernel (`hyperflux.kernels`), or, where
+that kernel cannot be built, with torch's sparse CSR matmul on ``W @ x.T``. Both return a batch of more than
+two rows as the transposed view of a feature-major result, so that only the first layer of a chain (with
+elementwise activations between) transposes its input; the values are those of the dense layer.
 """
 
 from __future__ import annotations
@@ -183,15 +184,14 @@ class SparseConv2d(_CompiledCSR):
         n, height, width = images.shape[0], images.shape[2], images.shape[3]
         cols = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)
         sides = self._side(height, 0), self._side(width, 1)
+        # (patch features, n * pixels): a view for one image; both paths give (channels, n * pixels)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
         args = self._kernel_args(cols)
-        if args is not None:  # one row per output pixel: (n * pixels, channels), then back to NCHW
-            patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-            out = sparse_linear_op()(patches, *args)
-            out = out.reshape(n, *sides, self.out_channels).permute(0, 3, 1, 2).contiguous()
+        if args is not None:  # the kernel reads the patches feature-major as they are, and writes so
+            out = sparse_linear_op()(cols.t(), *args).t()
         else:
-            cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
             out = self.weight @ cols if self.bias is None else torch.addmm(self.bias, self.weight, cols)
-            out = out.reshape(self.out_channels, n, *sides).transpose(0, 1).contiguous()
+        out = out.reshape(self.out_channels, n, *sides).transpose(0, 1).contiguous()
         return out if batched else out[0]
 
     def extra_repr(self) -> str:

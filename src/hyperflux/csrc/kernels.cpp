@@ -3,9 +3,11 @@
 // gate: the hard L0 gate W * 1[m >= 0] of method.md section 1 as one pass forward and one backward, its
 // autograd in C++: in Python it took two passes over the weight and a Python function call each way.
 //
-// sparse_linear: y = x W^T + b for a CSR weight W and a row-major batch x, the product that torch's sparse CSR
-// matmul computes from a transposed copy of x. Here x is transposed a tile of rows at a time into a buffer
-// that stays in cache, and each non-zero weight is one broadcast and Tile/kWidth vector FMAs over the tile's rows.
+// sparse_linear: y = x W^T + b for a CSR weight W, the product that torch's sparse CSR matmul computes from a
+// transposed copy of x. Here x is laid out a tile of rows at a time, feature-major, in a buffer that stays in
+// cache, and each non-zero weight is one broadcast and Tile/kWidth vector FMAs over the tile's rows. Beyond two
+// rows y is written feature-major and returned as the transposed view of that: a following sparse layer (after
+// an elementwise activation, which keeps the layout) then copies its tiles instead of transposing them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -71,22 +73,36 @@ void transpose_tile(const float* x, int64_t in, float* xt) {
     for (int64_t r = 0; r < Tile; ++r) xt[k * Tile + r] = x[r * in + k];
 }
 
-// Rows [row0, row0 + rows) of y for output features [out_begin, out_end); `pad` holds Tile rows when the tile
-// is short (the last one), so the kernel always runs on full tiles.
+// The tile of `rows` batch rows starting at x, feature-major in xt (xt[k * Tile + r]), zero past `rows`. x is
+// row-major (x[r * ld + k]) or, with `columns`, feature-major already (x[k * ld + r]); `pad` holds Tile
+// row-major rows for a short tile.
 template <int64_t Tile>
-void tile_rows(const float* x, int64_t rows, int64_t in, const int64_t* crow, const int64_t* col, const float* val,
-               const float* bias, int64_t out_begin, int64_t out_end, int64_t out_features, float* y, fvec* xt,
-               float* pad) {
-  constexpr int64_t Lanes = Tile / kWidth;
-  // Independent accumulators for consecutive non-zeros: a single chain would wait on each FMA's latency.
-  constexpr int64_t Unroll = Lanes >= 4 ? 2 : 8 / Lanes;
-  constexpr int64_t Block = 64;  // output features per write-back
+void load_tile(const float* x, int64_t rows, int64_t in, int64_t ld, bool columns, float* xt, float* pad) {
+  if (columns) {
+    for (int64_t k = 0; k < in; ++k) {
+      std::memcpy(xt + k * Tile, x + k * ld, sizeof(float) * rows);
+      if (rows < Tile) std::memset(xt + k * Tile + rows, 0, sizeof(float) * (Tile - rows));
+    }
+    return;
+  }
   if (rows < Tile) {
     std::memcpy(pad, x, sizeof(float) * rows * in);
     std::memset(pad + rows * in, 0, sizeof(float) * (Tile - rows) * in);
     x = pad;
   }
-  transpose_tile<Tile>(x, in, reinterpret_cast<float*>(xt));
+  transpose_tile<Tile>(x, in, xt);
+}
+
+// Rows [0, rows) of the tile at x, output features [out_begin, out_end), into feature-major y (y[o * ldy + r]).
+template <int64_t Tile>
+void tile_rows(const float* x, int64_t rows, int64_t in, int64_t ld, bool columns, const int64_t* crow,
+               const int64_t* col, const float* val, const float* bias, int64_t out_begin, int64_t out_end,
+               int64_t ldy, float* y, fvec* xt, float* pad) {
+  constexpr int64_t Lanes = Tile / kWidth;
+  // Independent accumulators for consecutive non-zeros: a single chain would wait on each FMA's latency.
+  constexpr int64_t Unroll = Lanes >= 4 ? 2 : 8 / Lanes;
+  constexpr int64_t Block = 64;  // output features per write-back
+  load_tile<Tile>(x, rows, in, ld, columns, reinterpret_cast<float*>(xt), pad);
   fvec sums[Block * Lanes];
   for (int64_t o0 = out_begin; o0 < out_end; o0 += Block) {
     const int64_t o1 = std::min(out_end, o0 + Block);
@@ -114,14 +130,14 @@ void tile_rows(const float* x, int64_t rows, int64_t in, const int64_t* crow, co
       }
     }
     const float* s = reinterpret_cast<const float*>(sums);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t o = o0; o < o1; ++o) y[r * out_features + o] = s[(o - o0) * Tile + r];
+    for (int64_t o = o0; o < o1; ++o) std::memcpy(y + o * ldy, s + (o - o0) * Tile, sizeof(float) * rows);
   }
 }
 
+// y (feature-major, out_features x batch) from x (row-major, or feature-major with `columns`; ld apart).
 template <int64_t Tile>
-void tiled(const float* x, int64_t batch, int64_t in, const int64_t* crow, const int64_t* col, const float* val,
-           const float* bias, int64_t out_features, float* y) {
+void tiled(const float* x, int64_t batch, int64_t in, int64_t ld, bool columns, const int64_t* crow,
+           const int64_t* col, const float* val, const float* bias, int64_t out_features, float* y) {
   const int64_t tiles = (batch + Tile - 1) / Tile;
   // Few tiles (small batches) would leave threads idle: split the output features too.
   const int64_t threads = at::get_num_threads();
@@ -136,9 +152,9 @@ void tiled(const float* x, int64_t batch, int64_t in, const int64_t* crow, const
       const int64_t row0 = tile * Tile, rows = std::min(Tile, batch - row0);
       const int64_t out_begin = part * part_size, out_end = std::min(out_features, out_begin + part_size);
       if (out_begin >= out_end) continue;
-      if (rows < Tile && pad.empty()) pad.resize(Tile * in);
-      tile_rows<Tile>(x + row0 * in, rows, in, crow, col, val, bias, out_begin, out_end, out_features,
-                      y + row0 * out_features, xt.get(), pad.data());
+      if (rows < Tile && !columns && pad.empty()) pad.resize(Tile * in);
+      tile_rows<Tile>(columns ? x + row0 : x + row0 * ld, rows, in, ld, columns, crow, col, val, bias, out_begin,
+                      out_end, batch, y + row0, xt.get(), pad.data());
     }
   });
 }
@@ -175,8 +191,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
                   crow.is_contiguous() && col.is_contiguous() && val.is_contiguous() &&
                   col.numel() == val.numel() && crow.numel() >= 1,
               "hyperflux::sparse_linear: expects a float32 CSR weight with int64 indices");
-  const at::Tensor xc = x.contiguous();
-  const int64_t batch = xc.size(0), in = xc.size(1), out_features = crow.numel() - 1;
+  const int64_t batch = x.size(0), in = x.size(1), out_features = crow.numel() - 1;
   const int64_t* cp = crow.data_ptr<int64_t>();
   const int64_t* cl = col.data_ptr<int64_t>();
   TORCH_CHECK(cp[out_features] == col.numel(), "hyperflux::sparse_linear: malformed CSR row pointers");
@@ -186,26 +201,32 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
                 "hyperflux::sparse_linear: bias must be float32 with one value per output feature");
     b = bias->data_ptr<float>();
   }
-  at::Tensor y = at::empty({batch, out_features}, xc.options());
-  const float* xp = xc.data_ptr<float>();
   const float* v = val.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (batch == 0 || out_features == 0) return y;
+  if (batch == 0 || out_features == 0) return at::empty({batch, out_features}, x.options());
   if (batch <= 2) {
-    gathered(xp, batch, in, cp, cl, v, b, out_features, yp);
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({batch, out_features}, x.options());
+    gathered(xc.data_ptr<float>(), batch, in, cp, cl, v, b, out_features, y.data_ptr<float>());
     return y;
   }
+  // a feature-major input (a sparse layer's output) is read as it is; anything else as a row-major copy
+  const bool columns = x.stride(0) == 1 && x.stride(1) >= batch;
+  const at::Tensor xc = columns ? x : x.contiguous();
+  const int64_t ld = columns ? x.stride(1) : in;
+  const float* xp = xc.data_ptr<float>();
+  at::Tensor yt = at::empty({out_features, batch}, x.options());
+  float* yp = yt.data_ptr<float>();
   if constexpr (kWidth == 8) {
     if (batch <= 8) {
-      tiled<8>(xp, batch, in, cp, cl, v, b, out_features, yp);
-      return y;
+      tiled<8>(xp, batch, in, ld, columns, cp, cl, v, b, out_features, yp);
+      return yt.t();
     }
   }
   if (batch <= 16)
-    tiled<16>(xp, batch, in, cp, cl, v, b, out_features, yp);
+    tiled<16>(xp, batch, in, ld, columns, cp, cl, v, b, out_features, yp);
   else
-    tiled<32>(xp, batch, in, cp, cl, v, b, out_features, yp);
-  return y;
+    tiled<32>(xp, batch, in, ld, columns, cp, cl, v, b, out_features, yp);
+  return yt.t();
 }
 
 // The gate's operands as flat arrays: weight and logits share one dense layout (contiguous, channels-last or
