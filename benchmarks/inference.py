@@ -2,7 +2,8 @@
 
 For LeNet-300-100 at 90/98/99% sparsity and a 4096-wide MLP (three 4096x4096 layers) at 98%, the pruned
 model is converted with `to_sparse_inference` (measured per layer on a batch of 256) and both forms are timed
-at batch 1 and 256, alternating in one process, median of `--repeats` samples. The masks are random at the
+at batch 1 and 256, alternating in one process: `--repeats` rounds of one dense and one sparse sample; the
+times are medians, the ratio the median of the rounds' ratios. The masks are random at the
 given sparsity, uniform over the Linear weights: timing depends on the count and spread of the non-zeros, not
 on which weights a training run keeps (a trained mask is less uniform per layer; `hyperflux bench` measures a
 real run). Writes `benchmarks/results/inference.json` and prints a table.
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import warnings
 from datetime import date
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch import nn
 
 from hyperflux import kernels, models
 from hyperflux.export import file_sizes
-from hyperflux.sparse_inference import compare_ms, plan_sparse_inference, to_sparse_inference
+from hyperflux.sparse_inference import plan_sparse_inference, sample_ms, to_sparse_inference
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"
 BATCHES = (1, 256)
@@ -95,15 +97,17 @@ def run_case(name: str, build, shape: tuple[int, ...], sparsity: float, repeats:
     records = []
     for batch in BATCHES:
         x = example[:batch]
-        dense_ms, sparse_ms = compare_ms(model, sparse, x, repeats)
+        dense, fast = sample_ms([lambda x=x: model(x), lambda x=x: sparse(x)], repeats)
         records.append(
             {
                 "model": name,
                 "sparsity": sparsity,
                 "batch": batch,
-                "dense_ms": dense_ms,
-                "sparse_ms": sparse_ms,
-                "ratio": dense_ms / sparse_ms,
+                "dense_ms": statistics.median(dense),
+                "sparse_ms": statistics.median(fast),
+                # paired: each round's dense and sparse samples are neighbours in time, so a burst of load
+                # from elsewhere on the machine moves both
+                "ratio": statistics.median(d / s for d, s in zip(dense, fast, strict=True)),
                 "file_ratio": dense_bytes / sparse_bytes,
                 "dense_bytes": dense_bytes,
                 "sparse_bytes": sparse_bytes,

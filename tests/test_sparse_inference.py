@@ -298,3 +298,18 @@ def test_a_model_with_its_masks_is_refused():
     squashed = hf.squash()
     with torch.no_grad():
         close(to_sparse_inference(squashed, plan=every_layer_sparse(squashed))(x), squashed(x))
+
+
+def test_timing_samples_alternate_and_tell_a_slow_call_from_a_fast_one():
+    import time
+
+    calls = []
+    slow = lambda: (calls.append("slow"), time.sleep(2e-3))  # noqa: E731
+    fast = lambda: calls.append("fast")  # noqa: E731
+    samples = sparse_inference.sample_ms([slow, fast], repeats=5, sample_s=1e-3)
+    assert [len(s) for s in samples] == [5, 5]
+    assert min(samples[0]) >= 2.0 > max(samples[1])
+    # after the two warm-up and two loop-sizing calls, one block of calls per function per round, in turn
+    rounds = calls[4:]
+    assert rounds[0] == "slow" and rounds.count("slow") == 5 and rounds[-1] == "fast"
+    assert sparse_inference.median_ms([slow], repeats=3, sample_s=1e-3)[0] >= 2.0

@@ -206,8 +206,16 @@ def supports_sparse_conv(conv: nn.Conv2d) -> bool:
 
 
 def median_ms(functions: list[Callable[[], Any]], repeats: int = 7, sample_s: float = 2e-3) -> list[float]:
-    """Median milliseconds per call of each function, alternating between them so that drifts in machine load
-    hit all alike; fast calls are looped so that one sample lasts about `sample_s`."""
+    """Median milliseconds per call of each function (see `sample_ms`)."""
+    return [statistics.median(out) for out in sample_ms(functions, repeats, sample_s)]
+
+
+def sample_ms(
+    functions: list[Callable[[], Any]], repeats: int = 7, sample_s: float = 2e-3
+) -> list[list[float]]:
+    """Per function, `repeats` samples of milliseconds per call, taken in rounds that alternate between the
+    functions so that drifts in machine load hit all alike (a round's samples are neighbours in time); fast
+    calls are looped so that one sample lasts about `sample_s`."""
     loops = []
     for function in functions:
         function()  # warm-up: allocator, kernel selection
@@ -220,8 +228,8 @@ def median_ms(functions: list[Callable[[], Any]], repeats: int = 7, sample_s: fl
             start = time.perf_counter()
             for _ in range(count):
                 function()
-            out.append((time.perf_counter() - start) / count)
-    return [1e3 * statistics.median(out) for out in samples]
+            out.append(1e3 * (time.perf_counter() - start) / count)
+    return samples
 
 
 @dataclass
