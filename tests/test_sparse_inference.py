@@ -93,7 +93,12 @@ def test_sparse_conv_equals_dense(options, kernel):
     conv = prune(nn.Conv2d(6, 10, **({"kernel_size": 3} | options)), 0.9)
     sparse = SparseConv2d(conv)
     with torch.no_grad():
-        for x in (torch.randn(3, 6, 11, 9), torch.randn(1, 6, 7, 7), torch.randn(6, 8, 8)):
+        # many output pixels (tiles), and one or two in all (the kernel's row-major gather path)
+        inputs = [torch.randn(3, 6, 11, 9), torch.randn(1, 6, 7, 7), torch.randn(6, 8, 8)]
+        for n in (1, 2):
+            span = [conv.dilation[i] * (conv.kernel_size[i] - 1) + 1 - 2 * conv.padding[i] for i in (0, 1)]
+            inputs.append(torch.randn(n, 6, max(span[0], 1), max(span[1], 1)))
+        for x in inputs:
             close(sparse(x), conv(x))
 
 
