@@ -480,6 +480,9 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", choices=list(TASKS), help="only these models")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
+        "--targets", nargs="+", type=float, help="only these target sparsities of each model, e.g. 0.95 0.98"
+    )
+    parser.add_argument(
         "--out", type=Path, help="results JSON (default benchmarks/results/accuracy_vs_sparsity[_quick].json)"
     )
     parser.add_argument(
@@ -498,6 +501,10 @@ def main() -> int:
     }
     if args.models:
         tasks = {m: t for m, t in tasks.items() if m in args.models}
+    if args.targets:
+        tasks = {
+            m: tuple(t for t in ts if any(abs(t - x) < 1e-9 for x in args.targets)) for m, ts in tasks.items()
+        }
     command = "python benchmarks/accuracy_vs_sparsity.py " + " ".join(sys.argv[1:])
 
     results = load_results(json_path)
