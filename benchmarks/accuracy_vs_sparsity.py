@@ -6,7 +6,8 @@ appended to the JSON right after its cell, and cells already in the JSON are ski
 (hours on a 2-core CPU) resumes where it stopped; an interrupted cell resumes from its run folder's checkpoint.
 
 Learning rate, the same short choice for every method, hyperflux included: before its cells, each method
-runs the task's recipe with every optimiser lr (lr, lr_end, lr_reset, lr_final) scaled by 0.5, 1 and 2, on a
+runs the task's recipe with every lr it has scaled by 0.5, 1 and 2 (the optimiser's lr, lr_end, lr_reset and
+lr_final; for hyperflux and hyperflux-paper also the mask logits' `mask_lr` and `regrowth_mask_lr`), on a
 6 + 4 epoch budget at the task's choice target (98% LeNet-300-100, 95% LeNet-5), trained on the training
 split less 10,000 samples and judged on those 10,000 (`data.holdout`), never on the test split. The
 multiplier with the best final holdout accuracy among the runs within 0.05 pp of the target wins (ties: the
@@ -84,6 +85,8 @@ QUICK_TASKS = {"lenet300": (0.90, 0.98, 0.99)}
 QUICK_EPOCHS = (6, 4)  # pruning + regrowth epochs of the --quick budget
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
 LR_KEYS = ("lr", "lr_end", "lr_reset", "lr_final")
+MASK_LR_KEYS = ("mask_lr", "regrowth_mask_lr")  # hyperflux's other optimiser group, scaled with the rest
+HYPERFLUX_METHODS = ("hyperflux", "hyperflux-paper")
 # the recipe key of each method's mask-update interval, and the finer interval the choice tries
 SCHEDULE_KEYS = {
     "hyperflux": "train.controller_every",
@@ -128,18 +131,27 @@ def cell_recipe(
     if every is not None:
         assignments.append(f"{SCHEDULE_KEYS[method]}={every}")
     if lr_multiplier != 1.0:
-        optimizer = load_recipe(path, assignments)["optimizer"]
+        base = load_recipe(path, assignments)
+        scaled = [("optimizer", k) for k in LR_KEYS]
+        if method in HYPERFLUX_METHODS:
+            scaled += [("hyperflux", k) for k in MASK_LR_KEYS]
         assignments += [
-            f"optimizer.{k}={optimizer[k] * lr_multiplier!r}" for k in LR_KEYS if optimizer.get(k) is not None
+            f"{section}.{k}={base[section][k] * lr_multiplier!r}"
+            for section, k in scaled
+            if base[section].get(k) is not None
         ]
     recipe = load_recipe(path, assignments)
     recipe["name"] = f"bench-{model}-{method}-{target_label(target)}-seed{seed}"
     return recipe
 
 
-def run_label(multiplier: float, every: int | None) -> str:
-    """The run folder's suffix for a non-default lr or interval."""
-    return ("" if multiplier == 1.0 else f"-lr{multiplier:g}x") + ("" if every is None else f"-every{every}")
+def run_label(method: str, multiplier: float, every: int | None) -> str:
+    """The run folder's suffix for a non-default lr or interval ("lrs": hyperflux's mask lrs scaled too, which
+    folders from before that rule did not)."""
+    lr = "lrs" if method in HYPERFLUX_METHODS else "lr"
+    return ("" if multiplier == 1.0 else f"-{lr}{multiplier:g}x") + (
+        "" if every is None else f"-every{every}"
+    )
 
 
 def holdout_trial(
@@ -147,7 +159,9 @@ def holdout_trial(
 ) -> dict[str, float]:
     """One choice run (seed 0, 6+4 epochs, on the holdout at the task's choice target)."""
     target = TASKS[model]["choice_target"]
-    out = runs / "lr-choice" / model / method / f"x{multiplier:g}{'' if every is None else f'-every{every}'}"
+    out = runs / "lr-choice" / model / method / f"x{multiplier:g}{run_label(method, 1.0, every)}"
+    if multiplier != 1.0 and method in HYPERFLUX_METHODS:
+        out = out.with_name(out.name + "-masklr")
     print(f"choice: {model} {method} lr x{multiplier:g} every {every or 'default'} ...", end=" ", flush=True)
     summary = run_cell(
         cell_recipe(model, method, target, 0, False, multiplier, choosing=True, every=every), out
@@ -348,7 +362,7 @@ def markdown(results: dict[str, Any]) -> str:
             "| method | chosen | 0.5x | 1x | 2x |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for method, c in methods.items():
+        for method, c in sorted(methods.items(), key=lambda item: METHODS.index(item[0])):
             accs = [c["trials"].get(f"{m:g}", {}).get("holdout_accuracy") for m in LR_MULTIPLIERS]
             cells = " | ".join("–" if a is None else f"{a:.2f}" for a in accs)
             lines.append(f"| {method} | {c['multiplier']:g}x | {cells} |")
@@ -361,7 +375,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| method | chosen | default | every {FINE_EVERY} batches |",
             "| --- | --- | --- | --- |",
         ]
-        for method, c in methods.items():
+        for method, c in sorted(methods.items(), key=lambda item: METHODS.index(item[0])):
             accs = [c["trials"][k]["holdout_accuracy"] for k in ("default", f"{FINE_EVERY}")]
             chosen_every = "default" if c["every"] is None else f"every {c['every']}"
             lines.append(f"| {method} | {chosen_every} | {accs[0]:.2f} | {accs[1]:.2f} |")
@@ -528,6 +542,8 @@ def main() -> int:
         key(r)
         for r in results["records"]
         if (r.get("lr_multiplier", 1.0), r.get("update_every")) == settings.get((r["model"], r["method"]))
+        # hyperflux records from before its mask lrs were scaled with the rest lack `mask_lr`
+        and (r["method"] not in HYPERFLUX_METHODS or r.get("lr_multiplier", 1.0) == 1.0 or "mask_lr" in r)
     }
     results["records"] = [
         r for r in results["records"] if key(r) in done or (r["model"], r["method"]) not in settings
@@ -541,7 +557,9 @@ def main() -> int:
     for i, (model, method, target, seed) in enumerate(todo, 1):
         torch.set_num_threads(default_threads)  # a recipe's `threads` must not leak into the next cell
         multiplier, every = settings[(model, method)]
-        out = runs / model / method / target_label(target) / f"seed{seed}{run_label(multiplier, every)}"
+        out = (
+            runs / model / method / target_label(target) / f"seed{seed}{run_label(method, multiplier, every)}"
+        )
         print(
             f"[{i}/{len(todo)}] {model} {method} {target_label(target)}% seed {seed} ...", end=" ", flush=True
         )
@@ -565,6 +583,7 @@ def main() -> int:
             "wall_time_s": round(summary["wall_time_s"], 2),
             "lr_multiplier": multiplier,
             "lr": recipe["optimizer"]["lr"],
+            "mask_lr": recipe["hyperflux"]["mask_lr"],
             "update_every": every,
         }
         results["records"].append(record)
