@@ -318,3 +318,22 @@ def test_timing_samples_alternate_and_tell_a_slow_call_from_a_fast_one():
     rounds = calls[4:]
     assert rounds[0] == "slow" and rounds.count("slow") == 5 and rounds[-1] == "fast"
     assert sparse_inference.median_ms([slow], repeats=3, sample_s=1e-3)[0] >= 2.0
+
+
+def test_a_loaded_state_or_a_move_reaches_the_kernel_after_it_has_run(kernel):
+    """The kernel's CSR arrays are looked up once per weight: a state loaded into the same weight (in place)
+    or a weight put there by `.to()` must be what the next call reads."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(20, 7), nn.Linear(20, 7)
+    with torch.no_grad():
+        first.weight.mul_(torch.rand(7, 20) < 0.3)
+        pattern = torch.zeros(140)
+        pattern[torch.randperm(140)[: int(first.weight.count_nonzero())]] = 1  # same count: copy_ takes it
+        second.weight.mul_(pattern.view(7, 20))
+    sparse, x = SparseLinear(first), torch.randn(5, 20)
+    with torch.no_grad():
+        close(sparse(x), first(x))
+        sparse.load_state_dict(SparseLinear(second).state_dict())
+        close(sparse(x), second(x))
+        moved = sparse.to(torch.float64).to(torch.float32)  # new buffer objects
+        close(moved(x), second(x))

@@ -71,29 +71,34 @@ def _transposed(flat: torch.Tensor) -> torch.Tensor:
 
 class _CompiledCSR(nn.Module):
     """What SparseLinear and SparseConv2d share: `y = x W^T + b` by the compiled kernel, which reads the CSR
-    arrays of the `weight` buffer; they are looked up once per weight (a second of the few microseconds a
-    small layer's call takes) and again whenever `.to()` or `load_state_dict` puts a new weight there."""
+    arrays of the `weight` buffer. A small layer's whole call takes a few microseconds, so the arrays are
+    looked up once per weight (again whenever `.to()` or `load_state_dict` puts a new weight there) and the
+    buffers are read from `_buffers` (`self.weight` goes through `Module.__getattr__`, a microsecond a call)."""
 
-    _arrays: tuple[torch.Tensor | int | None, ...] = ()
+    _kernel_cache: tuple[Any, ...] = ()  # (weight, bias, op, the op's arguments after the input)
 
-    def _kernel_args(self, x: torch.Tensor) -> tuple[torch.Tensor | int | None, ...] | None:
-        """The compiled kernel's arguments after the input, or None where it cannot take `x` (not float32 on
-        the CPU, a gradient wanted, or no kernel built), leaving it to torch's sparse matmul. Asked before
-        the input is laid out for the kernel, so that the fallback pays for no layout it does not use."""
+    def _kernel(self, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None:
+        """The compiled kernel and its arguments after the input, or None where it cannot take `x` (not
+        float32 on the CPU, a gradient wanted, or no kernel built), leaving it to torch's sparse matmul. Asked
+        before the input is laid out for the kernel, so that the fallback pays for no layout it does not use."""
         if not x.is_cpu or x.dtype is not torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        weight, bias = self.weight, self.bias
-        if sparse_linear_op() is None or weight.dtype is not torch.float32:
+        op = sparse_linear_op()
+        buffers = self._buffers
+        weight, bias = buffers["weight"], buffers["bias"]
+        cache = self._kernel_cache
+        if cache and cache[0] is weight and cache[1] is bias and cache[2] is op:
+            return op, cache[3]
+        if (
+            op is None
+            or weight.dtype is not torch.float32
+            or (bias is not None and bias.dtype is not torch.float32)
+        ):
             return None
-        arrays = self._arrays
-        if not arrays or arrays[0] is not weight or arrays[1] is not bias:
-            if bias is not None and bias.dtype is not torch.float32:
-                return None
-            flat_bias = None if bias is None else bias.reshape(-1)
-            csr = (weight.crow_indices(), weight.col_indices(), weight.values())
-            arrays = (weight, bias, *csr, flat_bias, weight.shape[1])
-            self._arrays = arrays
-        return arrays[2:]
+        flat_bias = None if bias is None else bias.reshape(-1)
+        args = (weight.crow_indices(), weight.col_indices(), weight.values(), flat_bias, weight.shape[1])
+        self._kernel_cache = (weight, bias, op, args)
+        return op, args
 
 
 def _density(weight: torch.Tensor) -> float:
@@ -122,8 +127,8 @@ class SparseLinear(_CompiledCSR):
         if x.numel() < self._dense_below:
             return F.linear(x, self.dense_weight, self.bias)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        args = self._kernel_args(flat)
-        out = self._torch_matmul(flat) if args is None else sparse_linear_op()(flat, *args)
+        kernel = self._kernel(flat)
+        out = self._torch_matmul(flat) if kernel is None else kernel[0](flat, *kernel[1])
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _torch_matmul(self, flat: torch.Tensor) -> torch.Tensor:
@@ -186,9 +191,9 @@ class SparseConv2d(_CompiledCSR):
         sides = self._side(height, 0), self._side(width, 1)
         # (patch features, n * pixels): a view for one image; both paths give (channels, n * pixels)
         cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-        args = self._kernel_args(cols)
-        if args is not None:  # the kernel reads the patches feature-major as they are, and writes so
-            out = sparse_linear_op()(cols.t(), *args).t()
+        kernel = self._kernel(cols)
+        if kernel is not None:  # the kernel reads the patches feature-major as they are, and writes so
+            out = kernel[0](cols.t(), *kernel[1]).t()
         else:
             out = self.weight @ cols if self.bias is None else torch.addmm(self.bias, self.weight, cols)
         out = out.reshape(self.out_channels, n, *sides).transpose(0, 1).contiguous()
