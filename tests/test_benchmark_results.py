@@ -71,4 +71,6 @@ def test_the_choice_prefers_on_target_runs_and_breaks_ties_for_the_default(bench
     trials["40"]["holdout_accuracy"] = 90.01
     assert bench.best_trial(trials, "default") == "40"
     off = {k: {**t, "gap_pp": 1.0} for k, t in trials.items()}
-    assert bench.best_trial(off, "default") == "80"  # none on target: the best of all
+    assert bench.best_trial(off, "default") == "80"  # none on target, all as far: the most accurate
+    off["default"]["gap_pp"] = 0.5
+    assert bench.best_trial(off, "default") == "default"  # none on target: the closest to it
