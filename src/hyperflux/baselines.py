@@ -328,7 +328,8 @@ class Magnitude(Baseline):
 
 class Gradual(Baseline):
     """Shared by GMP and Taylor: the cubic schedule from `start_epoch` (default 0) to `end_epoch` (default the
-    end of the pruning phase), each update keeping the best-scored present weights."""
+    end of the pruning phase), each update keeping the best-scored present weights. The end step always
+    updates, whatever the method's interval, so that the schedule ends at the target."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -349,7 +350,8 @@ class Gradual(Baseline):
         return 1.0
 
     def update(self) -> None:
-        if self.start_step <= self.steps <= self.end_step_at and self.due():
+        at_end = self.steps == self.end_step_at
+        if self.start_step <= self.steps <= self.end_step_at and (at_end or self.due()):
             count = self.count_at(self.start_step, self.end_step_at)
             if count < self.kept():
                 scores = dict(zip(self.mask, self.scores(), strict=True))
@@ -370,7 +372,7 @@ class GMP(Gradual):
         self.every = self.setting("update_every", min(100, self.batches))
 
     def due(self) -> bool:
-        return (self.steps - self.start_step) % self.every == 0 or self.steps == self.end_step_at
+        return (self.steps - self.start_step) % self.every == 0
 
     def scores(self) -> list[torch.Tensor]:
         return [w.detach().abs() for w in self.weights.values()]
@@ -395,8 +397,7 @@ class Taylor(Gradual):
                     self.score[name].add_((weight.detach() * weight.grad).abs().float())
 
     def due(self) -> bool:
-        at_end = self.steps == self.end_step_at
-        return (self.steps % self.every == 0 or at_end) and self.steps > self.start_step
+        return self.steps % self.every == 0 and self.steps > self.start_step
 
     def scores(self) -> list[torch.Tensor]:
         return list(self.score.values())
