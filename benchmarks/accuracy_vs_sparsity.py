@@ -160,9 +160,10 @@ def holdout_trial(
 ) -> dict[str, float]:
     """One choice run (seed 0, 6+4 epochs, on the holdout at the task's choice target)."""
     target = TASKS[model]["choice_target"]
-    out = runs / "lr-choice" / model / method / f"x{multiplier:g}{run_label(method, 1.0, every)}"
+    name = f"x{multiplier:g}" + ("" if every is None else f"-every{every}")
     if multiplier != 1.0 and method in HYPERFLUX_METHODS:
-        out = out.with_name(out.name + "-masklr")
+        name += "-masklr"  # hyperflux's mask lrs scaled too, which folders from before that rule did not
+    out = runs / "lr-choice" / model / method / name
     print(f"choice: {model} {method} lr x{multiplier:g} every {every or 'default'} ...", end=" ", flush=True)
     summary = run_cell(
         cell_recipe(model, method, target, 0, False, multiplier, choosing=True, every=every), out
