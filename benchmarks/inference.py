@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import warnings
 from datetime import date
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import nn
 
 from hyperflux import kernels, models
 from hyperflux.export import file_sizes
-from hyperflux.sparse_inference import plan_sparse_inference, sample_ms, to_sparse_inference
+from hyperflux.sparse_inference import compare_ms, plan_sparse_inference, to_sparse_inference
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"
 BATCHES = (1, 256)
@@ -97,17 +96,15 @@ def run_case(name: str, build, shape: tuple[int, ...], sparsity: float, repeats:
     records = []
     for batch in BATCHES:
         x = example[:batch]
-        dense, fast = sample_ms([lambda x=x: model(x), lambda x=x: sparse(x)], repeats)
+        timing = compare_ms(model, sparse, x, repeats)
         records.append(
             {
                 "model": name,
                 "sparsity": sparsity,
                 "batch": batch,
-                "dense_ms": statistics.median(dense),
-                "sparse_ms": statistics.median(fast),
-                # paired: each round's dense and sparse samples are neighbours in time, so a burst of load
-                # from elsewhere on the machine moves both
-                "ratio": statistics.median(d / s for d, s in zip(dense, fast, strict=True)),
+                "dense_ms": timing.dense_ms,
+                "sparse_ms": timing.sparse_ms,
+                "ratio": timing.ratio,
                 "file_ratio": dense_bytes / sparse_bytes,
                 "dense_bytes": dense_bytes,
                 "sparse_bytes": sparse_bytes,

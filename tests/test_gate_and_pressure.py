@@ -82,8 +82,9 @@ def test_training_steps_take_the_compiled_gate_and_flux_batches_the_python_one()
     model = nn.Linear(6, 4)
     hyperflux.Hyperflux(model, 0.5, pruning_epochs=3, flux_every=2)
     x = torch.randn(2, 6)
-    # addmm <- t() <- the gate
-    names = [model(x).grad_fn.next_functions[-1][0].next_functions[0][0].name() for _ in range(4)]
+    # addmm <- t() <- the gate; a Python Function's node has no name() in some torch versions (2.11)
+    nodes = [model(x).grad_fn.next_functions[-1][0].next_functions[0][0] for _ in range(4)]
+    names = [node.name() if type(node).__name__ == "CppFunction" else type(node).__name__ for node in nodes]
     assert ["GateFunction" in name for name in names] == [True] * 4
     assert ["CppNode" in name for name in names] == [False, True, False, True]  # batches 0 and 2 sample flux
 

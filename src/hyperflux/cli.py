@@ -390,16 +390,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         }
     dense_bytes, sparse_bytes = file_sizes(run.model)
     rows = [
-        (f"latency batch {batch} (ms)", f"{d:.3f}", f"{s:.3f}", f"{d / s:.2f}x")
-        for batch, (d, s) in times.items()
+        (f"latency batch {batch} (ms)", f"{t.dense_ms:.3f}", f"{t.sparse_ms:.3f}", f"{t.ratio:.2f}x")
+        for batch, t in times.items()
     ]
-    d, s = times[len(images)]
+    full = times[len(images)]
     rows.append(
         (
             f"throughput batch {len(images)} (img/s)",
-            f"{1e3 * len(images) / d:,.0f}",
-            f"{1e3 * len(images) / s:,.0f}",
-            f"{d / s:.2f}x",
+            f"{1e3 * len(images) / full.dense_ms:,.0f}",
+            f"{1e3 * len(images) / full.sparse_ms:,.0f}",
+            f"{full.ratio:.2f}x",
         )
     )
     rows.append(

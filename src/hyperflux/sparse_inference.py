@@ -210,31 +210,52 @@ def supports_sparse_conv(conv: nn.Conv2d) -> bool:
     return conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
 
 
-def median_ms(functions: list[Callable[[], Any]], repeats: int = 7, sample_s: float = 2e-3) -> list[float]:
+def median_ms(
+    functions: list[Callable[[], Any]],
+    repeats: int = 7,
+    sample_s: float = 2e-3,
+    device: torch.device | str | None = None,
+) -> list[float]:
     """Median milliseconds per call of each function (see `sample_ms`)."""
-    return [statistics.median(out) for out in sample_ms(functions, repeats, sample_s)]
+    return [statistics.median(out) for out in sample_ms(functions, repeats, sample_s, device)]
 
 
 def sample_ms(
-    functions: list[Callable[[], Any]], repeats: int = 7, sample_s: float = 2e-3
+    functions: list[Callable[[], Any]],
+    repeats: int = 7,
+    sample_s: float = 2e-3,
+    device: torch.device | str | None = None,
 ) -> list[list[float]]:
     """Per function, `repeats` samples of milliseconds per call, taken in rounds that alternate between the
     functions so that drifts in machine load hit all alike (a round's samples are neighbours in time); fast
-    calls are looped so that one sample lasts about `sample_s`."""
+    calls are looped so that one sample lasts about `sample_s`. On a CUDA `device` each sample waits for the
+    device's queued work at both ends, so that it times the kernels and not only their launches."""
+    wait = _waiter(device)
+
+    def seconds(function: Callable[[], Any], count: int) -> float:
+        wait()
+        start = time.perf_counter()
+        for _ in range(count):
+            function()
+        wait()
+        return time.perf_counter() - start
+
     loops = []
     for function in functions:
         function()  # warm-up: allocator, kernel selection
-        start = time.perf_counter()
-        function()
-        loops.append(max(1, min(1000, round(sample_s / max(time.perf_counter() - start, 1e-7)))))
+        loops.append(max(1, min(1000, round(sample_s / max(seconds(function, 1), 1e-7)))))
     samples: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
         for function, count, out in zip(functions, loops, samples, strict=True):
-            start = time.perf_counter()
-            for _ in range(count):
-                function()
-            out.append(1e3 * (time.perf_counter() - start) / count)
+            out.append(1e3 * seconds(function, count) / count)
     return samples
+
+
+def _waiter(device: torch.device | str | None) -> Callable[[], None]:
+    """What waits for `device`'s queued kernels: nothing on the CPU, whose calls return when done."""
+    if device is not None and torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 @dataclass
@@ -269,18 +290,33 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+@dataclass
+class Comparison:
+    """Dense against sparse on one input: median ms of each, and `ratio`, the median of each round's dense
+    over sparse time (a round's two samples are neighbours in time, so a burst of load from elsewhere on the
+    machine moves both, where a ratio of the two medians can pair a quiet sample with a loaded one)."""
+
+    dense_ms: float
+    sparse_ms: float
+    ratio: float
+
+
 @torch.no_grad()
-def compare_ms(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: int = 7) -> tuple[float, float]:
-    """(dense ms, sparse ms): median times of the two forms on the same input, alternating."""
-    dense_ms, sparse_ms = median_ms([lambda: dense(x), lambda: sparse(x)], repeats)
-    return dense_ms, sparse_ms
+def compare_ms(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: int = 7) -> Comparison:
+    """Time the two forms on the same input in alternating rounds (`sample_ms`)."""
+    dense_samples, sparse_samples = sample_ms([lambda: dense(x), lambda: sparse(x)], repeats, device=x.device)
+    return Comparison(
+        statistics.median(dense_samples),
+        statistics.median(sparse_samples),
+        statistics.median(d / s for d, s in zip(dense_samples, sparse_samples, strict=True)),
+    )
 
 
 def _faster(choice: LayerChoice, dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: int) -> bool:
     """Time both forms on `x`, record the times in `choice`, and say whether sparse won by `MIN_GAIN`."""
-    dense_ms, sparse_ms = compare_ms(dense, sparse, x, repeats)
-    choice.timings[x.shape[0]] = (dense_ms, sparse_ms)
-    return sparse_ms < (1 - MIN_GAIN) * dense_ms
+    timing = compare_ms(dense, sparse, x, repeats)
+    choice.timings[x.shape[0]] = (timing.dense_ms, timing.sparse_ms)
+    return timing.ratio > 1 / (1 - MIN_GAIN)
 
 
 @torch.no_grad()
