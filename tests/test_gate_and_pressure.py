@@ -78,15 +78,47 @@ def test_the_compiled_gate_has_second_derivatives():
         torch.testing.assert_close(compiled, python)
 
 
-def test_training_steps_take_the_compiled_gate_and_flux_batches_the_python_one():
+def test_training_steps_take_the_compiled_gate_which_adds_the_flux_of_sampled_batches():
     model = nn.Linear(6, 4)
-    hyperflux.Hyperflux(model, 0.5, pruning_epochs=3, flux_every=2)
-    x = torch.randn(2, 6)
-    # addmm <- t() <- the gate; a Python Function's node has no name() in some torch versions (2.11)
-    nodes = [model(x).grad_fn.next_functions[-1][0].next_functions[0][0] for _ in range(4)]
+    hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3, flux_every=2)
+    weight = model.parametrizations.weight.original.detach().clone()
+    xs = torch.randn(4, 3, 6).unbind()
+    nodes = []
+    for x in xs:
+        out = model(x)
+        # addmm <- t() <- the gate; a Python Function's node has no name() in some torch versions (2.11)
+        nodes.append(out.grad_fn.next_functions[-1][0].next_functions[0][0])
+        out.sum().backward()
     names = [node.name() if type(node).__name__ == "CppFunction" else type(node).__name__ for node in nodes]
-    assert ["GateFunction" in name for name in names] == [True] * 4
-    assert ["CppNode" in name for name in names] == [False, True, False, True]  # batches 0 and 2 sample flux
+    assert all("CppNode" in name and "GateFunction" in name for name in names), names
+    gate = hf.gates[0]
+    assert gate.flux_batches == 2  # batches 0 and 2
+    # dL/dW_eff of sum(x W^T + b) is ones^T x: the flux -W * g of batches 0 and 2, summed
+    expected = sum(-(weight * (torch.ones(4, 3) @ x)) for x in (xs[0], xs[2]))
+    torch.testing.assert_close(gate.flux_sum, expected)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_compiled_gates_flux_equals_minus_w_times_its_upstream_gradient(layout):
+    torch.manual_seed(0)
+    weight, logits, upstream = (torch.randn(8, 3, 3, 3) for _ in range(3))
+    if layout == "channels_last":
+        weight, logits = (t.contiguous(memory_format=torch.channels_last) for t in (weight, logits))
+    flux = torch.full_like(weight, 0.5)  # an accumulator already holding earlier batches
+    w, m = weight.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = kernels.gate_op()(w, m, 0.25, flux)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(flux, 0.5 - weight * upstream)
+    assert torch.equal(w.grad, upstream * (logits >= 0))  # the gradients are unchanged by the flux
+    torch.testing.assert_close(m.grad, 0.25 * weight * upstream)
+    # under create_graph the backward is built from ATen ops, and adds the flux all the same
+    w.grad = m.grad = None
+    out = kernels.gate_op()(w, m, 0.25, flux)
+    _, grad_m = torch.autograd.grad((out * upstream).sum(), (w, m), create_graph=True)
+    torch.testing.assert_close(flux, 0.5 - 2 * weight * upstream)
+    assert grad_m.requires_grad
+    with pytest.raises(RuntimeError, match="flux must be a float32 CPU tensor of the weight's shape"):
+        kernels.gate_op()(w, m, 0.25, torch.zeros(8, 3, 3))
 
 
 def test_gate_scale_is_configurable_and_logits_init_in_range():

@@ -91,27 +91,36 @@ class HardGate(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced: the Python function, which compilers see through
             return _GateFunction.apply(weight, self.logits, self.scale, None)
-        if self.meter.sampling and torch.is_grad_enabled():  # a flux batch: the Python path adds the flux
-            return _GateFunction.apply(weight, self.logits, self.scale, self)
         logits = self.logits
+        flux = None
+        if self.meter.sampling and torch.is_grad_enabled():  # a flux batch: its backward adds -W * g
+            flux = self._flux_accumulator(weight)
         if (
             weight.is_cpu
             and logits.is_cpu
             and weight.dtype is torch.float32
             and logits.dtype is torch.float32
             and weight.stride() == logits.stride()
+            and (flux is None or flux.stride() == weight.stride())
             and (op := gate_op()) is not None
         ):
-            return op(weight, logits, self.scale)  # the same gate and gradients, one C++ pass each way
-        return _GateFunction.apply(weight, logits, self.scale, None)
+            return op(
+                weight, logits, self.scale, flux
+            )  # the same gate, gradients and flux, one C++ pass each
+        return _GateFunction.apply(weight, logits, self.scale, None if flux is None else self)
 
-    def add_flux(self, weight: torch.Tensor, grad_eff: torch.Tensor) -> None:
+    def _flux_accumulator(self, weight: torch.Tensor) -> torch.Tensor:
+        """`flux_sum`, made on first use in the weight's layout, with this batch counted once however many
+        times the module runs in it (each run adds its flux)."""
         if self.flux_sum is None or self.flux_sum.device != weight.device:
             self.flux_sum = torch.zeros_like(weight, dtype=torch.float32)
-        self.flux_sum.addcmul_(weight, grad_eff, value=-1.0)
-        if self._flux_batch != self.meter.batches:  # a module called twice in a batch adds twice, counts once
+        if self._flux_batch != self.meter.batches:
             self._flux_batch = self.meter.batches
             self.flux_batches += 1
+        return self.flux_sum
+
+    def add_flux(self, weight: torch.Tensor, grad_eff: torch.Tensor) -> None:
+        self.flux_sum.addcmul_(weight, grad_eff, value=-1.0)
 
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask, identical in training and inference."""

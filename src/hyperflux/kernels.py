@@ -133,5 +133,6 @@ def sparse_linear_op():
 
 
 def gate_op():
-    """`torch.ops.hyperflux.gate` (the hard gate with its gradients), or None where the kernels are unavailable."""
+    """`torch.ops.hyperflux.gate` (the hard gate with its gradients and, on sampled batches, the flux), or None
+    where the kernels are unavailable."""
     return torch.ops.hyperflux.gate.default if load() else None

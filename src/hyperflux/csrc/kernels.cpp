@@ -1,7 +1,8 @@
 // CPU kernels for hyperflux, compiled on first use by hyperflux.kernels (torch.utils.cpp_extension).
 //
 // gate: the hard L0 gate W * 1[m >= 0] of method.md section 1 as one pass forward and one backward, its
-// autograd in C++: in Python it took two passes over the weight and a Python function call each way.
+// autograd in C++: in Python it took two passes over the weight and a Python function call each way. On a
+// sampled batch the same backward pass also adds the batch's flux -W * g into the caller's accumulator.
 //
 // sparse_linear: y = x W^T + b for a CSR weight W, the product that torch's sparse CSR matmul computes from a
 // transposed copy of x. Here x is laid out a tile of rows at a time, feature-major, in a buffer that stays in
@@ -238,13 +239,35 @@ void check_gate(const at::Tensor& weight, const at::Tensor& logits) {
               "hyperflux::gate: weight and logits must be float32 CPU tensors of one shape and one dense layout");
 }
 
+// The gate's backward over n elements: dL/dW = H(m) * g, dL/dm = c * W * g (straight through) and the flux
+// -W * g, each only where asked. Restrict-qualified parameters, so that GCC vectorises all three outputs at
+// once (with pointers captured in a lambda it gave up on three and versioned the loop for aliasing).
+template <bool Weight, bool Logits, bool Flux>
+void gate_grads(const float* __restrict__ w, const float* __restrict__ m, const float* __restrict__ g,
+                float* __restrict__ gw, float* __restrict__ gm, float* __restrict__ f, float scale, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (Weight) gw[i] = g[i] * (m[i] >= 0.0f ? 1.0f : 0.0f);
+    if constexpr (Logits) gm[i] = scale * w[i] * g[i];
+    if constexpr (Flux) f[i] -= w[i] * g[i];
+  }
+}
+
 class GateFunction : public torch::autograd::Function<GateFunction> {
  public:
+  // `flux`, when defined (a sampled batch), receives -W * g in the backward pass, in the same loop: a float32
+  // tensor of the weight's layout that the caller owns and that is not differentiated.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
-                            const at::Tensor& logits, double scale) {
+                            const at::Tensor& logits, double scale, const std::optional<at::Tensor>& sampled) {
     check_gate(weight, logits);
+    const at::Tensor flux = sampled.value_or(at::Tensor());
+    if (flux.defined()) {
+      TORCH_CHECK(flux.scalar_type() == at::kFloat && flux.device().is_cpu() && flux.sizes() == weight.sizes() &&
+                      flux.strides() == weight.strides() && !flux.requires_grad(),
+                  "hyperflux::gate: flux must be a float32 CPU tensor of the weight's shape and layout");
+    }
     ctx->save_for_backward({weight, logits});
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["flux"] = flux;
     at::Tensor out = at::empty_like(weight);
     const float* __restrict__ w = weight.data_ptr<float>();
     const float* __restrict__ m = logits.data_ptr<float>();
@@ -262,46 +285,58 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
     const at::Tensor& weight = saved[0];
     const at::Tensor& logits = saved[1];
     const float scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
+    at::Tensor flux = ctx->saved_data["flux"].toTensor();
     at::Tensor grad = grads[0];
     const bool want_weight = ctx->needs_input_grad(0), want_logits = ctx->needs_input_grad(1);
     if (at::GradMode::is_enabled()) {  // create_graph: gradients built from ATen ops, differentiable in turn
+      if (flux.defined()) {
+        at::NoGradGuard no_grad;
+        flux.sub_(weight * grad);
+      }
       return {want_weight ? grad * logits.ge(0).to(grad.scalar_type()) : at::Tensor(),
-              want_logits ? grad * weight * scale : at::Tensor(), at::Tensor()};
+              want_logits ? grad * weight * scale : at::Tensor(), at::Tensor(), at::Tensor()};
     }
     at::Tensor grad_weight = want_weight ? at::empty_like(weight) : at::Tensor();
     at::Tensor grad_logits = want_logits ? at::empty_like(weight) : at::Tensor();
-    const float* __restrict__ w = weight.data_ptr<float>();
-    const float* __restrict__ m = logits.data_ptr<float>();
-    float* __restrict__ gw = want_weight ? grad_weight.data_ptr<float>() : nullptr;
-    float* __restrict__ gm = want_logits ? grad_logits.data_ptr<float>() : nullptr;
+    const float* w = weight.data_ptr<float>();
+    const float* m = logits.data_ptr<float>();
+    float* gw = want_weight ? grad_weight.data_ptr<float>() : nullptr;
+    float* gm = want_logits ? grad_logits.data_ptr<float>() : nullptr;
+    float* f = flux.defined() ? flux.data_ptr<float>() : nullptr;
     // an upstream gradient of another layout (an expanded scalar, say) is copied into the weight's
     if (grad.strides() != weight.strides()) grad = at::empty_like(weight).copy_(grad);
-    const float* __restrict__ g = grad.data_ptr<float>();
+    const float* g = grad.data_ptr<float>();
     at::parallel_for(0, weight.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-      if (gw && gm) {
-        for (int64_t i = begin; i < end; ++i) {
-          gw[i] = g[i] * (m[i] >= 0.0f ? 1.0f : 0.0f);  // dL/dW = H(m) * g
-          gm[i] = scale * w[i] * g[i];                   // straight through: dL/dm = c * W * g
-        }
-      } else if (gw) {
-        for (int64_t i = begin; i < end; ++i) gw[i] = g[i] * (m[i] >= 0.0f ? 1.0f : 0.0f);
-      } else if (gm) {
-        for (int64_t i = begin; i < end; ++i) gm[i] = scale * w[i] * g[i];
+      const int64_t n = end - begin;
+      const float *wb = w + begin, *mb = m + begin, *gb = g + begin;
+      float* gwb = gw ? gw + begin : nullptr;
+      float* gmb = gm ? gm + begin : nullptr;
+      float* fb = f ? f + begin : nullptr;
+      switch ((gw ? 4 : 0) | (gm ? 2 : 0) | (f ? 1 : 0)) {
+        case 7: gate_grads<true, true, true>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
+        case 6: gate_grads<true, true, false>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
+        case 5: gate_grads<true, false, true>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
+        case 4: gate_grads<true, false, false>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
+        case 3: gate_grads<false, true, true>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
+        case 2: gate_grads<false, true, false>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
+        case 1: gate_grads<false, false, true>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
+        default: break;
       }
     });
-    return {grad_weight, grad_logits, at::Tensor()};
+    return {grad_weight, grad_logits, at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale) {
-  return GateFunction::apply(weight, logits, scale);
+at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale,
+                const std::optional<at::Tensor>& flux) {
+  return GateFunction::apply(weight, logits, scale, flux);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(hyperflux, m) {
   m.def("sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor val, Tensor? bias, int in_features) -> Tensor");
-  m.def("gate(Tensor weight, Tensor logits, float scale) -> Tensor", &gate);
+  m.def("gate(Tensor weight, Tensor logits, float scale, Tensor? flux=None) -> Tensor", &gate);
 }
 
 TORCH_LIBRARY_IMPL(hyperflux, CPU, m) { m.impl("sparse_linear", &sparse_linear); }
