@@ -130,6 +130,39 @@ def bin_of(value: float) -> int:
     return sum(edge <= value for edge in FLUX_HIST_EDGES)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_flux_statistics_equal_those_of_the_pooled_values(seed):
+    """The global flux statistics equal the naive ones over all surviving (or pruned) weights pooled: the
+    1% quantile exactly (one of the values), minimum and histograms exactly, means to float rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    hf = Hyperflux(mlp(seed), 0.5, pruning_epochs=10, exact_target=False)
+    set_logits(hf, [torch.randn(g.logits.shape, generator=generator) for g in hf.gates])
+    # flux over several decades and both signs, many values in one bin, a few repeated values
+    for gate in hf.gates:
+        values = torch.randn(gate.logits.shape, generator=generator) * 10 ** torch.randint(
+            -3, 3, gate.logits.shape, generator=generator
+        )
+        values.view(-1)[:5] = 0.25
+        set_flux(gate, values)
+    units = hf.grad_scale * hf.total
+    fluxes = [g.mean_flux() * units for g in hf.gates]
+    masks = [g.mask() for g in hf.gates]
+    alive = torch.cat([f[m] for f, m in zip(fluxes, masks, strict=True)])
+    dead = torch.cat([f[~m] for f, m in zip(fluxes, masks, strict=True)])
+    stats = hf.stats()
+    k = max(1, -(-len(alive) // 100))
+    assert stats["flux_p01"] == float(alive.sort().values[k - 1])
+    assert stats["flux_min"] == float(alive.min())
+    assert stats["flux_mean"] == pytest.approx(float(alive.double().mean()), rel=1e-5)
+    assert stats["flux_mean_pruned"] == pytest.approx(float(dead.double().mean()), rel=1e-5)
+    assert stats["flux_hist"]["survivors"] == [sum(bin_of(float(v)) == b for v in alive) for b in range(40)]
+    assert stats["flux_hist"]["pruned"] == [sum(bin_of(float(v)) == b for v in dead) for b in range(40)]
+    for layer, flux, mask in zip(stats["layers"], fluxes, masks, strict=True):
+        assert layer["kept"] == int(mask.sum()) and isinstance(layer["kept"], int)
+        assert layer["flux_min"] == float(flux[mask].min())
+        assert layer["flux_mean"] == pytest.approx(float(flux[mask].double().mean()), rel=1e-5)
+
+
 def test_flux_histogram_edges_are_fixed_symmetric_half_decades():
     edges = FLUX_HIST_EDGES
     assert len(edges) == 39 and edges[19] == 0.0

@@ -54,17 +54,25 @@ class _PressureLoss(torch.autograd.Function):
         return (None, *grads)
 
 
-def flux_histogram(values: torch.Tensor) -> list[int]:
-    """Counts of `values` in the bins of `FLUX_HIST_EDGES` (len(edges) + 1 bins, open at both ends)."""
-    edges = torch.tensor(FLUX_HIST_EDGES, dtype=values.dtype, device=values.device)
-    bins = torch.bucketize(values, edges, right=True)  # edges[i-1] <= v < edges[i] -> i
-    return torch.bincount(bins, minlength=len(FLUX_HIST_EDGES) + 1).tolist()
-
-
-def _quantile(values: torch.Tensor, q: float) -> float | None:
-    if not values.numel():
-        return None
-    return float(values.kthvalue(max(1, math.ceil(q * values.numel()))).values)
+def _quantile(
+    fluxes: list[tuple[torch.Tensor, torch.Tensor]], edges: torch.Tensor, survivors: list[int], q: float
+) -> float:
+    """The q-quantile of the surviving weights' flux over all layers: the k-th smallest value, k = ceil(q * n),
+    found in the one histogram bin that holds it (`survivors`, the counts per bin of `edges`), so that only
+    that bin's values are gathered and ranked rather than every surviving weight's."""
+    k = max(1, math.ceil(q * sum(survivors)))
+    index = below = 0
+    while below + survivors[index] < k:
+        below += survivors[index]
+        index += 1
+    # bin `index` as bucketize(right=True) has it: edges[index - 1] <= flux < edges[index] (NaN in the last bin)
+    parts = []
+    for flux, mask in fluxes:
+        inside = mask if index == 0 else mask & ~(flux < edges[index - 1])
+        if index < len(edges):
+            inside = inside & (flux < edges[index])
+        parts.append(flux[inside])
+    return float(torch.cat(parts).kthvalue(k - below).values)
 
 
 class _PressureHook:
@@ -403,38 +411,67 @@ class Hyperflux:
         """
         self._check_live()
         to_pressure_units = self.grad_scale * self.total
+        bins = len(FLUX_HIST_EDGES) + 1
+        edges = None
+        # Every count and flux statistic is computed on the masks' device and read back in one transfer (a GPU
+        # would otherwise wait for each of several reads per layer); the histograms come from one bucketize of
+        # each layer's flux, survivors in bins [0, 40) and pruned weights in [40, 80).
+        numbers, fluxes, hist = [], [], None
+        for gate, before in zip(self.gates, self._snapshot, strict=True):
+            mask = gate.mask()
+            row = [mask.sum(), (before & ~mask).sum(), (~before & mask).sum()]
+            if gate.flux_batches:
+                flux = gate.mean_flux() * to_pressure_units
+                if edges is None:
+                    edges = torch.tensor(FLUX_HIST_EDGES, dtype=flux.dtype, device=flux.device)
+                index = torch.bucketize(flux, edges, right=True) + bins * (~mask)
+                counts = torch.bincount(index.flatten(), minlength=2 * bins)
+                hist = counts if hist is None else hist + counts
+                row += [
+                    torch.where(mask, flux, torch.inf).amin(),
+                    torch.where(mask, flux, 0.0).sum(dtype=torch.float64),
+                    torch.where(mask, 0.0, flux).sum(dtype=torch.float64),
+                ]
+                fluxes.append((flux, mask))
+            numbers.append(torch.stack([value.double() for value in row]))
+        rows = torch.cat(numbers).tolist() if numbers else []
+        hist_counts = hist.tolist() if hist is not None else None
         layers = []
         kept_total = pruned_total = regrown_total = 0
-        survivor_flux, pruned_flux = [], []
-        for target, gate, before in zip(self.targets, self.gates, self._snapshot, strict=True):
-            mask = gate.mask()
-            kept = int(mask.sum())
-            pruned = int((before & ~mask).sum())
-            regrown = int((~before & mask).sum())
-            flux = gate.mean_flux() * to_pressure_units
-            alive, dead = flux[mask], flux[~mask]
+        alive_sum = dead_sum = 0.0
+        alive_min = math.inf
+        at = 0
+        for target, gate in zip(self.targets, self.gates, strict=True):
+            kept, pruned, regrown = (int(v) for v in rows[at : at + 3])
+            at += 3
+            flux_min = flux_mean = None
             if gate.flux_batches:
-                survivor_flux.append(alive.flatten())
-                pruned_flux.append(dead.flatten())
+                layer_min, layer_alive, layer_dead = rows[at : at + 3]
+                at += 3
+                alive_sum += layer_alive
+                dead_sum += layer_dead
+                if kept:
+                    flux_min, flux_mean = layer_min, layer_alive / kept
+                    alive_min = min(alive_min, layer_min)
             layers.append(
                 {
                     "name": target.name,
-                    "shape": list(mask.shape),
-                    "total": mask.numel(),
+                    "shape": list(gate.logits.shape),
+                    "total": gate.logits.numel(),
                     "kept": kept,
-                    "density": kept / mask.numel(),
+                    "density": kept / gate.logits.numel(),
                     "pruned": pruned,
                     "regrown": regrown,
                     "min_density": target.min_density,
-                    "flux_min": float(alive.min()) if gate.flux_batches and alive.numel() else None,
-                    "flux_mean": float(alive.mean()) if gate.flux_batches and alive.numel() else None,
+                    "flux_min": flux_min,
+                    "flux_mean": flux_mean,
                 }
             )
             kept_total += kept
             pruned_total += pruned
             regrown_total += regrown
-        alive_all = torch.cat(survivor_flux) if survivor_flux else torch.empty(0)
-        dead_all = torch.cat(pruned_flux) if pruned_flux else torch.empty(0)
+        alive_count = sum(hist_counts[:bins]) if hist_counts else 0
+        dead_count = sum(hist_counts[bins:]) if hist_counts else 0
         return {
             "period": self.period,
             "phase": self.phase,
@@ -450,17 +487,17 @@ class Hyperflux:
             "pruned": pruned_total,
             "regrown": regrown_total,
             "flux_batches": max((g.flux_batches for g in self.gates), default=0),
-            "flux_min": float(alive_all.min()) if alive_all.numel() else None,
-            "flux_p01": _quantile(alive_all, 0.01),
-            "flux_mean": float(alive_all.mean()) if alive_all.numel() else None,
-            "flux_mean_pruned": float(dead_all.mean()) if dead_all.numel() else None,
+            "flux_min": alive_min if alive_count else None,
+            "flux_p01": _quantile(fluxes, edges, hist_counts[:bins], 0.01) if alive_count else None,
+            "flux_mean": alive_sum / alive_count if alive_count else None,
+            "flux_mean_pruned": dead_sum / dead_count if dead_count else None,
             "flux_hist": (
                 {
                     "edges": list(FLUX_HIST_EDGES),
-                    "survivors": flux_histogram(alive_all),
-                    "pruned": flux_histogram(dead_all),
+                    "survivors": hist_counts[:bins],
+                    "pruned": hist_counts[bins:],
                 }
-                if survivor_flux
+                if hist_counts is not None
                 else None
             ),
             "layers": layers,
