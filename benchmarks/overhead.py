@@ -10,6 +10,7 @@ Peak memory is the exact byte count of what a training step holds.
     .venv/bin/python benchmarks/overhead.py [--pairs 9] [--out benchmarks/results/overhead.json]
     .venv/bin/python benchmarks/overhead.py --profile lenet300   # the torch profiler's table per arm
     .venv/bin/python benchmarks/overhead.py --compile            # both models under torch.compile
+    python benchmarks/overhead.py --device cuda                  # on a GPU (adds ResNet-18 on 32x32 images)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hyperflux
+from hyperflux import models
 
 BATCH = 128
 ARMS = ("dense", "hyperflux", "gates", "mask_optimizer")
@@ -51,22 +53,33 @@ def small_conv() -> nn.Module:
     )
 
 
+# model, samples per epoch, sample shape
 CASES = {
-    "lenet300": (lenet300, 60_000),
-    "small_conv": (small_conv, 12_800),
+    "lenet300": (lenet300, 60_000, (1, 28, 28)),
+    "small_conv": (small_conv, 12_800, (1, 28, 28)),
+    "resnet18": (lambda: models.build("resnet18"), 12_800, (3, 32, 32)),
 }
+CPU_CASES = ("lenet300", "small_conv")  # ResNet-18 takes minutes an epoch on a CPU
 
 
 class Run:
     """One model, its data and optimiser, trained as one of `ARMS`."""
 
-    def __init__(self, case: str, arm: str, samples: int | None = None, compiled: bool = False) -> None:
-        build, default_samples = CASES[case]
+    def __init__(
+        self,
+        case: str,
+        arm: str,
+        samples: int | None = None,
+        compiled: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        build, default_samples, shape = CASES[case]
         torch.manual_seed(0)
         samples = samples or default_samples
-        self.x = torch.randn(samples, 1, 28, 28)
-        self.y = torch.randint(0, 10, (samples,))
-        self.model = build()
+        self.device = torch.device(device)
+        self.x = torch.randn(samples, *shape, device=self.device)
+        self.y = torch.randint(0, 10, (samples,), device=self.device)
+        self.model = build().to(self.device)
         self.hf = None
         self.stored_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         if arm in ("hyperflux", "gates"):
@@ -109,6 +122,8 @@ class Run:
             self.optimizer.step()
         if self.hf is not None:
             self.hf.step()  # once per epoch, as in any training loop
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the epoch ends when its kernels have run, not when queued
         return time.perf_counter() - start
 
 
@@ -162,7 +177,7 @@ def compiled(pairs: int, out: Path) -> None:
     """The dense and hyperflux arms with both models under torch.compile (inductor): how much of the gate's cost
     the compiler fuses away for users who compile their training."""
     records = []
-    for case in CASES:
+    for case in CPU_CASES:
         times = alternate(tuple(Run(case, arm, compiled=True) for arm in ("dense", "hyperflux")), pairs)
         records.append(
             {
@@ -181,10 +196,13 @@ def compiled(pairs: int, out: Path) -> None:
     write(out, records, f"python benchmarks/overhead.py --compile --pairs {pairs}")
 
 
-def write(out: Path, records: list[dict], command: str) -> None:
+def write(out: Path, records: list[dict], command: str, device: torch.device | None = None) -> None:
+    machine = f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
+    if device is not None and device.type == "cuda":
+        machine += f", {torch.cuda.get_device_name(device)}"
     meta = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": machine,
         "torch": torch.__version__,
         "command": command,
     }
@@ -210,7 +228,12 @@ def profile(case: str, samples: int = 12_800) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="default: benchmarks/results/overhead.json (overhead_cuda.json with --device cuda)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--profile", choices=list(CASES), help="print where each arm's time goes, then stop")
     parser.add_argument(
         "--compile",
@@ -218,17 +241,22 @@ def main() -> None:
         help="torch.compile both models (dense and hyperflux arms only); writes overhead_compiled.json",
     )
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    results = Path(__file__).parent / "results"
+    out = args.out or results / ("overhead_cuda.json" if device.type == "cuda" else "overhead.json")
     torch.set_num_threads(torch.get_num_threads())
     if args.profile:
         profile(args.profile)
         return
     if args.compile:
-        compiled(args.pairs, args.out.with_name("overhead_compiled.json"))
+        compiled(args.pairs, out.with_name("overhead_compiled.json"))
         return
 
     records = []
-    for case in CASES:
-        runs = tuple(Run(case, arm) for arm in ARMS)
+    for case in CASES if device.type == "cuda" else CPU_CASES:
+        runs = tuple(Run(case, arm, device=device) for arm in ARMS)
         dense, pruned = runs[0], runs[1]
         times = alternate(runs, args.pairs)
         dense_s = statistics.median(t[0] for t in times)
@@ -259,7 +287,10 @@ def main() -> None:
             f"{r['gates_only_ratio']:>10.3f} {r['mask_optimizer_only_ratio']:>13.3f} "
             f"{r['peak_memory_dense_mb']:>13.1f} {r['peak_memory_hyperflux_mb']:>10.1f} {r['peak_memory_ratio']:>9.3f}"
         )
-    write(args.out, records, f"python benchmarks/overhead.py --pairs {args.pairs}")
+    command = f"python benchmarks/overhead.py --pairs {args.pairs}" + (
+        f" --device {args.device}" if device.type != "cpu" else ""
+    )
+    write(out, records, command, device)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,30 @@ def test_the_compiled_gate_equals_the_python_gate(layout, wanted):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", ["float64", "layouts differ"])
+def test_beyond_float32_on_one_layout_the_compiled_gate_takes_aten_ops_and_equals_the_python_gate(case):
+    """The path CUDA takes too: the C++ autograd node computing with ATen ops instead of its loops."""
+    torch.manual_seed(0)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    weight, logits, upstream = (torch.randn(8, 3, 3, 3, dtype=dtype) for _ in range(3))
+    logits.view(-1)[0] = 0.0
+    if case == "layouts differ":
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    results = []
+    for gate in GATES.values():
+        w, m = weight.clone().requires_grad_(), logits.clone().requires_grad_()
+        out = gate(w, m, 0.3)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), w.grad, m.grad))
+    for python, compiled in zip(*results, strict=True):
+        assert torch.equal(python, compiled)
+    flux = torch.full(weight.shape, 0.5)
+    w, m = weight.clone().requires_grad_(), logits.clone().requires_grad_()
+    (kernels.gate_op()(w, m, 0.3, flux) * upstream).sum().backward()
+    torch.testing.assert_close(flux, (0.5 - weight * upstream).float())
+    assert torch.equal(w.grad, results[0][1])
+
+
 def test_the_compiled_gate_has_second_derivatives():
     """Under create_graph (gradient penalties, Hessian-vector products) the gradients must be differentiable
     in turn, and equal the Python gate's."""
@@ -117,7 +141,7 @@ def test_the_compiled_gates_flux_equals_minus_w_times_its_upstream_gradient(layo
     _, grad_m = torch.autograd.grad((out * upstream).sum(), (w, m), create_graph=True)
     torch.testing.assert_close(flux, 0.5 - 2 * weight * upstream)
     assert grad_m.requires_grad
-    with pytest.raises(RuntimeError, match="flux must be a float32 CPU tensor of the weight's shape"):
+    with pytest.raises(RuntimeError, match="flux must be a float32 tensor of the weight's shape"):
         kernels.gate_op()(w, m, 0.25, torch.zeros(8, 3, 3))
 
 

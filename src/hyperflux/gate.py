@@ -95,18 +95,10 @@ class HardGate(nn.Module):
         flux = None
         if self.meter.sampling and torch.is_grad_enabled():  # a flux batch: its backward adds -W * g
             flux = self._flux_accumulator(weight)
-        if (
-            weight.is_cpu
-            and logits.is_cpu
-            and weight.dtype is torch.float32
-            and logits.dtype is torch.float32
-            and weight.stride() == logits.stride()
-            and (flux is None or flux.stride() == weight.stride())
-            and (op := gate_op()) is not None
-        ):
-            return op(
-                weight, logits, self.scale, flux
-            )  # the same gate, gradients and flux, one C++ pass each
+        if weight.dtype is logits.dtype and weight.device == logits.device and (op := gate_op()) is not None:
+            # the same gate, gradients and flux: one pass each way for float32 on the CPU, and on any device
+            # an autograd node without Python in it
+            return op(weight, logits, self.scale, flux)
         return _GateFunction.apply(weight, logits, self.scale, None if flux is None else self)
 
     def _flux_accumulator(self, weight: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 //
 // gate: the hard L0 gate W * 1[m >= 0] of method.md section 1 as one pass forward and one backward, its
 // autograd in C++: in Python it took two passes over the weight and a Python function call each way. On a
-// sampled batch the same backward pass also adds the batch's flux -W * g into the caller's accumulator.
+// sampled batch the same backward pass also adds the batch's flux -W * g into the caller's accumulator. On
+// CUDA or float64 the same autograd function computes with ATen ops (no Python in its backward either).
 //
 // sparse_linear: y = x W^T + b for a CSR weight W, the product that torch's sparse CSR matmul computes from a
 // transposed copy of x. Here x is laid out a tile of rows at a time, feature-major, in a buffer that stays in
@@ -230,13 +231,13 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
   return yt.t();
 }
 
-// The gate's operands as flat arrays: weight and logits share one dense layout (contiguous, channels-last or
-// any other), and the result and gradients are made in that layout too.
-void check_gate(const at::Tensor& weight, const at::Tensor& logits) {
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && logits.scalar_type() == at::kFloat &&
-                  weight.sizes() == logits.sizes() && weight.strides() == logits.strides() &&
-                  weight.is_non_overlapping_and_dense(),
-              "hyperflux::gate: weight and logits must be float32 CPU tensors of one shape and one dense layout");
+// Whether the gate runs as this file's loops: float32 CPU operands sharing one dense layout (contiguous,
+// channels-last or any other), read as flat arrays, with the result and gradients made in that layout too.
+// Anything else (CUDA, float64, layouts that differ) takes ATen ops: the same arithmetic, autograd still in C++.
+bool gate_loops(const at::Tensor& weight, const at::Tensor& logits, const at::Tensor& flux) {
+  return weight.device().is_cpu() && weight.scalar_type() == at::kFloat && logits.scalar_type() == at::kFloat &&
+         weight.strides() == logits.strides() && weight.is_non_overlapping_and_dense() &&
+         (!flux.defined() || flux.strides() == weight.strides());
 }
 
 // The gate's backward over n elements: dL/dW = H(m) * g, dL/dm = c * W * g (straight through) and the flux
@@ -258,16 +259,24 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
   // tensor of the weight's layout that the caller owns and that is not differentiated.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
                             const at::Tensor& logits, double scale, const std::optional<at::Tensor>& sampled) {
-    check_gate(weight, logits);
     const at::Tensor flux = sampled.value_or(at::Tensor());
-    if (flux.defined()) {
-      TORCH_CHECK(flux.scalar_type() == at::kFloat && flux.device().is_cpu() && flux.sizes() == weight.sizes() &&
-                      flux.strides() == weight.strides() && !flux.requires_grad(),
-                  "hyperflux::gate: flux must be a float32 CPU tensor of the weight's shape and layout");
-    }
-    ctx->save_for_backward({weight, logits});
+    TORCH_CHECK(weight.sizes() == logits.sizes() && weight.device() == logits.device() &&
+                    weight.scalar_type() == logits.scalar_type() && at::isFloatingType(weight.scalar_type()),
+                "hyperflux::gate: weight and logits must be floating tensors of one shape, dtype and device");
+    TORCH_CHECK(!flux.defined() || (flux.scalar_type() == at::kFloat && flux.device() == weight.device() &&
+                                    flux.sizes() == weight.sizes() && !flux.requires_grad()),
+                "hyperflux::gate: flux must be a float32 tensor of the weight's shape and device");
+    const bool loops = gate_loops(weight, logits, flux);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["flux"] = flux;
+    ctx->saved_data["loops"] = loops;
+    if (!loops) {  // a 0/1 gate in the weight's dtype, saved for the backward, as the Python gate does
+      at::Tensor open = at::empty_like(weight);
+      at::ge_out(open, logits, 0);
+      ctx->save_for_backward({weight, open});
+      return weight * open;
+    }
+    ctx->save_for_backward({weight, logits});
     at::Tensor out = at::empty_like(weight);
     const float* __restrict__ w = weight.data_ptr<float>();
     const float* __restrict__ m = logits.data_ptr<float>();
@@ -283,18 +292,22 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[0];
-    const at::Tensor& logits = saved[1];
-    const float scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
+    const at::Tensor& logits = saved[1];  // the 0/1 gate itself where the forward took ATen ops
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const bool loops = ctx->saved_data["loops"].toBool();
     at::Tensor flux = ctx->saved_data["flux"].toTensor();
     at::Tensor grad = grads[0];
     const bool want_weight = ctx->needs_input_grad(0), want_logits = ctx->needs_input_grad(1);
-    if (at::GradMode::is_enabled()) {  // create_graph: gradients built from ATen ops, differentiable in turn
+    // ATen ops: on other devices and dtypes, and under create_graph, whose gradients must be differentiable in
+    // turn; dL/dm as (c * W) * g, the Python gate's rounding
+    if (!loops || at::GradMode::is_enabled()) {
       if (flux.defined()) {
         at::NoGradGuard no_grad;
-        flux.sub_(weight * grad);
+        flux.addcmul_(weight, grad, -1);
       }
-      return {want_weight ? grad * logits.ge(0).to(grad.scalar_type()) : at::Tensor(),
-              want_logits ? grad * weight * scale : at::Tensor(), at::Tensor(), at::Tensor()};
+      const at::Tensor open = loops ? logits.ge(0).to(grad.scalar_type()) : logits;
+      return {want_weight ? grad * open : at::Tensor(), want_logits ? at::mul(weight, scale).mul_(grad) : at::Tensor(),
+              at::Tensor(), at::Tensor()};
     }
     at::Tensor grad_weight = want_weight ? at::empty_like(weight) : at::Tensor();
     at::Tensor grad_logits = want_logits ? at::empty_like(weight) : at::Tensor();
@@ -306,6 +319,7 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
     // an upstream gradient of another layout (an expanded scalar, say) is copied into the weight's
     if (grad.strides() != weight.strides()) grad = at::empty_like(weight).copy_(grad);
     const float* g = grad.data_ptr<float>();
+    const float c = static_cast<float>(scale);
     at::parallel_for(0, weight.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
       const float *wb = w + begin, *mb = m + begin, *gb = g + begin;
@@ -313,13 +327,13 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
       float* gmb = gm ? gm + begin : nullptr;
       float* fb = f ? f + begin : nullptr;
       switch ((gw ? 4 : 0) | (gm ? 2 : 0) | (f ? 1 : 0)) {
-        case 7: gate_grads<true, true, true>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
-        case 6: gate_grads<true, true, false>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
-        case 5: gate_grads<true, false, true>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
-        case 4: gate_grads<true, false, false>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
-        case 3: gate_grads<false, true, true>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
-        case 2: gate_grads<false, true, false>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
-        case 1: gate_grads<false, false, true>(wb, mb, gb, gwb, gmb, fb, scale, n); break;
+        case 7: gate_grads<true, true, true>(wb, mb, gb, gwb, gmb, fb, c, n); break;
+        case 6: gate_grads<true, true, false>(wb, mb, gb, gwb, gmb, fb, c, n); break;
+        case 5: gate_grads<true, false, true>(wb, mb, gb, gwb, gmb, fb, c, n); break;
+        case 4: gate_grads<true, false, false>(wb, mb, gb, gwb, gmb, fb, c, n); break;
+        case 3: gate_grads<false, true, true>(wb, mb, gb, gwb, gmb, fb, c, n); break;
+        case 2: gate_grads<false, true, false>(wb, mb, gb, gwb, gmb, fb, c, n); break;
+        case 1: gate_grads<false, false, true>(wb, mb, gb, gwb, gmb, fb, c, n); break;
         default: break;
       }
     });
