@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     kernels = commands.add_parser(
         "kernels",
-        help="build the compiled CPU kernels now and say which run",
+        help="build the compiled kernels now and say which run",
         description="Build hyperflux's C++ kernels (sparse inference, training gate) if they are not built "
         "yet, for example in a container image, so that no training or inference run pays the first build; "
         "exit status 1 when they cannot be built here.",

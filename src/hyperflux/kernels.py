@@ -1,8 +1,9 @@
-"""Optional compiled CPU kernels (`csrc/kernels.cpp`), built on first use with the machine's C++ compiler.
+"""Optional compiled kernels (`csrc/kernels.cpp`), built on first use with the machine's C++ compiler.
 
 Two kernels: the sparse-inference product (torch's sparse CSR matmul wants the batch transposed; this one reads
 it as it is, a tile of rows at a time, vectorised across the tile; BENCHMARKS.md has the speed-ups) and the
-training gate (one pass each way instead of two, its autograd in C++). They are built on first use, once per
+training gate (one pass each way instead of two on the CPU, and on any device an autograd node with no Python in
+its backward, which on a GPU computes with ATen ops). They are built on first use, once per
 machine, CPU type and torch version (and again when kernels.cpp changes), into torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in 20-40 s. Where no compiler is found
 everything runs on plain PyTorch after one warning that says why; `HYPERFLUX_KERNELS=0` asks for plain PyTorch.
@@ -73,7 +74,7 @@ def load() -> bool:
         _clear_stale_lock(folder / "lock")
         if not any(folder.glob("*.so")):
             print(
-                f"hyperflux: compiling its CPU kernels into {folder} (once per machine and torch version)",
+                f"hyperflux: compiling its C++ kernels into {folder} (once per machine and torch version)",
                 file=sys.stderr,
             )
         cpp_extension.load(
@@ -86,7 +87,7 @@ def load() -> bool:
     except Exception as error:  # no compiler, no ninja, a read-only cache: plain PyTorch still works
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         warnings.warn(
-            f"hyperflux: its compiled CPU kernels are unavailable ({type(error).__name__}: {reason}); "
+            f"hyperflux: its compiled C++ kernels are unavailable ({type(error).__name__}: {reason}); "
             "using plain PyTorch instead, which is slower",
             RuntimeWarning,
             stacklevel=3,

@@ -1,4 +1,4 @@
-// CPU kernels for hyperflux, compiled on first use by hyperflux.kernels (torch.utils.cpp_extension).
+// C++ kernels for hyperflux, compiled on first use by hyperflux.kernels (torch.utils.cpp_extension).
 //
 // gate: the hard L0 gate W * 1[m >= 0] of method.md section 1 as one pass forward and one backward, its
 // autograd in C++: in Python it took two passes over the weight and a Python function call each way. On a
