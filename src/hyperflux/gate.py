@@ -95,9 +95,9 @@ class HardGate(nn.Module):
         flux = None
         if self.meter.sampling and torch.is_grad_enabled():  # a flux batch: its backward adds -W * g
             flux = self._flux_accumulator(weight)
-        if weight.dtype is logits.dtype and weight.device == logits.device and (op := gate_op()) is not None:
+        if weight.dtype is logits.dtype and (op := gate_op()) is not None:
             # the same gate, gradients and flux: one pass each way for float32 on the CPU, and on any device
-            # an autograd node without Python in it
+            # an autograd node without Python in it (operands on two devices: its error says so)
             return op(weight, logits, self.scale, flux)
         return _GateFunction.apply(weight, logits, self.scale, None if flux is None else self)
 

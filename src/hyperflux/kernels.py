@@ -133,6 +133,7 @@ def sparse_linear_op():
     return torch.ops.hyperflux.sparse_linear.default if load() else None
 
 
+@functools.cache  # looked up at every masked layer's forward: the torch.ops attribute chain costs a microsecond
 def gate_op():
     """`torch.ops.hyperflux.gate` (the hard gate with its gradients and, on sampled batches, the flux), or None
     where the kernels are unavailable."""
