@@ -55,7 +55,7 @@ class _PressureLoss(torch.autograd.Function):
 
 
 def _quantile(
-    fluxes: list[tuple[torch.Tensor, torch.Tensor]], edges: torch.Tensor, survivors: list[int], q: float
+    fluxes: list[tuple[torch.Tensor, torch.Tensor]], edges: list[float], survivors: list[int], q: float
 ) -> float:
     """The q-quantile of the surviving weights' flux over all layers: the k-th smallest value, k = ceil(q * n),
     found in the one histogram bin that holds it (`survivors`, the counts per bin of `edges`), so that only
@@ -71,7 +71,7 @@ def _quantile(
         inside = mask if index == 0 else mask & ~(flux < edges[index - 1])
         if index < len(edges):
             inside = inside & (flux < edges[index])
-        parts.append(flux[inside])
+        parts.append(flux[inside].to(fluxes[0][0].device))  # layers may live on several devices
     return float(torch.cat(parts).kthvalue(k - below).values)
 
 
@@ -412,7 +412,7 @@ class Hyperflux:
         self._check_live()
         to_pressure_units = self.grad_scale * self.total
         bins = len(FLUX_HIST_EDGES) + 1
-        edges = None
+        edges = torch.tensor(FLUX_HIST_EDGES, dtype=torch.float32)  # the flux accumulators' dtype
         # Every count and flux statistic is computed on the masks' device and read back in one transfer (a GPU
         # would otherwise wait for each of several reads per layer); the histograms come from one bucketize of
         # each layer's flux, survivors in bins [0, 40) and pruned weights in [40, 80).
@@ -422,11 +422,9 @@ class Hyperflux:
             row = [mask.sum(), (before & ~mask).sum(), (~before & mask).sum()]
             if gate.flux_batches:
                 flux = gate.mean_flux() * to_pressure_units
-                if edges is None:
-                    edges = torch.tensor(FLUX_HIST_EDGES, dtype=flux.dtype, device=flux.device)
-                index = torch.bucketize(flux, edges, right=True) + bins * (~mask)
+                index = torch.bucketize(flux, edges.to(flux.device), right=True) + bins * (~mask)
                 counts = torch.bincount(index.flatten(), minlength=2 * bins)
-                hist = counts if hist is None else hist + counts
+                hist = counts if hist is None else hist + counts.to(hist.device)
                 row += [
                     torch.where(mask, flux, torch.inf).amin(),
                     torch.where(mask, flux, 0.0).sum(dtype=torch.float64),
@@ -434,7 +432,7 @@ class Hyperflux:
                 ]
                 fluxes.append((flux, mask))
             numbers.append(torch.stack([value.double() for value in row]))
-        rows = torch.cat(numbers).tolist() if numbers else []
+        rows = torch.cat([n.to(numbers[0].device) for n in numbers]).tolist() if numbers else []
         hist_counts = hist.tolist() if hist is not None else None
         layers = []
         kept_total = pruned_total = regrown_total = 0
@@ -488,7 +486,7 @@ class Hyperflux:
             "regrown": regrown_total,
             "flux_batches": max((g.flux_batches for g in self.gates), default=0),
             "flux_min": alive_min if alive_count else None,
-            "flux_p01": _quantile(fluxes, edges, hist_counts[:bins], 0.01) if alive_count else None,
+            "flux_p01": _quantile(fluxes, edges.tolist(), hist_counts[:bins], 0.01) if alive_count else None,
             "flux_mean": alive_sum / alive_count if alive_count else None,
             "flux_mean_pruned": dead_sum / dead_count if dead_count else None,
             "flux_hist": (
