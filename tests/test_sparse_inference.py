@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -253,6 +254,23 @@ def test_a_fully_converted_model_gives_the_dense_outputs(name, size, channels, k
         for batch in (1, 5):
             x = torch.randn(batch, channels, size, size)
             close(fast(x), model(x))
+
+
+def test_a_converted_model_deep_copies_into_an_independent_equal_model():
+    """torch cannot deep-copy a sparse CSR tensor; EMA copies and trainers that clone models need it."""
+    torch.manual_seed(0)
+    model = prune(models.build("lenet5", num_classes=10, in_channels=1, image_size=28), 0.9)
+    fast = to_sparse_inference(model, plan=every_layer_sparse(model))
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        expected = fast(x)  # fills the kernel caches, which the copy must not share
+        twin = copy.deepcopy(fast)
+        close(twin(x), expected)
+        for layer in twin.modules():
+            if isinstance(layer, SparseLinear | SparseConv2d):
+                layer.weight.values().zero_()
+        assert torch.equal(fast(x), expected)
+        assert not torch.equal(twin(x), expected)
 
 
 def test_the_measured_plan_converts_only_faster_layers():

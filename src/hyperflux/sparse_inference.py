@@ -77,6 +77,25 @@ class _CompiledCSR(nn.Module):
 
     _kernel_cache: tuple[Any, ...] = ()  # (weight, bias, op, the op's arguments after the input)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledCSR:
+        """`copy.deepcopy` (EMA copies, trainers that clone a model): torch cannot deep-copy a sparse CSR
+        tensor (it asks for its storage), so the CSR weight is cloned; the kernel cache is left behind, since
+        it points at this module's buffers."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_buffers":
+                value = {
+                    name: buffer.clone()
+                    if buffer is not None and buffer.layout is torch.sparse_csr
+                    else copy.deepcopy(buffer, memo)
+                    for name, buffer in value.items()
+                }
+            elif key != "_kernel_cache":
+                value = copy.deepcopy(value, memo)
+            new.__dict__[key] = value
+        return new
+
     def _kernel(self, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None:
         """The compiled kernel and its arguments after the input, or None where it cannot take `x` (not
         float32 on the CPU, a gradient wanted, or no kernel built), leaving it to torch's sparse matmul. Asked
