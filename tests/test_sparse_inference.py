@@ -225,7 +225,7 @@ def test_the_kernel_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, ca
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there: the notice is printed
-    with pytest.warns(RuntimeWarning, match="compiled C++ kernels are unavailable .*Error building"):
+    with pytest.warns(RuntimeWarning, match=r"compiled C\+\+ kernels are unavailable .*Error building"):
         assert kernels.load.__wrapped__() is False
     assert "compiling its C++ kernels" in capsys.readouterr().err
     monkeypatch.setenv("HYPERFLUX_KERNELS", "0")
