@@ -22,10 +22,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
+_module: Any = None  # the built extension module, once `load()` has succeeded
 
 
 def _cpu_flags() -> set[str]:
@@ -60,12 +62,16 @@ def _disabled() -> bool:
 @functools.cache
 def load() -> bool:
     """Build (first time on a machine) and load the kernels; False, with one warning, where that fails."""
+    global _module
     if _disabled():
         return False
     suffix, arch = _arch()
-    # torch's version in the name: a build against other torch headers must never be loaded (its dependency
-    # list names only kernels.cpp, so an upgraded torch would not trigger a rebuild)
-    name = "hyperflux_kernels" + suffix + "_torch" + re.sub(r"\W", "_", torch.__version__)
+    # torch's and Python's versions in the name: a build against other torch headers or another Python's ABI
+    # must never be loaded (its dependency list names only kernels.cpp, so an upgrade would not rebuild it)
+    torch_version = re.sub(r"\W", "_", torch.__version__)
+    name = (
+        f"hyperflux_kernels{suffix}_torch{torch_version}_py{sys.version_info.major}{sys.version_info.minor}"
+    )
     try:
         from torch.utils import cpp_extension
 
@@ -74,15 +80,15 @@ def load() -> bool:
         _clear_stale_lock(folder / "lock")
         if not any(folder.glob("*.so")):
             print(
-                f"hyperflux: compiling its C++ kernels into {folder} (once per machine and torch version)",
+                f"hyperflux: compiling its C++ kernels into {folder} (once per machine, torch and Python version)",
                 file=sys.stderr,
             )
-        cpp_extension.load(
+        _module = cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *arch],
             extra_ldflags=["-fopenmp"],
-            is_python_module=False,
+            is_python_module=True,
         )
     except Exception as error:  # no compiler, no ninja, a read-only cache: plain PyTorch still works
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -129,12 +135,13 @@ def describe() -> str:
 
 
 def sparse_linear_op():
-    """`torch.ops.hyperflux.sparse_linear` (y = x W^T + b, W in CSR), or None where the kernels are unavailable."""
-    return torch.ops.hyperflux.sparse_linear.default if load() else None
+    """The compiled `sparse_linear(x, crow, col, val, bias, in_features)` (y = x W^T + b, W in CSR; also
+    `torch.ops.hyperflux.sparse_linear`), or None where the kernels are unavailable."""
+    return _module.sparse_linear if load() else None
 
 
-@functools.cache  # looked up at every masked layer's forward: the torch.ops attribute chain costs a microsecond
+@functools.cache  # looked up at every masked layer's forward
 def gate_op():
-    """`torch.ops.hyperflux.gate` (the hard gate with its gradients and, on sampled batches, the flux), or None
-    where the kernels are unavailable."""
-    return torch.ops.hyperflux.gate.default if load() else None
+    """The compiled `gate(weight, logits, scale, flux=None)`: the hard gate with its gradients and, on sampled
+    batches, the flux (also `torch.ops.hyperflux.gate`); None where the kernels are unavailable."""
+    return _module.gate if load() else None
