@@ -13,7 +13,8 @@ from hyperflux.kernels import gate_op
 
 
 class _GateFunction(torch.autograd.Function):
-    """`W * 1[m >= 0]` with the gradients of method.md section 1, one kernel per output each way.
+    """`W * 1[m >= 0]` with the gradients of method.md section 1, one kernel per output each way: the gate
+    under `torch.compile` (which traces through it) and where hyperflux's C++ kernels could not be built.
 
     dL/dW = H(m) * g and dL/dm = c * W * g, where g = dL/dW_eff. When `gate` is given (a sampled batch), the
     batch's flux `-W * g` is added into `gate.flux_sum`.
