@@ -1,6 +1,8 @@
-"""Small models the tests share: randomly pruned ones (export, inference, ONNX) and a layer used twice."""
+"""Small models and data the tests share: randomly pruned models (export, inference, ONNX), a layer used twice,
+and scikit-learn's digits split in two."""
 
 import torch
+from sklearn.datasets import load_digits
 from torch import nn
 
 
@@ -23,3 +25,15 @@ class LinearTwice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.fc(x))
+
+
+def digits_split(
+    device: str = "cpu",
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's 8x8 digits, shuffled with a fixed seed: 1,400 training and 397 test samples."""
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order].to(device), y[order].to(device)
+    return (x[:1400], y[:1400]), (x[1400:], y[1400:])

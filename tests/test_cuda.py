@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 from hyperflux import Hyperflux, load_sparse, save_sparse, to_sparse_inference
@@ -15,6 +14,7 @@ from hyperflux.gate import FluxMeter, HardGate
 from hyperflux.recipe import load_recipe
 from hyperflux.sparse_inference import SparseLinear, plan_sparse_inference, sample_ms
 from hyperflux.training import run_recipe
+from pruned_models import digits_split
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -24,12 +24,7 @@ SHORT = ["hyperflux.pruning_epochs=3", "hyperflux.regrowth_epochs=2"]
 
 @pytest.fixture(scope="module")
 def digits():
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order].cuda(), y[order].cuda()
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+    return digits_split("cuda")
 
 
 def small_mlp(seed: int = 0) -> nn.Sequential:

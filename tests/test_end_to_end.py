@@ -3,22 +3,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 from hyperflux import Hyperflux
+from pruned_models import digits_split
 
 EPOCHS_PRUNE, EPOCHS_REGROW, BATCH = 20, 10, 32
 
 
 @pytest.fixture(scope="module")
 def digits():
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+    return digits_split()
 
 
 def small_mlp(seed):
