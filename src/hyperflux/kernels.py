@@ -5,7 +5,7 @@ it as it is, a tile of rows at a time, vectorised across the tile; BENCHMARKS.md
 training gate (one pass each way instead of two on the CPU, and on any device an autograd node with no Python in
 its backward, which on a GPU computes with ATen ops). They are built on first use, once per
 machine, CPU type and torch version (and again when kernels.cpp changes), into torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in 20-40 s. Where no compiler is found
+(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in 30-60 s. Where no compiler is found
 everything runs on plain PyTorch after one warning that says why; `HYPERFLUX_KERNELS=0` asks for plain PyTorch.
 `HYPERFLUX_KERNEL_ARCH=avx512|avx2|generic` overrides the vector extensions detected from /proc/cpuinfo (a
 build this CPU cannot run then crashes it: the override is for testing and for CPUs misdetected).
