@@ -134,14 +134,15 @@ def describe() -> str:
     return f"compiled ({_arch()[0].lstrip('_')})" if load() else "plain PyTorch (no compiled kernels)"
 
 
+@functools.cache  # looked up at every sparse layer's call
 def sparse_linear_op():
-    """The compiled `sparse_linear(x, crow, col, val, bias, in_features)` (y = x W^T + b, W in CSR; also
-    `torch.ops.hyperflux.sparse_linear`), or None where the kernels are unavailable."""
+    """The compiled `sparse_linear(x, crow, col, val, bias, in_features)` (y = x W^T + b, W in CSR), or None
+    where the kernels are unavailable."""
     return _module.sparse_linear if load() else None
 
 
 @functools.cache  # looked up at every masked layer's forward
 def gate_op():
     """The compiled `gate(weight, logits, scale, flux=None)`: the hard gate with its gradients and, on sampled
-    batches, the flux (also `torch.ops.hyperflux.gate`); None where the kernels are unavailable."""
+    batches, the flux; None where the kernels are unavailable."""
     return _module.gate if load() else None

@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -349,15 +348,8 @@ at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale
 
 }  // namespace
 
-TORCH_LIBRARY(hyperflux, m) {
-  m.def("sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor val, Tensor? bias, int in_features) -> Tensor");
-  m.def("gate(Tensor weight, Tensor logits, float scale, Tensor? flux=None) -> Tensor", &gate);
-}
-
-TORCH_LIBRARY_IMPL(hyperflux, CPU, m) { m.impl("sparse_linear", &sparse_linear); }
-
-// The same two functions as a Python module: eager calls from Python take this route, which converts the
-// arguments directly, a few microseconds a call less than torch.ops' boxed call (much of a small layer's time).
+// Called from Python through pybind, which converts the arguments directly: a few microseconds a call less
+// than a torch.ops registration's boxed call (much of a small layer's time).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparse_linear, pybind11::arg("x"), pybind11::arg("crow"), pybind11::arg("col"),
         pybind11::arg("val"), pybind11::arg("bias"), pybind11::arg("in_features"));
