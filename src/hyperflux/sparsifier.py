@@ -432,20 +432,17 @@ class Hyperflux:
                 ]
                 fluxes.append((flux, mask))
             numbers.append(torch.stack([value.double() for value in row]))
-        rows = torch.cat([n.to(numbers[0].device) for n in numbers]).tolist() if numbers else []
+        values = iter(torch.cat([n.to(numbers[0].device) for n in numbers]).tolist() if numbers else [])
         hist_counts = hist.tolist() if hist is not None else None
         layers = []
         kept_total = pruned_total = regrown_total = 0
         alive_sum = dead_sum = 0.0
         alive_min = math.inf
-        at = 0
         for target, gate in zip(self.targets, self.gates, strict=True):
-            kept, pruned, regrown = (int(v) for v in rows[at : at + 3])
-            at += 3
+            kept, pruned, regrown = (int(next(values)) for _ in range(3))
             flux_min = flux_mean = None
             if gate.flux_batches:
-                layer_min, layer_alive, layer_dead = rows[at : at + 3]
-                at += 3
+                layer_min, layer_alive, layer_dead = (next(values) for _ in range(3))
                 alive_sum += layer_alive
                 dead_sum += layer_dead
                 if kept:
