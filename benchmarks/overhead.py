@@ -244,6 +244,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if device.type != "cpu" and (args.profile or args.compile):
+        parser.error("--profile and --compile measure on the CPU only; leave --device out")
     results = Path(__file__).parent / "results"
     out = args.out or results / ("overhead_cuda.json" if device.type == "cuda" else "overhead.json")
     torch.set_num_threads(torch.get_num_threads())
