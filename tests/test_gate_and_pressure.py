@@ -262,3 +262,43 @@ def test_a_layer_used_twice_in_a_batch_reports_the_flux_of_both_uses():
     stats = hf.stats()
     assert stats["flux_batches"] == 1
     assert stats["flux_mean"] == pytest.approx(float((-(weight * grad) * hf.total).mean()), rel=1e-5)
+
+
+def _denormals_survive() -> bool:
+    """Whether a product of denormals keeps them, computed large enough that every intra-op thread takes part
+    (torch.set_flush_denormal would have set the calling thread only)."""
+    tiny = torch.full((1 << 20,), 1e-39)  # below float32's smallest normal, 1.18e-38
+    return bool((tiny * 1.0).count_nonzero() == tiny.numel())
+
+
+def test_flush_denormals_flushes_on_every_thread_and_restores():
+    assert _denormals_survive()
+    with hyperflux.flush_denormals():
+        assert (torch.full((1 << 20,), 1e-39) * 1.0).count_nonzero() == 0  # not one thread kept the slow path
+        with hyperflux.flush_denormals():
+            pass
+        assert not _denormals_survive()  # a nested block leaves the outer one's setting
+    assert _denormals_survive()
+    with hyperflux.flush_denormals(enabled=False):
+        assert _denormals_survive()
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_attached_optimizer_steps_with_denormals_flushed(flush):
+    """A pruned weight's gradient is zero, so its Adam mean decays by beta1 a step: from a denormal it reaches
+    zero at once when flushed, and stays denormal otherwise. Outside the step nothing is flushed."""
+    model = _two_layer()
+    hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3)
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-3))
+    hf.attach(opt, flush_denormals=flush)
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append(_denormals_survive()))
+    weight = next(iter(hf.masked_weights().values()))
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    opt.state[weight]["exp_avg"].fill_(1e-39)
+    weight.grad.zero_()
+    opt.step()
+    assert seen == [not flush] * 2
+    assert bool((opt.state[weight]["exp_avg"] == 0).all()) is flush
+    assert _denormals_survive()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from hyperflux import baselines, data, distributed, models
 from hyperflux.baselines import Baseline
+from hyperflux.kernels import flush_denormals
 from hyperflux.macs import MacCount, count_macs
 from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, load_recipe
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
@@ -611,7 +612,8 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        with bar:
+        # every method's pruned weights have moments decaying through denormals: all train with them flushed
+        with bar, flush_denormals():
             for batch, (images, labels) in enumerate(self.train_loader):
                 lr = self.weight_lr(epoch, batch)
                 for group in self.weight_optimizer.param_groups:

@@ -18,6 +18,9 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -346,6 +349,36 @@ at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale
   return GateFunction::apply(weight, logits, scale, flux);
 }
 
+// Flush-to-zero and denormals-are-zero: x86's FTZ (MXCSR bit 15) and DAZ (bit 6), AArch64's FZ (FPCR bit 24).
+bool flush_bits(bool on) {
+#if defined(__x86_64__) || defined(__i386__)
+  constexpr unsigned kBits = (1u << 15) | (1u << 6);
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(on ? csr | kBits : csr & ~kBits);
+  return (csr & kBits) == kBits;
+#elif defined(__aarch64__)
+  constexpr uint64_t kBit = 1ull << 24;
+  uint64_t fpcr;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+  const uint64_t next = on ? fpcr | kBit : fpcr & ~kBit;
+  __asm__ __volatile__("msr fpcr, %0" : : "r"(next));
+  return (fpcr & kBit) != 0;
+#else
+  (void)on;
+  return false;
+#endif
+}
+
+// The flag is per thread: torch.set_flush_denormal sets only the calling thread's, so the intra-op threads
+// that run most of a large op kept computing denormals at a fraction of the speed. Returns the caller's
+// previous setting.
+bool set_flush_denormal(bool on) {
+  const bool previous = flush_bits(on);
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [on](int64_t, int64_t) { flush_bits(on); });  // one index per thread
+  return previous;
+}
+
 }  // namespace
 
 // Called from Python through pybind, which converts the arguments directly: a few microseconds a call less
@@ -355,4 +388,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("val"), pybind11::arg("bias"), pybind11::arg("in_features"));
   m.def("gate", &gate, pybind11::arg("weight"), pybind11::arg("logits"), pybind11::arg("scale"),
         pybind11::arg("flux") = pybind11::none());
+  m.def("set_flush_denormal", &set_flush_denormal, pybind11::arg("on"));
 }
