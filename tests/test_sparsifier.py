@@ -1,13 +1,14 @@
 """Phases, observation, floors, the exact target, state, squash and compile of `Hyperflux`."""
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyperflux import Hyperflux, PressureScheduler
+from hyperflux import Hyperflux, PressureScheduler, kernels, sparsifier
 from hyperflux.sparsifier import FLUX_HIST_EDGES
 
 
@@ -116,6 +117,17 @@ def test_stats_count_flips_per_layer_over_a_scripted_sequence_of_periods():
     assert flips(hf.stats()) == ((0, 0), [(0, 0), (0, 0)])
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def stats_path(request, monkeypatch):
+    """stats() both ways: the compiled pass for float32 CPU masks (which must build here, or the path training
+    takes goes untested) and torch ops, which other devices and dtypes take."""
+    if request.param == "compiled":
+        assert kernels.stats_ops() is not None
+    else:
+        monkeypatch.setattr(sparsifier, "stats_ops", lambda: None)
+    return request.param
+
+
 def set_flux(gate, flux, batches=2):
     """Make `gate.mean_flux() * c * N` equal `flux` (pressure units), as if `batches` batches were sampled."""
     gate.flux_sum = (flux * batches / (gate.scale * FLUX_TOTAL)).float()
@@ -131,7 +143,7 @@ def bin_of(value: float) -> int:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_flux_statistics_equal_those_of_the_pooled_values(seed):
+def test_flux_statistics_equal_those_of_the_pooled_values(seed, stats_path):
     """The global flux statistics equal the naive ones over all surviving (or pruned) weights pooled: the
     1% quantile exactly (one of the values), minimum and histograms exactly, means to float rounding."""
     generator = torch.Generator().manual_seed(seed)
@@ -171,7 +183,7 @@ def test_flux_histogram_edges_are_fixed_symmetric_half_decades():
     assert [bin_of(v) for v in (-2000.0, -0.02, 0.0, 2e-5, 0.5, 5.0, 5000.0)] == [0, 10, 20, 23, 32, 34, 39]
 
 
-def test_flux_histogram_counts_survivors_and_pruned_weights_in_their_bins():
+def test_flux_histogram_counts_survivors_and_pruned_weights_in_their_bins(stats_path):
     hf = Hyperflux(mlp(), 0.5, pruning_epochs=10, exact_target=False)
     assert hf.total == FLUX_TOTAL
     assert hf.stats()["flux_hist"] is None  # no batch sampled yet
@@ -205,6 +217,32 @@ def test_flux_histogram_counts_survivors_and_pruned_weights_in_their_bins():
     assert hist["survivors"][bin_of(0.5)] == 0 and hist["pruned"][bin_of(0.0)] == 5
     hf.step()  # resets the flux
     assert hf.stats()["flux_hist"] is None
+
+
+def test_compiled_and_torch_stats_agree_on_a_conv_in_channels_last_with_nan_and_infinite_flux(monkeypatch):
+    """Bit for bit, the sums to float64 rounding: NaN falls in the last bin and makes the minimum NaN, as
+    torch.bucketize and amin have it; infinities take the end bins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    model = model.to(memory_format=torch.channels_last)
+    hf = Hyperflux(model, 0.5, pruning_epochs=4, exact_target=False)
+    assert not hf.gates[0].logits.is_contiguous()
+    set_logits(hf, [torch.randn(g.logits.shape) for g in hf.gates])
+    flux = torch.randn(hf.gates[0].logits.shape) * 10.0 ** torch.randint(-7, 4, hf.gates[0].logits.shape)
+    flux.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    set_flux(hf.gates[0], flux.contiguous(memory_format=torch.channels_last))
+    hf.gates[0].flux_sum = hf.gates[0].flux_sum.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        hf.gates[0].logits[0, 0, 0, 0] = 1.0  # the NaN survives; the Linear has no flux and is left out
+    compiled = hf.stats()
+    monkeypatch.setattr(sparsifier, "stats_ops", lambda: None)
+    plain = hf.stats()
+    for key in ("flux_hist", "kept", "pruned", "regrown", "flux_p01", "flux_min"):
+        assert compiled[key] == plain[key], key
+    assert compiled["flux_hist"]["survivors"][-1] >= 2  # the NaN and +inf
+    assert math.isnan(compiled["layers"][0]["flux_min"]) and math.isnan(plain["layers"][0]["flux_min"])
+    assert compiled["flux_mean_pruned"] == pytest.approx(plain["flux_mean_pruned"], rel=1e-12)
+    assert [layer["kept"] for layer in compiled["layers"]] == [layer["kept"] for layer in plain["layers"]]
 
 
 def test_minimum_density_reopens_the_best_pruned_weights_and_lifts_the_pressure():

@@ -1,9 +1,10 @@
 """Optional compiled kernels (`csrc/kernels.cpp`), built on first use with the machine's C++ compiler.
 
-Two kernels: the sparse-inference product (torch's sparse CSR matmul wants the batch transposed; this one reads
-it as it is, a tile of rows at a time, vectorised across the tile; BENCHMARKS.md has the speed-ups) and the
-training gate (one pass each way instead of two on the CPU, and on any device an autograd node with no Python in
-its backward, which on a GPU computes with ATen ops). They are built on first use, once per
+The sparse-inference product (torch's sparse CSR matmul wants the batch transposed; this one reads it as it is, a
+tile of rows at a time, vectorised across the tile; BENCHMARKS.md has the speed-ups), the training gate (one pass
+each way instead of two on the CPU, and on any device an autograd node with no Python in its backward, which on a
+GPU computes with ATen ops), the sparsifier's per-tensor statistics in one pass, and the denormal flag set on
+every intra-op thread. They are built on first use, once per
 machine, CPU type and torch version (and again when kernels.cpp changes), into torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), in 30-60 s. Where no compiler is found
 everything runs on plain PyTorch after one warning that says why; `HYPERFLUX_KERNELS=0` asks for plain PyTorch.
@@ -148,6 +149,13 @@ def gate_op():
     """The compiled `gate(weight, logits, scale, flux=None)`: the hard gate with its gradients and, on sampled
     batches, the flux; None where the kernels are unavailable."""
     return _module.gate if load() else None
+
+
+@functools.cache
+def stats_ops():
+    """The compiled `(gate_stats, gate_flux_between)` that `Hyperflux.stats()` uses for float32 CPU masks, or
+    None where the kernels are unavailable."""
+    return (_module.gate_stats, _module.gate_flux_between) if load() else None
 
 
 @contextlib.contextmanager

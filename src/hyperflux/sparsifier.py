@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hyperflux.gate import FluxMeter, HardGate
-from hyperflux.kernels import flush_denormals
+from hyperflux.kernels import flush_denormals, stats_ops
 from hyperflux.scheduler import PressureScheduler, _check_fraction
 from hyperflux.selection import DEFAULT_MODULES, Target, select_targets
 from hyperflux.table import text_table
@@ -56,8 +57,56 @@ class _PressureLoss(torch.autograd.Function):
         return (None, *grads)
 
 
+def _layer_stats(
+    gate: HardGate, before: torch.Tensor, units: float
+) -> tuple[torch.Tensor, Callable[[float, float], torch.Tensor] | None]:
+    """One masked tensor's numbers for `stats()` in one float64 tensor on its device: [kept, pruned, regrown]
+    since the snapshot `before` and, when flux was sampled, [survivors' minimum flux, survivors' sum, pruned
+    sum] then the histogram counts of survivors and of pruned weights over `FLUX_HIST_EDGES` (flux in pressure
+    units: mean flux times `units`). With it, where flux was sampled, `between(lo, hi)`: the survivors' flux
+    with lo <= flux < hi (NaN for a bound leaves it out), for `_quantile`.
+
+    Float32 CPU masks take one compiled pass (kernels.cpp, `gate_stats`); other devices and dtypes, or no
+    compiled kernels, the same numbers from torch ops.
+    """
+    flux_sum = gate.flux_sum if gate.flux_batches else None
+    logits = gate.logits.detach()
+    if (ops := stats_ops()) is not None:
+        numbers = ops[0](logits, before, flux_sum, gate.flux_batches, units, FLUX_HIST_EDGES)
+        if numbers is not None:
+            between = (
+                None
+                if flux_sum is None
+                else functools.partial(ops[1], logits, flux_sum, gate.flux_batches, units)
+            )
+            return numbers, between
+    mask = gate.mask()
+    row = [mask.sum(), (before & ~mask).sum(), (~before & mask).sum()]
+    if flux_sum is None:
+        return torch.stack([value.double() for value in row]), None
+    flux = gate.mean_flux() * units
+    edges = torch.tensor(FLUX_HIST_EDGES, dtype=torch.float32, device=flux.device)  # the accumulators' dtype
+    # survivors in bins [0, 40), pruned weights in [40, 80)
+    index = torch.bucketize(flux.contiguous(), edges, right=True) + (len(edges) + 1) * (~mask)
+    row += [
+        torch.where(mask, flux, torch.inf).amin(),
+        torch.where(mask, flux, 0.0).sum(dtype=torch.float64),
+        torch.where(mask, 0.0, flux).sum(dtype=torch.float64),
+    ]
+    counts = torch.bincount(index.flatten(), minlength=2 * (len(edges) + 1))
+
+    def between(lo: float, hi: float) -> torch.Tensor:
+        inside = mask if math.isnan(lo) else mask & ~(flux < lo)
+        return flux[inside if math.isnan(hi) else inside & (flux < hi)]
+
+    return torch.cat([torch.stack([value.double() for value in row]), counts.double()]), between
+
+
 def _quantile(
-    fluxes: list[tuple[torch.Tensor, torch.Tensor]], edges: list[float], survivors: list[int], q: float
+    betweens: list[Callable[[float, float], torch.Tensor]],
+    edges: Sequence[float],
+    survivors: list[int],
+    q: float,
 ) -> float:
     """The q-quantile of the surviving weights' flux over all layers: the k-th smallest value, k = ceil(q * n),
     found in the one histogram bin that holds it (`survivors`, the counts per bin of `edges`), so that only
@@ -68,13 +117,10 @@ def _quantile(
         below += survivors[index]
         index += 1
     # bin `index` as bucketize(right=True) has it: edges[index - 1] <= flux < edges[index] (NaN in the last bin)
-    parts = []
-    for flux, mask in fluxes:
-        inside = mask if index == 0 else mask & ~(flux < edges[index - 1])
-        if index < len(edges):
-            inside = inside & (flux < edges[index])
-        parts.append(flux[inside].to(fluxes[0][0].device))  # layers may live on several devices
-    return float(torch.cat(parts).kthvalue(k - below).values)
+    lo = edges[index - 1] if index > 0 else math.nan
+    hi = edges[index] if index < len(edges) else math.nan
+    parts = [between(lo, hi) for between in betweens]
+    return float(torch.cat([part.to(parts[0].device) for part in parts]).kthvalue(k - below).values)
 
 
 class _PressureHook:
@@ -437,30 +483,18 @@ class Hyperflux:
         (`{"edges", "survivors", "pruned"}`), None when no batch was sampled since the last `step()`.
         """
         self._check_live()
-        to_pressure_units = self.grad_scale * self.total
+        units = self.grad_scale * self.total
         bins = len(FLUX_HIST_EDGES) + 1
-        edges = torch.tensor(FLUX_HIST_EDGES, dtype=torch.float32)  # the flux accumulators' dtype
-        # Every count and flux statistic is computed on the masks' device and read back in one transfer (a GPU
-        # would otherwise wait for each of several reads per layer); the histograms come from one bucketize of
-        # each layer's flux, survivors in bins [0, 40) and pruned weights in [40, 80).
-        numbers, fluxes, hist = [], [], None
+        # computed on the masks' devices and read back in one transfer: a GPU would otherwise wait for each of
+        # several reads per layer
+        numbers, betweens = [], []
         for gate, before in zip(self.gates, self._snapshot, strict=True):
-            mask = gate.mask()
-            row = [mask.sum(), (before & ~mask).sum(), (~before & mask).sum()]
-            if gate.flux_batches:
-                flux = gate.mean_flux() * to_pressure_units
-                index = torch.bucketize(flux, edges.to(flux.device), right=True) + bins * (~mask)
-                counts = torch.bincount(index.flatten(), minlength=2 * bins)
-                hist = counts if hist is None else hist + counts.to(hist.device)
-                row += [
-                    torch.where(mask, flux, torch.inf).amin(),
-                    torch.where(mask, flux, 0.0).sum(dtype=torch.float64),
-                    torch.where(mask, 0.0, flux).sum(dtype=torch.float64),
-                ]
-                fluxes.append((flux, mask))
-            numbers.append(torch.stack([value.double() for value in row]))
+            row, between = _layer_stats(gate, before, units)
+            numbers.append(row)
+            if between is not None:
+                betweens.append(between)
         values = iter(torch.cat([n.to(numbers[0].device) for n in numbers]).tolist() if numbers else [])
-        hist_counts = hist.tolist() if hist is not None else None
+        hist_counts = [0] * (2 * bins) if betweens else None
         layers = []
         kept_total = pruned_total = regrown_total = 0
         alive_sum = dead_sum = 0.0
@@ -470,6 +504,8 @@ class Hyperflux:
             flux_min = flux_mean = None
             if gate.flux_batches:
                 layer_min, layer_alive, layer_dead = (next(values) for _ in range(3))
+                for i in range(2 * bins):
+                    hist_counts[i] += int(next(values))
                 alive_sum += layer_alive
                 dead_sum += layer_dead
                 if kept:
@@ -510,7 +546,9 @@ class Hyperflux:
             "regrown": regrown_total,
             "flux_batches": max((g.flux_batches for g in self.gates), default=0),
             "flux_min": alive_min if alive_count else None,
-            "flux_p01": _quantile(fluxes, edges.tolist(), hist_counts[:bins], 0.01) if alive_count else None,
+            "flux_p01": _quantile(betweens, FLUX_HIST_EDGES, hist_counts[:bins], 0.01)
+            if alive_count
+            else None,
             "flux_mean": alive_sum / alive_count if alive_count else None,
             "flux_mean_pruned": dead_sum / dead_count if dead_count else None,
             "flux_hist": (

@@ -10,6 +10,9 @@
 // cache, and each non-zero weight is one broadcast and Tile/kWidth vector FMAs over the tile's rows. Beyond two
 // rows y is written feature-major and returned as the transposed view of that: a following sparse layer (after
 // an elementwise activation, which keeps the layout) then copies its tiles instead of transposing them.
+//
+// gate_stats, gate_flux_between: the sparsifier's stats() over one float32 CPU mask in one pass.
+// set_flush_denormal: flush-to-zero on every intra-op thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -24,7 +27,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -349,6 +354,123 @@ at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale
   return GateFunction::apply(weight, logits, scale, flux);
 }
 
+// The sparsifier's stats() over one masked tensor, in one pass where torch ops took some fifteen (a bucketize
+// the slowest): the tensor's weights kept, pruned and regrown since the snapshot `before`, and, when `flux_sum`
+// is given, each weight's flux (flux_sum / batches * units, as the Python computes it, float32 throughout):
+// the survivors' minimum and sum, the pruned weights' sum, and the histogram of survivors then of pruned
+// weights over `edges` (bin i: edges[i - 1] <= flux < edges[i], NaN in the last, as torch.bucketize(right=True)).
+// Returned as float64: [kept, pruned, regrown] and, with flux, [min, survivors' sum, pruned sum, 2 * 40 counts];
+// None for tensors these loops do not read (other devices, dtypes or layouts).
+constexpr int64_t kHistEdges = 39;
+constexpr int64_t kHistBins = kHistEdges + 1;
+
+bool gate_stats_loops(const at::Tensor& logits, const at::Tensor& before, const at::Tensor& flux) {
+  return logits.device().is_cpu() && logits.scalar_type() == at::kFloat && before.scalar_type() == at::kBool &&
+         before.strides() == logits.strides() && logits.is_non_overlapping_and_dense() &&
+         (!flux.defined() || (flux.scalar_type() == at::kFloat && flux.strides() == logits.strides()));
+}
+
+struct StatsPart {
+  int64_t kept = 0, pruned = 0, regrown = 0;
+  float alive_min = std::numeric_limits<float>::infinity();
+  double alive_sum = 0.0, dead_sum = 0.0;
+  int64_t hist[2 * kHistBins] = {};
+};
+
+std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor& before,
+                                     const std::optional<at::Tensor>& flux_sum, int64_t batches, double units,
+                                     const std::vector<double>& edges) {
+  const at::Tensor flux = flux_sum.value_or(at::Tensor());
+  TORCH_CHECK(logits.sizes() == before.sizes() && (!flux.defined() || flux.sizes() == logits.sizes()),
+              "hyperflux::gate_stats: logits, snapshot and flux must have one shape");
+  if (!gate_stats_loops(logits, before, flux)) return std::nullopt;  // the caller computes with torch ops
+  TORCH_CHECK(static_cast<int64_t>(edges.size()) == kHistEdges, "hyperflux::gate_stats: expected ", kHistEdges,
+              " histogram edges");
+  float edge[kHistEdges];
+  for (int64_t e = 0; e < kHistEdges; ++e) edge[e] = static_cast<float>(edges[e]);
+  const float* m = logits.data_ptr<float>();
+  const bool* b = before.data_ptr<bool>();
+  const float* f = flux.defined() ? flux.data_ptr<float>() : nullptr;
+  const float divisor = static_cast<float>(std::max<int64_t>(batches, 1)), scale = static_cast<float>(units);
+  std::vector<StatsPart> parts(at::get_num_threads());
+  at::parallel_for(0, logits.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    StatsPart& part = parts[at::get_thread_num()];
+    constexpr int64_t kBlock = 256;
+    float value[kBlock];
+    int32_t index[kBlock];
+    for (int64_t start = begin; start < end; start += kBlock) {
+      const int64_t len = std::min(kBlock, end - start);
+      const float* mb = m + start;
+      const bool* bb = b + start;
+      for (int64_t i = 0; i < len; ++i) {
+        const bool alive = mb[i] >= 0.0f, was = bb[i];
+        part.kept += alive;
+        part.pruned += was && !alive;
+        part.regrown += !was && alive;
+      }
+      if (f == nullptr) continue;
+      for (int64_t i = 0; i < len; ++i) value[i] = f[start + i] / divisor * scale;
+      for (int64_t i = 0; i < len; ++i) {  // branch-free: the edges at or below the value, vectorised
+        int32_t count = 0;
+        for (int64_t e = 0; e < kHistEdges; ++e) count += value[i] >= edge[e];
+        index[i] = count;
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = value[i];
+        const bool alive = mb[i] >= 0.0f;
+        part.hist[(std::isnan(v) ? kHistEdges : index[i]) + (alive ? 0 : kHistBins)] += 1;
+        if (alive) {
+          if (v < part.alive_min || std::isnan(v)) part.alive_min = std::isnan(part.alive_min) ? part.alive_min : v;
+          part.alive_sum += v;
+        } else {
+          part.dead_sum += v;
+        }
+      }
+    }
+  });
+  StatsPart total;
+  for (const StatsPart& part : parts) {
+    total.kept += part.kept;
+    total.pruned += part.pruned;
+    total.regrown += part.regrown;
+    if (part.alive_min < total.alive_min || std::isnan(part.alive_min)) {
+      total.alive_min = std::isnan(total.alive_min) ? total.alive_min : part.alive_min;
+    }
+    total.alive_sum += part.alive_sum;
+    total.dead_sum += part.dead_sum;
+    for (int64_t i = 0; i < 2 * kHistBins; ++i) total.hist[i] += part.hist[i];
+  }
+  at::Tensor out = at::empty({f ? 6 + 2 * kHistBins : 3}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  o[0] = total.kept, o[1] = total.pruned, o[2] = total.regrown;
+  if (f != nullptr) {
+    o[3] = total.alive_min, o[4] = total.alive_sum, o[5] = total.dead_sum;
+    for (int64_t i = 0; i < 2 * kHistBins; ++i) o[6 + i] = static_cast<double>(total.hist[i]);
+  }
+  return out;
+}
+
+// The survivors' flux (as gate_stats computes it) with lo <= flux < hi, either bound left out when NaN is
+// given for it: the values of one histogram bin, from which stats() ranks its quantile.
+at::Tensor gate_flux_between(const at::Tensor& logits, const at::Tensor& flux_sum, int64_t batches, double units,
+                             double lo, double hi) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && flux_sum.scalar_type() == at::kFloat &&
+                  logits.sizes() == flux_sum.sizes() && logits.strides() == flux_sum.strides() &&
+                  logits.is_non_overlapping_and_dense(),
+              "hyperflux::gate_flux_between: float32 CPU logits and flux of one shape and layout");
+  const float* m = logits.data_ptr<float>();
+  const float* f = flux_sum.data_ptr<float>();
+  const float divisor = static_cast<float>(std::max<int64_t>(batches, 1)), scale = static_cast<float>(units);
+  const float low = static_cast<float>(lo), high = static_cast<float>(hi);
+  const bool has_low = !std::isnan(lo), has_high = !std::isnan(hi);
+  std::vector<float> values;
+  for (int64_t i = 0, n = logits.numel(); i < n; ++i) {
+    const float v = f[i] / divisor * scale;
+    if (m[i] >= 0.0f && !(has_low && v < low) && (!has_high || v < high)) values.push_back(v);
+  }
+  return at::tensor(values, at::kFloat);
+}
+
 // Flush-to-zero and denormals-are-zero: x86's FTZ (MXCSR bit 15) and DAZ (bit 6), AArch64's FZ (FPCR bit 24).
 bool flush_bits(bool on) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -389,4 +511,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate", &gate, pybind11::arg("weight"), pybind11::arg("logits"), pybind11::arg("scale"),
         pybind11::arg("flux") = pybind11::none());
   m.def("set_flush_denormal", &set_flush_denormal, pybind11::arg("on"));
+  m.def("gate_stats", &gate_stats, pybind11::arg("logits"), pybind11::arg("before"), pybind11::arg("flux_sum"),
+        pybind11::arg("batches"), pybind11::arg("units"), pybind11::arg("edges"));
+  m.def("gate_flux_between", &gate_flux_between, pybind11::arg("logits"), pybind11::arg("flux_sum"),
+        pybind11::arg("batches"), pybind11::arg("units"), pybind11::arg("lo"), pybind11::arg("hi"));
 }
