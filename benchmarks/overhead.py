@@ -129,7 +129,8 @@ class Run:
 
 def training_memory(run: Run) -> int:
     """Bytes held at the peak of a training step: parameters, gradients, optimiser state, the masks' flux
-    accumulators, and every tensor autograd saves for the backward pass (counted once per storage).
+    accumulators and kept gate memory, and every tensor autograd saves for the backward pass (counted once per
+    storage).
 
     Counted exactly rather than read from the process's resident size, which on CPU is too coarse and
     too dependent on allocator reuse to compare two small models.
@@ -158,6 +159,8 @@ def training_memory(run: Run) -> int:
             count(value)
     for gate in run.hf.gates if run.hf else []:
         count(gate.flux_sum)
+        for slot in gate._slots:  # the memory the compiled gate keeps from step to step
+            count(slot)
     return sum(storages.values())
 
 

@@ -1,5 +1,7 @@
 """The gate's forward and straight-through gradients, and the pressure's gradient, against hand-computed values."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -302,3 +304,75 @@ def test_attached_optimizer_steps_with_denormals_flushed(flush):
     assert seen == [not flush] * 2
     assert bool((opt.state[weight]["exp_avg"] == 0).all()) is flush
     assert _denormals_survive()
+
+
+def _gated_linear(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Linear(64, 48)
+    hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3)
+    with torch.no_grad():
+        hf.gates[0].logits.uniform_(-1, 1)
+    return model, hf
+
+
+def test_the_compiled_gate_writes_each_step_where_the_last_one_did_once_that_memory_is_free():
+    """Released gradients (zero_grad(set_to_none=True)) give their memory to the next step's, which then
+    page-faults no fresh memory in."""
+    model, hf = _gated_linear()
+    original, gate = hf.masked_weights()["weight"], hf.gates[0]
+    x = torch.randn(8, 64)
+    pointers = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        (model(x) ** 2).sum().backward()
+        pointers.append((original.grad.data_ptr(), gate.logits.grad.data_ptr()))
+        assert pointers[-1] == (gate._slots[0].data_ptr(), gate._slots[1].data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2]
+    assert len(set(pointers[0])) == 2
+
+
+@pytest.mark.parametrize("keep", ["accumulated", "retained", "referenced"])
+def test_memory_something_still_holds_is_never_written(keep):
+    """Kept gradients accumulate, a retained graph backpropagates again, a kept masked weight keeps its values:
+    the same numbers as the Python gate gives, and the memory a slot holds stays that of the first step."""
+
+    def run(compiled: bool):
+        model, hf = _gated_linear(1)
+        if not compiled:
+            hf.gates[0].forward = lambda weight: python_gate(weight, hf.gates[0].logits, hf.gates[0].scale)
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+        weights = []
+        for step in range(3):
+            if keep != "accumulated":
+                model.zero_grad(set_to_none=True)
+            weights.append(model.weight)  # referenced: held across the steps below
+            loss = (model(x * (step + 1)) ** 2).sum()
+            loss.backward(retain_graph=keep == "retained")
+            if keep == "retained":
+                loss.backward()
+            with torch.no_grad():
+                hf.gates[0].logits.sub_(0.1)  # the next step's gate differs
+        grads = (hf.masked_weights()["weight"].grad.clone(), hf.gates[0].logits.grad.clone())
+        if compiled and keep == "accumulated":  # later steps' gradients were added in, their memory let go
+            slots = [slot.data_ptr() for slot in hf.gates[0]._slots]
+            assert slots == [
+                hf.masked_weights()["weight"].grad.data_ptr(),
+                hf.gates[0].logits.grad.data_ptr(),
+            ]
+        return grads, [w.detach().clone() for w in weights]
+
+    (compiled_grads, compiled_weights), (python_grads, python_weights) = run(True), run(False)
+    for a, b in zip(compiled_grads, python_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(compiled_weights, python_weights, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(compiled_weights[0], compiled_weights[2])
+
+
+def test_a_copied_gate_carries_none_of_the_kept_memory():
+    model, hf = _gated_linear()
+    (model(torch.randn(8, 64)) ** 2).sum().backward()
+    assert hf.gates[0]._slots[0].numel() == 64 * 48  # the gradient's memory is kept
+    clone = copy.deepcopy(model)
+    assert all(slot.numel() == 0 for slot in clone.parametrizations.weight[0]._slots)
+    assert torch.equal(clone(torch.ones(2, 64)), model(torch.ones(2, 64)))

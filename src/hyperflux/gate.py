@@ -73,6 +73,12 @@ class FluxMeter:
         self.batches += 1
 
 
+def _empty_slots() -> list[torch.Tensor]:
+    """Where the compiled gate keeps the memory of its two gradients from one step to the next, to write the
+    next step's there when nothing else holds it (kernels.cpp, `in_slot`)."""
+    return [torch.empty(0) for _ in range(2)]
+
+
 class HardGate(nn.Module):
     """Parametrization holding the mask logits of one weight tensor.
 
@@ -88,6 +94,7 @@ class HardGate(nn.Module):
         self.flux_sum: torch.Tensor | None = None
         self.flux_batches = 0
         self._flux_batch: int | None = None  # the meter's batch whose flux was last added
+        self._slots = _empty_slots()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced: the Python function, which compilers see through
@@ -99,8 +106,12 @@ class HardGate(nn.Module):
         if weight.dtype is logits.dtype and (op := gate_op()) is not None:
             # the same gate, gradients and flux: one pass each way for float32 on the CPU, and on any device
             # an autograd node without Python in it (operands on two devices: its error says so)
-            return op(weight, logits, self.scale, flux)
+            return op(weight, logits, self.scale, flux, self._slots)
         return _GateFunction.apply(weight, logits, self.scale, None if flux is None else self)
+
+    def __getstate__(self) -> dict:
+        """Pickled (`torch.save` of a whole model, `copy.deepcopy`) without the compiled gate's kept memory."""
+        return {**super().__getstate__(), "_slots": _empty_slots()}
 
     def _flux_accumulator(self, weight: torch.Tensor) -> torch.Tensor:
         """`flux_sum`, made on first use in the weight's layout, with this batch counted once however many

@@ -146,8 +146,9 @@ def sparse_linear_op():
 
 @functools.cache  # looked up at every masked layer's forward
 def gate_op():
-    """The compiled `gate(weight, logits, scale, flux=None)`: the hard gate with its gradients and, on sampled
-    batches, the flux; None where the kernels are unavailable."""
+    """The compiled `gate(weight, logits, scale, flux=None, slots=None)`: the hard gate with its gradients and,
+    on sampled batches, the flux, the gradients written where float32 CPU `slots` (two tensors the caller keeps)
+    hold memory nothing else holds; None where the kernels are unavailable."""
     return _module.gate if load() else None
 
 

@@ -261,12 +261,31 @@ void gate_grads(const float* __restrict__ w, const float* __restrict__ m, const 
   }
 }
 
+// A tensor of `like`'s sizes, strides and dtype in the memory `slot` holds when nothing else holds that memory
+// (this gate's gradient of the step before, released since), else in new memory; `slot` takes the new memory
+// only when it held none of that shape. Both gradients allocated afresh page-faulted at most steps (with two
+// such blocks alive at once, glibc's malloc handed the freed memory back to the system between steps). Memory that something else still holds (a
+// kept gradient, a retained graph) is never written, and a slot keeps memory alive only between a step's
+// zero_grad and its backward pass, which hold as much at their peak anyway.
+at::Tensor in_slot(at::Tensor& slot, const at::Tensor& like) {
+  const bool fits = slot.defined() && slot.scalar_type() == like.scalar_type() && slot.device() == like.device() &&
+                    slot.sizes() == like.sizes() && slot.strides() == like.strides();
+  if (fits && slot.storage().use_count() == 1) {
+    return at::empty({0}, like.options()).set_(slot.storage(), slot.storage_offset(), slot.sizes(), slot.strides());
+  }
+  at::Tensor fresh = at::empty_like(like);
+  if (slot.defined() && !fits) slot.set_(fresh);
+  return fresh;
+}
+
 class GateFunction : public torch::autograd::Function<GateFunction> {
  public:
   // `flux`, when defined (a sampled batch), receives -W * g in the backward pass, in the same loop: a float32
-  // tensor of the weight's layout that the caller owns and that is not differentiated.
+  // tensor of the weight's layout that the caller owns and that is not differentiated. `slots`, when given, are
+  // two CPU tensors the caller keeps for the memory of the two gradients (`in_slot`).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
-                            const at::Tensor& logits, double scale, const std::optional<at::Tensor>& sampled) {
+                            const at::Tensor& logits, double scale, const std::optional<at::Tensor>& sampled,
+                            const std::optional<std::vector<at::Tensor>>& given_slots) {
     const at::Tensor flux = sampled.value_or(at::Tensor());
     TORCH_CHECK(weight.sizes() == logits.sizes() && weight.device() == logits.device() &&
                     weight.scalar_type() == logits.scalar_type() && at::isFloatingType(weight.scalar_type()),
@@ -275,9 +294,13 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
                                     flux.sizes() == weight.sizes() && !flux.requires_grad()),
                 "hyperflux::gate: flux must be a float32 tensor of the weight's shape and device");
     const bool loops = gate_loops(weight, logits, flux);
+    const std::vector<at::Tensor> slots = given_slots.value_or(std::vector<at::Tensor>(2));
+    TORCH_CHECK(slots.size() == 2, "hyperflux::gate: slots must be two tensors");
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["flux"] = flux;
     ctx->saved_data["loops"] = loops;
+    ctx->saved_data["weight_slot"] = slots[0];
+    ctx->saved_data["logits_slot"] = slots[1];
     if (!loops) {  // a 0/1 gate in the weight's dtype, saved for the backward, as the Python gate does
       at::Tensor open = at::empty_like(weight);
       at::ge_out(open, logits, 0);
@@ -315,10 +338,12 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
       }
       const at::Tensor open = loops ? logits.ge(0).to(grad.scalar_type()) : logits;
       return {want_weight ? grad * open : at::Tensor(), want_logits ? at::mul(weight, scale).mul_(grad) : at::Tensor(),
-              at::Tensor(), at::Tensor()};
+              at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    at::Tensor grad_weight = want_weight ? at::empty_like(weight) : at::Tensor();
-    at::Tensor grad_logits = want_logits ? at::empty_like(weight) : at::Tensor();
+    at::Tensor weight_slot = ctx->saved_data["weight_slot"].toTensor();
+    at::Tensor logits_slot = ctx->saved_data["logits_slot"].toTensor();
+    at::Tensor grad_weight = want_weight ? in_slot(weight_slot, weight) : at::Tensor();
+    at::Tensor grad_logits = want_logits ? in_slot(logits_slot, weight) : at::Tensor();
     const float* w = weight.data_ptr<float>();
     const float* m = logits.data_ptr<float>();
     float* gw = want_weight ? grad_weight.data_ptr<float>() : nullptr;
@@ -345,13 +370,13 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
         default: break;
       }
     });
-    return {grad_weight, grad_logits, at::Tensor(), at::Tensor()};
+    return {grad_weight, grad_logits, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale,
-                const std::optional<at::Tensor>& flux) {
-  return GateFunction::apply(weight, logits, scale, flux);
+                const std::optional<at::Tensor>& flux, const std::optional<std::vector<at::Tensor>>& slots) {
+  return GateFunction::apply(weight, logits, scale, flux, slots);
 }
 
 // The sparsifier's stats() over one masked tensor, in one pass where torch ops took some fifteen (a bucketize
@@ -509,7 +534,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparse_linear, pybind11::arg("x"), pybind11::arg("crow"), pybind11::arg("col"),
         pybind11::arg("val"), pybind11::arg("bias"), pybind11::arg("in_features"));
   m.def("gate", &gate, pybind11::arg("weight"), pybind11::arg("logits"), pybind11::arg("scale"),
-        pybind11::arg("flux") = pybind11::none());
+        pybind11::arg("flux") = pybind11::none(), pybind11::arg("slots") = pybind11::none());
   m.def("set_flush_denormal", &set_flush_denormal, pybind11::arg("on"));
   m.def("gate_stats", &gate_stats, pybind11::arg("logits"), pybind11::arg("before"), pybind11::arg("flux_sum"),
         pybind11::arg("batches"), pybind11::arg("units"), pybind11::arg("edges"));
