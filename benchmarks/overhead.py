@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 from datetime import date
@@ -108,8 +109,12 @@ class Run:
         if arm == "hyperflux":
             self.hf.attach(self.optimizer)
         self.forward = torch.compile(self.model) if compiled else self.model
+        self.faults_per_step: list[float] = []  # minor page faults, per epoch
+        self.sparsifier_step_s: list[float] = []
 
     def epoch(self) -> float:
+        """Seconds for one epoch; also records its page faults per step and the time of `hf.step()`."""
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for i in range(0, len(self.x), BATCH):
             loss = F.cross_entropy(self.forward(self.x[i : i + BATCH]), self.y[i : i + BATCH])
@@ -121,10 +126,15 @@ class Run:
                 param.grad = grad
             self.optimizer.step()
         if self.hf is not None:
+            step_start = time.perf_counter()
             self.hf.step()  # once per epoch, as in any training loop
+            self.sparsifier_step_s.append(time.perf_counter() - step_start)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the epoch ends when its kernels have run, not when queued
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        steps = -(-len(self.x) // BATCH)
+        self.faults_per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps)
+        return seconds
 
 
 def training_memory(run: Run) -> int:
@@ -267,6 +277,10 @@ def main() -> None:
         dense_s = statistics.median(t[0] for t in times)
         pruned_s = statistics.median(t[1] for t in times)
         ratio, gate_ratio, adam_ratio = (statistics.median(t[i] / t[0] for t in times) for i in (1, 2, 3))
+        faults = {
+            arm: round(statistics.median(run.faults_per_step[1:]), 1)
+            for arm, run in zip(ARMS, runs, strict=True)
+        }
         mem_dense, mem_pruned = training_memory(dense), training_memory(pruned)
         records.append(
             {
@@ -280,6 +294,8 @@ def main() -> None:
                 "peak_memory_dense_mb": round(mem_dense / 2**20, 1),
                 "peak_memory_hyperflux_mb": round(mem_pruned / 2**20, 1),
                 "peak_memory_ratio": round(mem_pruned / max(mem_dense, 1), 3),
+                "page_faults_per_step": faults,  # median over the timed epochs, per arm
+                "sparsifier_step_ms": round(1e3 * statistics.median(pruned.sparsifier_step_s[1:]), 2),
             }
         )
     print(
@@ -292,6 +308,9 @@ def main() -> None:
             f"{r['gates_only_ratio']:>10.3f} {r['mask_optimizer_only_ratio']:>13.3f} "
             f"{r['peak_memory_dense_mb']:>13.1f} {r['peak_memory_hyperflux_mb']:>10.1f} {r['peak_memory_ratio']:>9.3f}"
         )
+    for r in records:
+        faults = ", ".join(f"{arm} {count:g}" for arm, count in r["page_faults_per_step"].items())
+        print(f"{r['model']:<12} page faults per step: {faults}; hf.step() {r['sparsifier_step_ms']:.2f} ms")
     command = f"python benchmarks/overhead.py --pairs {args.pairs}" + (
         f" --device {args.device}" if device.type != "cpu" else ""
     )
