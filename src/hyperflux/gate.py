@@ -110,7 +110,7 @@ class HardGate(nn.Module):
         return _GateFunction.apply(weight, logits, self.scale, None if flux is None else self)
 
     def __getstate__(self) -> dict:
-        """Pickled (`torch.save` of a whole model, `copy.deepcopy`) without the compiled gate's kept memory."""
+        """Copied (`copy.deepcopy`) or pickled without the memory the compiled gate keeps."""
         return {**super().__getstate__(), "_slots": _empty_slots()}
 
     def _flux_accumulator(self, weight: torch.Tensor) -> torch.Tensor:

@@ -263,10 +263,10 @@ void gate_grads(const float* __restrict__ w, const float* __restrict__ m, const 
 
 // A tensor of `like`'s sizes, strides and dtype in the memory `slot` holds when nothing else holds that memory
 // (this gate's gradient of the step before, released since), else in new memory; `slot` takes the new memory
-// only when it held none of that shape. Both gradients allocated afresh page-faulted at most steps (with two
-// such blocks alive at once, glibc's malloc handed the freed memory back to the system between steps). Memory that something else still holds (a
-// kept gradient, a retained graph) is never written, and a slot keeps memory alive only between a step's
-// zero_grad and its backward pass, which hold as much at their peak anyway.
+// only when it held none of that shape. Both gradients allocated afresh page-faulted at most steps: with two
+// such blocks alive at once, glibc's malloc handed the freed memory back to the system between steps. Memory
+// that something else still holds (a kept gradient, a retained graph) is never written, and a slot keeps
+// memory alive only between a step's zero_grad and its backward pass, which hold as much at their peak anyway.
 at::Tensor in_slot(at::Tensor& slot, const at::Tensor& like) {
   const bool fits = slot.defined() && slot.scalar_type() == like.scalar_type() && slot.device() == like.device() &&
                     slot.sizes() == like.sizes() && slot.strides() == like.strides();
@@ -395,6 +395,11 @@ bool gate_stats_loops(const at::Tensor& logits, const at::Tensor& before, const 
          (!flux.defined() || (flux.scalar_type() == at::kFloat && flux.strides() == logits.strides()));
 }
 
+// The smaller of two floats, NaN if either is (as torch's amin has it).
+inline float nan_min(float a, float b) {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<float>::quiet_NaN() : std::min(a, b);
+}
+
 struct StatsPart {
   int64_t kept = 0, pruned = 0, regrown = 0;
   float alive_min = std::numeric_limits<float>::infinity();
@@ -445,7 +450,7 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
         const bool alive = mb[i] >= 0.0f;
         part.hist[(std::isnan(v) ? kHistEdges : index[i]) + (alive ? 0 : kHistBins)] += 1;
         if (alive) {
-          if (v < part.alive_min || std::isnan(v)) part.alive_min = std::isnan(part.alive_min) ? part.alive_min : v;
+          part.alive_min = nan_min(part.alive_min, v);
           part.alive_sum += v;
         } else {
           part.dead_sum += v;
@@ -458,9 +463,7 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
     total.kept += part.kept;
     total.pruned += part.pruned;
     total.regrown += part.regrown;
-    if (part.alive_min < total.alive_min || std::isnan(part.alive_min)) {
-      total.alive_min = std::isnan(total.alive_min) ? total.alive_min : part.alive_min;
-    }
+    total.alive_min = nan_min(total.alive_min, part.alive_min);
     total.alive_sum += part.alive_sum;
     total.dead_sum += part.dead_sum;
     for (int64_t i = 0; i < 2 * kHistBins; ++i) total.hist[i] += part.hist[i];
