@@ -311,3 +311,20 @@ def test_grad_clip_bounds_every_trained_parameter(tmp_path, dense):
         final = after[key.replace(".parametrizations.weight.original", ".weight")]  # squashed: plain keys
         present = final != 0  # squash() zeroed the pruned weights; the present ones must not have moved
         assert torch.allclose(final[present], value[present], atol=1e-9), key
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_every_method_trains_with_denormals_flushed_and_leaves_them_as_they_were(tmp_path, dense):
+    """Pruned weights' optimiser moments decay through denormals, which the CPU computes many times slower."""
+    tiny = torch.full((1 << 20,), 1e-39)  # large enough for every intra-op thread to take part
+
+    def flushed() -> bool:
+        return bool((tiny * 1.0).count_nonzero() == 0)
+
+    trainer = Trainer(recipe(), tmp_path, dense=dense, quiet=True)
+    seen = []
+    trainer.weight_optimizer.register_step_pre_hook(lambda *_: seen.append(flushed()))
+    trainer.stop_after = 1
+    trainer.run()
+    assert seen and all(seen)
+    assert not flushed()
