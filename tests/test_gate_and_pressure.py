@@ -9,6 +9,7 @@ from torch import nn
 import hyperflux
 from hyperflux import kernels
 from hyperflux.gate import _GateFunction
+from hyperflux.sparsifier import _FlushDenormalsDuringStep
 from pruned_models import LinearTwice
 
 
@@ -376,3 +377,16 @@ def test_a_copied_gate_carries_none_of_the_kept_memory():
     clone = copy.deepcopy(model)
     assert all(slot.numel() == 0 for slot in clone.parametrizations.weight[0]._slots)
     assert torch.equal(clone(torch.ones(2, 64)), model(torch.ones(2, 64)))
+
+
+def test_masks_off_the_cpu_step_without_touching_the_cpu_flag():
+    """A GPU computes denormals at full speed; its host-bound steps should not pay for setting the CPU's flag."""
+    hook = _FlushDenormalsDuringStep(torch.empty(3, device="meta"))
+    hook.enter()
+    assert _denormals_survive()
+    hook.exit()
+    hook = _FlushDenormalsDuringStep(torch.empty(3))
+    hook.enter()
+    assert not _denormals_survive()
+    hook.exit()
+    assert _denormals_survive()

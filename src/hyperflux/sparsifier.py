@@ -144,12 +144,16 @@ class _PressureHook:
 
 class _FlushDenormalsDuringStep:
     """Step pre- and post-hook: the optimiser steps with denormals flushed to zero (`flush_denormals`), where
-    a pruned weight's decaying moments would otherwise make it several times slower."""
+    a pruned weight's decaying moments would otherwise make it several times slower. Only while `logits` live
+    on the CPU: a GPU computes denormals at full speed, and its host-bound steps would pay for the flag."""
 
-    def __init__(self) -> None:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
         self._block: contextlib.AbstractContextManager[None] | None = None
 
     def enter(self, *_: object) -> None:
+        if self.logits.device.type != "cpu":
+            return
         self._block = flush_denormals()
         self._block.__enter__()
 
@@ -376,8 +380,8 @@ class Hyperflux:
         step under gradient accumulation. `step()` then needs no arguments.
 
         With `flush_denormals` (the default) each of their steps runs with denormal floats flushed to zero
-        on the CPU (`hyperflux.flush_denormals`): a pruned weight's optimiser moments decay through denormals,
-        which made the step several times slower after a large pruning step.
+        while the masks are on the CPU (`hyperflux.flush_denormals`): a pruned weight's optimiser moments decay
+        through denormals, which made the step several times slower after a large pruning step.
         """
         self._check_live()
         logit_ids = {id(p) for p in self.mask_parameters()}
@@ -391,7 +395,7 @@ class Hyperflux:
             gates = [i for i, g in enumerate(self.gates) if id(g.logits) in held]
             self._hooks.append(optimizer.register_step_pre_hook(_PressureHook(self, gates)))
             if flush_denormals:
-                flush = _FlushDenormalsDuringStep()
+                flush = _FlushDenormalsDuringStep(self.gates[gates[0]].logits)
                 self._hooks.append(optimizer.register_step_pre_hook(flush.enter))
                 self._hooks.append(optimizer.register_step_post_hook(flush.exit))
         self._attached = bool(self._optimizers)

@@ -612,8 +612,9 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        # every method's pruned weights have moments decaying through denormals: all train with them flushed
-        with bar, flush_denormals():
+        # every method's pruned weights have moments decaying through denormals: on the CPU, all train with
+        # them flushed (a GPU computes them at full speed)
+        with bar, flush_denormals(enabled=self.device.type == "cpu"):
             for batch, (images, labels) in enumerate(self.train_loader):
                 lr = self.weight_lr(epoch, batch)
                 for group in self.weight_optimizer.param_groups:
