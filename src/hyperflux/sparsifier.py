@@ -149,18 +149,14 @@ class _FlushDenormalsDuringStep:
 
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits
-        self._block: contextlib.AbstractContextManager[None] | None = None
+        self._step = contextlib.ExitStack()
 
     def enter(self, *_: object) -> None:
-        if self.logits.device.type != "cpu":
-            return
-        self._block = flush_denormals()
-        self._block.__enter__()
+        if self.logits.device.type == "cpu":
+            self._step.enter_context(flush_denormals())
 
     def exit(self, *_: object) -> None:
-        if self._block is not None:
-            self._block.__exit__(None, None, None)
-            self._block = None
+        self._step.close()
 
 
 def _put_flat(tensor: torch.Tensor, indices: torch.Tensor, value: float) -> None:

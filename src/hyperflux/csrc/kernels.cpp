@@ -239,13 +239,19 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
   return yt.t();
 }
 
-// Whether the gate runs as this file's loops: float32 CPU operands sharing one dense layout (contiguous,
-// channels-last or any other), read as flat arrays, with the result and gradients made in that layout too.
+// The loops below read their operands as flat arrays: a float32 CPU tensor in one dense layout (contiguous,
+// channels-last or any other), and beside it operands of that layout, each undefined or of its given dtype.
+bool flat_float_cpu(const at::Tensor& base) {
+  return base.device().is_cpu() && base.scalar_type() == at::kFloat && base.is_non_overlapping_and_dense();
+}
+bool same_layout(const at::Tensor& base, const at::Tensor& other, at::ScalarType dtype) {
+  return !other.defined() || (other.scalar_type() == dtype && other.strides() == base.strides());
+}
+
+// Whether the gate runs as this file's loops, with the result and gradients made in the weight's layout.
 // Anything else (CUDA, float64, layouts that differ) takes ATen ops: the same arithmetic, autograd still in C++.
 bool gate_loops(const at::Tensor& weight, const at::Tensor& logits, const at::Tensor& flux) {
-  return weight.device().is_cpu() && weight.scalar_type() == at::kFloat && logits.scalar_type() == at::kFloat &&
-         weight.strides() == logits.strides() && weight.is_non_overlapping_and_dense() &&
-         (!flux.defined() || flux.strides() == weight.strides());
+  return flat_float_cpu(weight) && same_layout(weight, logits, at::kFloat) && same_layout(weight, flux, at::kFloat);
 }
 
 // The gate's backward over n elements: dL/dW = H(m) * g, dL/dm = c * W * g (straight through) and the flux
@@ -389,11 +395,14 @@ at::Tensor gate(const at::Tensor& weight, const at::Tensor& logits, double scale
 constexpr int64_t kHistEdges = 39;
 constexpr int64_t kHistBins = kHistEdges + 1;
 
-bool gate_stats_loops(const at::Tensor& logits, const at::Tensor& before, const at::Tensor& flux) {
-  return logits.device().is_cpu() && logits.scalar_type() == at::kFloat && before.scalar_type() == at::kBool &&
-         before.strides() == logits.strides() && logits.is_non_overlapping_and_dense() &&
-         (!flux.defined() || (flux.scalar_type() == at::kFloat && flux.strides() == logits.strides()));
-}
+// A weight's flux in pressure units from its accumulator: flux_sum / batches * units, rounded as the Python's
+// `mean_flux() * units` is (float32 throughout), so that both paths bin every value alike.
+struct PressureUnits {
+  float divisor, scale;
+  PressureUnits(int64_t batches, double units)
+      : divisor(static_cast<float>(std::max<int64_t>(batches, 1))), scale(static_cast<float>(units)) {}
+  float operator()(float flux_sum) const { return flux_sum / divisor * scale; }
+};
 
 // The smaller of two floats, NaN if either is (as torch's amin has it).
 inline float nan_min(float a, float b) {
@@ -413,7 +422,9 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
   const at::Tensor flux = flux_sum.value_or(at::Tensor());
   TORCH_CHECK(logits.sizes() == before.sizes() && (!flux.defined() || flux.sizes() == logits.sizes()),
               "hyperflux::gate_stats: logits, snapshot and flux must have one shape");
-  if (!gate_stats_loops(logits, before, flux)) return std::nullopt;  // the caller computes with torch ops
+  if (!(flat_float_cpu(logits) && same_layout(logits, before, at::kBool) && same_layout(logits, flux, at::kFloat))) {
+    return std::nullopt;  // the caller computes with torch ops
+  }
   TORCH_CHECK(static_cast<int64_t>(edges.size()) == kHistEdges, "hyperflux::gate_stats: expected ", kHistEdges,
               " histogram edges");
   float edge[kHistEdges];
@@ -421,7 +432,7 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
   const float* m = logits.data_ptr<float>();
   const bool* b = before.data_ptr<bool>();
   const float* f = flux.defined() ? flux.data_ptr<float>() : nullptr;
-  const float divisor = static_cast<float>(std::max<int64_t>(batches, 1)), scale = static_cast<float>(units);
+  const PressureUnits to_units(batches, units);
   std::vector<StatsPart> parts(at::get_num_threads());
   at::parallel_for(0, logits.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
     StatsPart& part = parts[at::get_thread_num()];
@@ -439,7 +450,7 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
         part.regrown += !was && alive;
       }
       if (f == nullptr) continue;
-      for (int64_t i = 0; i < len; ++i) value[i] = f[start + i] / divisor * scale;
+      for (int64_t i = 0; i < len; ++i) value[i] = to_units(f[start + i]);
       for (int64_t i = 0; i < len; ++i) {  // branch-free: the edges at or below the value, vectorised
         int32_t count = 0;
         for (int64_t e = 0; e < kHistEdges; ++e) count += value[i] >= edge[e];
@@ -482,18 +493,17 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
 // given for it: the values of one histogram bin, from which stats() ranks its quantile.
 at::Tensor gate_flux_between(const at::Tensor& logits, const at::Tensor& flux_sum, int64_t batches, double units,
                              double lo, double hi) {
-  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && flux_sum.scalar_type() == at::kFloat &&
-                  logits.sizes() == flux_sum.sizes() && logits.strides() == flux_sum.strides() &&
-                  logits.is_non_overlapping_and_dense(),
+  TORCH_CHECK(flux_sum.defined() && logits.sizes() == flux_sum.sizes() && flat_float_cpu(logits) &&
+                  same_layout(logits, flux_sum, at::kFloat),
               "hyperflux::gate_flux_between: float32 CPU logits and flux of one shape and layout");
   const float* m = logits.data_ptr<float>();
   const float* f = flux_sum.data_ptr<float>();
-  const float divisor = static_cast<float>(std::max<int64_t>(batches, 1)), scale = static_cast<float>(units);
+  const PressureUnits to_units(batches, units);
   const float low = static_cast<float>(lo), high = static_cast<float>(hi);
   const bool has_low = !std::isnan(lo), has_high = !std::isnan(hi);
   std::vector<float> values;
   for (int64_t i = 0, n = logits.numel(); i < n; ++i) {
-    const float v = f[i] / divisor * scale;
+    const float v = to_units(f[i]);
     if (m[i] >= 0.0f && !(has_low && v < low) && (!has_high || v < high)) values.push_back(v);
   }
   return at::tensor(values, at::kFloat);
