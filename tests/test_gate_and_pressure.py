@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hyperflux
@@ -318,18 +319,59 @@ def _gated_linear(seed: int = 0):
 
 def test_the_compiled_gate_writes_each_step_where_the_last_one_did_once_that_memory_is_free():
     """Released gradients (zero_grad(set_to_none=True)) give their memory to the next step's, which then
-    page-faults no fresh memory in."""
+    page-faults no fresh memory in. The weight's gradient needs none: it is written over the incoming one."""
     model, hf = _gated_linear()
-    original, gate = hf.masked_weights()["weight"], hf.gates[0]
+    gate = hf.gates[0]
     x = torch.randn(8, 64)
     pointers = []
     for _ in range(3):
         model.zero_grad(set_to_none=True)
         (model(x) ** 2).sum().backward()
-        pointers.append((original.grad.data_ptr(), gate.logits.grad.data_ptr()))
-        assert pointers[-1] == (gate._slots[0].data_ptr(), gate._slots[1].data_ptr())
+        pointers.append(gate.logits.grad.data_ptr())
+        assert pointers[-1] == gate._slots[1].data_ptr()
+        assert gate._slots[0].numel() == 0
     assert pointers[0] == pointers[1] == pointers[2]
-    assert len(set(pointers[0])) == 2
+
+
+def _incoming_gradient(how: str, model: nn.Module, x: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """Backpropagates into the gate with dL/dW_eff reaching it in one of the ways below. Returns what something
+    other than the gate still holds, as pairs of the tensor and the values it must still have, and dL/dW_eff."""
+    # a Linear's weight gradient, which only the gate's node holds, or which a hook keeps too
+    if how in ("free", "hooked"):
+        weight, kept = model.weight, []
+        if how == "hooked":
+            weight.register_hook(kept.append)
+        (F.linear(x, weight) ** 2).sum().backward()
+        incoming = (2 * F.linear(x, weight.detach())).t() @ x
+        return [(tensor, incoming) for tensor in kept], incoming
+    given = torch.randn(48, 64)
+    snapshot = given.clone()
+    if how == "given":  # the caller passes it in and keeps it
+        model.weight.backward(given)
+        return [(given, snapshot)], snapshot
+    # shared: one tensor handed to two gates (the sum's backward passes its gradient on to both terms)
+    (model.weight + model.weight).backward(given)
+    return [(given, snapshot)], 2 * snapshot
+
+
+@pytest.mark.parametrize("how", ["free", "hooked", "given", "shared"])
+def test_the_weight_gradient_takes_the_incoming_memory_only_when_nothing_else_holds_it(how):
+    """Where the incoming gradient is the node's alone, dL/dW is written over it and the gate keeps no memory
+    for it; a gradient that a hook, the caller or another gate still holds keeps its values."""
+    model, hf = _gated_linear()
+    x = torch.randn(8, 64)
+    before = hf.gates[0].logits.detach().clone()
+    held, incoming = _incoming_gradient(how, model, x)
+    for tensor, values in held:
+        assert torch.allclose(tensor, values, rtol=1e-5, atol=1e-4)
+    original = hf.masked_weights()["weight"]
+    assert torch.allclose(original.grad, incoming * (before >= 0), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(
+        hf.gates[0].logits.grad, hf.gates[0].scale * original.detach() * incoming, rtol=1e-5, atol=1e-4
+    )
+    if kernels.load():
+        assert (hf.gates[0]._slots[0].numel() == 0) is (how == "free")
+        assert original.grad._base is None
 
 
 @pytest.mark.parametrize("keep", ["accumulated", "retained", "referenced"])
@@ -355,11 +397,7 @@ def test_memory_something_still_holds_is_never_written(keep):
                 hf.gates[0].logits.sub_(0.1)  # the next step's gate differs
         grads = (hf.masked_weights()["weight"].grad.clone(), hf.gates[0].logits.grad.clone())
         if compiled and keep == "accumulated":  # later steps' gradients were added in, their memory let go
-            slots = [slot.data_ptr() for slot in hf.gates[0]._slots]
-            assert slots == [
-                hf.masked_weights()["weight"].grad.data_ptr(),
-                hf.gates[0].logits.grad.data_ptr(),
-            ]
+            assert hf.gates[0]._slots[1].data_ptr() == hf.gates[0].logits.grad.data_ptr()
         return grads, [w.detach().clone() for w in weights]
 
     (compiled_grads, compiled_weights), (python_grads, python_weights) = run(True), run(False)
@@ -373,7 +411,7 @@ def test_memory_something_still_holds_is_never_written(keep):
 def test_a_copied_gate_carries_none_of_the_kept_memory():
     model, hf = _gated_linear()
     (model(torch.randn(8, 64)) ** 2).sum().backward()
-    assert hf.gates[0]._slots[0].numel() == 64 * 48  # the gradient's memory is kept
+    assert hf.gates[0]._slots[1].numel() == 64 * 48  # the logits' gradient's memory is kept
     clone = copy.deepcopy(model)
     assert all(slot.numel() == 0 for slot in clone.parametrizations.weight[0]._slots)
     assert torch.equal(clone(torch.ones(2, 64)), model(torch.ones(2, 64)))

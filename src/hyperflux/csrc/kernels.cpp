@@ -26,11 +26,13 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -255,16 +257,41 @@ bool gate_loops(const at::Tensor& weight, const at::Tensor& logits, const at::Te
 }
 
 // The gate's backward over n elements: dL/dW = H(m) * g, dL/dm = c * W * g (straight through) and the flux
-// -W * g, each only where asked. Restrict-qualified parameters, so that GCC vectorises all three outputs at
-// once (with pointers captured in a lambda it gave up on three and versioned the loop for aliasing).
-template <bool Weight, bool Logits, bool Flux>
-void gate_grads(const float* __restrict__ w, const float* __restrict__ m, const float* __restrict__ g,
+// -W * g, each only where asked; `InPlace` writes dL/dW over g itself. Restrict-qualified parameters, so that
+// GCC vectorises all three outputs at once (with pointers captured in a lambda it gave up on three and
+// versioned the loop for aliasing).
+template <bool Weight, bool InPlace, bool Logits, bool Flux>
+void gate_grads(const float* __restrict__ w, const float* __restrict__ m, float* __restrict__ g,
                 float* __restrict__ gw, float* __restrict__ gm, float* __restrict__ f, float scale, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    if constexpr (Weight) gw[i] = g[i] * (m[i] >= 0.0f ? 1.0f : 0.0f);
-    if constexpr (Logits) gm[i] = scale * w[i] * g[i];
-    if constexpr (Flux) f[i] -= w[i] * g[i];
+    const float gi = g[i];
+    if constexpr (Logits) gm[i] = scale * w[i] * gi;
+    if constexpr (Flux) f[i] -= w[i] * gi;
+    if constexpr (Weight) (InPlace ? g : gw)[i] = gi * (m[i] >= 0.0f ? 1.0f : 0.0f);
   }
+}
+
+using GateGrads = void (*)(const float*, const float*, float*, float*, float*, float*, float, int64_t);
+
+// gate_grads for each combination of outputs, indexed by Weight << 3 | InPlace << 2 | Logits << 1 | Flux.
+template <int64_t... I>
+constexpr std::array<GateGrads, sizeof...(I)> gate_grads_table(std::integer_sequence<int64_t, I...>) {
+  return {&gate_grads<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
+}
+constexpr auto kGateGrads = gate_grads_table(std::make_integer_sequence<int64_t, 16>{});
+
+// Whether the backward may write dL/dW over the incoming gradient: nothing else holds it or its memory, which
+// it covers in the weight's layout. It saves the pass that reads fresh memory in for dL/dW, and that memory.
+// The engine hands each gradient to one node (one handed to two, or kept by a hook, has more owners). A
+// Linear's weight gradient comes as a view whose base only the view holds.
+bool writable_in_place(const at::Tensor& grad, const at::Tensor& weight) {
+  if (grad.use_count() != 1 || grad.scalar_type() != at::kFloat || grad.strides() != weight.strides() ||
+      grad.storage_offset() != 0 ||
+      static_cast<int64_t>(grad.storage().nbytes()) != grad.numel() * static_cast<int64_t>(sizeof(float))) {
+    return false;
+  }
+  if (!grad.is_view()) return grad.storage().use_count() == 1;
+  return grad._base().use_count() == 1 && grad.storage().use_count() == 2;  // the base, held by the view only
 }
 
 // A tensor of `like`'s sizes, strides and dtype in the memory `slot` holds when nothing else holds that memory
@@ -325,8 +352,10 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
     return out;
   }
 
+  // `grads` by reference: torch passes the list it owns, which this clears, so that an unshared gradient has
+  // one owner here and its memory can take dL/dW
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
+                                                 torch::autograd::variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[0];
     const at::Tensor& logits = saved[1];  // the 0/1 gate itself where the forward took ATen ops
@@ -346,35 +375,29 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
       return {want_weight ? grad * open : at::Tensor(), want_logits ? at::mul(weight, scale).mul_(grad) : at::Tensor(),
               at::Tensor(), at::Tensor(), at::Tensor()};
     }
+    // an upstream gradient of another layout (an expanded scalar, say) is copied into the weight's
+    if (grad.strides() != weight.strides()) grad = at::empty_like(weight).copy_(grad);
+    grads.clear();
+    const bool in_place = want_weight && writable_in_place(grad, weight);
     at::Tensor weight_slot = ctx->saved_data["weight_slot"].toTensor();
     at::Tensor logits_slot = ctx->saved_data["logits_slot"].toTensor();
-    at::Tensor grad_weight = want_weight ? in_slot(weight_slot, weight) : at::Tensor();
+    // in place: a tensor of its own on the gradient's memory, for a view's base would otherwise show in W.grad
+    at::Tensor grad_weight =
+        in_place     ? at::empty({0}, grad.options()).set_(grad.storage(), 0, grad.sizes(), grad.strides())
+        : want_weight ? in_slot(weight_slot, weight)
+                      : at::Tensor();
     at::Tensor grad_logits = want_logits ? in_slot(logits_slot, weight) : at::Tensor();
     const float* w = weight.data_ptr<float>();
     const float* m = logits.data_ptr<float>();
-    float* gw = want_weight ? grad_weight.data_ptr<float>() : nullptr;
+    float* g = grad.data_ptr<float>();  // written only in place
+    float* gw = want_weight && !in_place ? grad_weight.data_ptr<float>() : nullptr;
     float* gm = want_logits ? grad_logits.data_ptr<float>() : nullptr;
     float* f = flux.defined() ? flux.data_ptr<float>() : nullptr;
-    // an upstream gradient of another layout (an expanded scalar, say) is copied into the weight's
-    if (grad.strides() != weight.strides()) grad = at::empty_like(weight).copy_(grad);
-    const float* g = grad.data_ptr<float>();
+    const GateGrads grads_of = kGateGrads[(want_weight ? 8 : 0) | (in_place ? 4 : 0) | (gm ? 2 : 0) | (f ? 1 : 0)];
     const float c = static_cast<float>(scale);
     at::parallel_for(0, weight.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-      const int64_t n = end - begin;
-      const float *wb = w + begin, *mb = m + begin, *gb = g + begin;
-      float* gwb = gw ? gw + begin : nullptr;
-      float* gmb = gm ? gm + begin : nullptr;
-      float* fb = f ? f + begin : nullptr;
-      switch ((gw ? 4 : 0) | (gm ? 2 : 0) | (f ? 1 : 0)) {
-        case 7: gate_grads<true, true, true>(wb, mb, gb, gwb, gmb, fb, c, n); break;
-        case 6: gate_grads<true, true, false>(wb, mb, gb, gwb, gmb, fb, c, n); break;
-        case 5: gate_grads<true, false, true>(wb, mb, gb, gwb, gmb, fb, c, n); break;
-        case 4: gate_grads<true, false, false>(wb, mb, gb, gwb, gmb, fb, c, n); break;
-        case 3: gate_grads<false, true, true>(wb, mb, gb, gwb, gmb, fb, c, n); break;
-        case 2: gate_grads<false, true, false>(wb, mb, gb, gwb, gmb, fb, c, n); break;
-        case 1: gate_grads<false, false, true>(wb, mb, gb, gwb, gmb, fb, c, n); break;
-        default: break;
-      }
+      grads_of(w + begin, m + begin, g + begin, gw ? gw + begin : nullptr, gm ? gm + begin : nullptr,
+               f ? f + begin : nullptr, c, end - begin);
     });
     return {grad_weight, grad_logits, at::Tensor(), at::Tensor(), at::Tensor()};
   }
