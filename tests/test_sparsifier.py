@@ -237,10 +237,11 @@ def test_compiled_and_torch_stats_agree_on_a_conv_in_channels_last_with_nan_and_
     compiled = hf.stats()
     monkeypatch.setattr(sparsifier, "stats_ops", lambda: None)
     plain = hf.stats()
-    for key in ("flux_hist", "kept", "pruned", "regrown", "flux_p01", "flux_min"):
+    for key in ("flux_hist", "kept", "pruned", "regrown", "flux_p01"):
         assert compiled[key] == plain[key], key
     assert compiled["flux_hist"]["survivors"][-1] >= 2  # the NaN and +inf
-    assert math.isnan(compiled["layers"][0]["flux_min"]) and math.isnan(plain["layers"][0]["flux_min"])
+    for stats in (compiled, plain):  # the layer's NaN minimum is the model's too
+        assert math.isnan(stats["layers"][0]["flux_min"]) and math.isnan(stats["flux_min"])
     assert compiled["flux_mean_pruned"] == pytest.approx(plain["flux_mean_pruned"], rel=1e-12)
     assert [layer["kept"] for layer in compiled["layers"]] == [layer["kept"] for layer in plain["layers"]]
 

@@ -510,7 +510,8 @@ class Hyperflux:
                 dead_sum += layer_dead
                 if kept:
                     flux_min, flux_mean = layer_min, layer_alive / kept
-                    alive_min = min(alive_min, layer_min)
+                    # NaN spreads, as in each layer's minimum (Python's min would keep whichever came first)
+                    alive_min = layer_min if math.isnan(layer_min) or layer_min < alive_min else alive_min
             layers.append(
                 {
                     "name": target.name,
