@@ -10,7 +10,6 @@ from torch import nn
 import hyperflux
 from hyperflux import kernels
 from hyperflux.gate import _GateFunction
-from hyperflux.sparsifier import _FlushDenormalsDuringStep
 from pruned_models import LinearTwice
 
 
@@ -189,7 +188,8 @@ def test_pressure_loss_value_and_gradient_on_every_logit():
         assert torch.allclose(m.grad, torch.full_like(m, 2.0 / n))
 
 
-def test_attached_optimizer_applies_the_same_pressure_gradient_once_per_step():
+@pytest.mark.parametrize("flush", [True, False])
+def test_attached_optimizer_applies_the_same_pressure_gradient_once_per_step(flush):
     def run(attach: bool):
         model = _two_layer()
         hf = hyperflux.Hyperflux(
@@ -201,7 +201,7 @@ def test_attached_optimizer_applies_the_same_pressure_gradient_once_per_step():
         )
         opt = torch.optim.SGD(hf.param_groups(lr=0.0, mask_lr=1.0))
         if attach:
-            hf.attach(opt)
+            hf.attach(opt, flush_denormals=flush)
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
         loss = model(x).pow(2).mean() + hf.pressure_loss()
         opt.zero_grad()
@@ -273,6 +273,22 @@ def _denormals_survive() -> bool:
     (torch.set_flush_denormal would have set the calling thread only)."""
     tiny = torch.full((1 << 20,), 1e-39)  # below float32's smallest normal, 1.18e-38
     return bool((tiny * 1.0).count_nonzero() == tiny.numel())
+
+
+def test_add_to_grads_rounds_as_torch_add_does_in_any_layout_and_dtype():
+    grads = [
+        torch.randn(301, 7),  # not a multiple of any vector width or of the thread count
+        torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last),
+        torch.randn(9, dtype=torch.float64),  # not the compiled loop's: ATen's add_
+        torch.randn(6, 4).t(),  # not dense in memory order: the same
+    ]
+    values = [1.0 / 3.0, 2.5e-7, 1.0 / 7.0, -0.1]
+    expected = [g.clone().add_(v) for g, v in zip(grads, values, strict=True)]
+    versions = [g._version for g in grads]
+    assert not kernels.add_to_grads(grads, values)  # no flush asked: nothing to undo
+    for grad, want, version in zip(grads, expected, versions, strict=True):
+        assert torch.equal(grad, want)
+        assert grad._version > version  # autograd sees the write, as it sees torch's add_
 
 
 def test_flush_denormals_flushes_on_every_thread_and_restores():
@@ -419,12 +435,28 @@ def test_a_copied_gate_carries_none_of_the_kept_memory():
 
 def test_masks_off_the_cpu_step_without_touching_the_cpu_flag():
     """A GPU computes denormals at full speed; its host-bound steps should not pay for setting the CPU's flag."""
-    hook = _FlushDenormalsDuringStep(torch.empty(3, device="meta"))
-    hook.enter()
-    assert _denormals_survive()
-    hook.exit()
-    hook = _FlushDenormalsDuringStep(torch.empty(3))
-    hook.enter()
-    assert not _denormals_survive()
-    hook.exit()
+    seen = []
+    for device in ("meta", "cpu"):
+        model = _two_layer()
+        hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3)
+        opt = torch.optim.SGD(hf.param_groups(lr=0.0), lr=0.0)
+        hf.attach(opt)
+        model.to(device)  # the hooks look at where the logits live
+        opt.register_step_pre_hook(lambda *_: seen.append(_denormals_survive()))
+        opt.step()
+        assert _denormals_survive()
+    assert seen == [True, False]
+
+
+def test_a_step_that_raises_leaves_denormals_flushed_only_until_the_next_step_ends():
+    model = _two_layer()
+    hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3)
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-3))
+    hf.attach(opt)
+    model(torch.randn(4, 6)).sum().backward()
+    handle = opt.register_step_pre_hook(lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        opt.step()
+    handle.remove()
+    opt.step()
     assert _denormals_survive()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -14,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hyperflux.gate import FluxMeter, HardGate
-from hyperflux.kernels import flush_denormals, stats_ops
+from hyperflux.kernels import add_to_grads, stats_ops, stop_flushing
 from hyperflux.scheduler import PressureScheduler, _check_fraction
 from hyperflux.selection import DEFAULT_MODULES, Target, select_targets
 from hyperflux.table import text_table
@@ -123,40 +122,35 @@ def _quantile(
     return float(torch.cat([part.to(parts[0].device) for part in parts]).kthvalue(k - below).values)
 
 
-class _PressureHook:
-    """Optimizer step pre-hook: adds each layer's P / N to its logits' gradients, in place, in one call."""
+class _AttachedStep:
+    """Step pre- and post-hook of an attached optimiser. Before the step, each layer's P / N is added to its
+    logits' gradients in place, in one call; with `flush`, and while the masks are on the CPU, the step runs with
+    denormals flushed to zero (`flush_denormals`), set in that same call: a pruned weight's decaying moments
+    made it several times slower, and a GPU computes them at full speed (its host-bound steps would pay for
+    the flag)."""
 
-    def __init__(self, sparsifier: Hyperflux, gate_indices: list[int]) -> None:
+    def __init__(self, sparsifier: Hyperflux, gate_indices: list[int], flush: bool) -> None:
         self.sparsifier = sparsifier
         self.gate_indices = gate_indices
+        self.flush = flush
+        self._unflush = False  # stays set through a step that raised, so that the next one turns it off
 
-    def __call__(self, *_: object) -> None:
+    def before(self, *_: object) -> None:
         coefs = self.sparsifier._pressure_coefs()
+        gates = self.sparsifier.gates
         grads, values = [], []
         for i in self.gate_indices:
-            grad = self.sparsifier.gates[i].logits.grad
+            grad = gates[i].logits.grad
             if coefs[i] and grad is not None:
                 grads.append(grad)
                 values.append(coefs[i])
-        if grads:
-            torch._foreach_add_(grads, values)
+        flush = self.flush and gates[self.gate_indices[0]].logits.device.type == "cpu"
+        self._unflush = add_to_grads(grads, values, flush) or self._unflush
 
-
-class _FlushDenormalsDuringStep:
-    """Step pre- and post-hook: the optimiser steps with denormals flushed to zero (`flush_denormals`), where
-    a pruned weight's decaying moments would otherwise make it several times slower. Only while `logits` live
-    on the CPU: a GPU computes denormals at full speed, and its host-bound steps would pay for the flag."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        self.logits = logits
-        self._step = contextlib.ExitStack()
-
-    def enter(self, *_: object) -> None:
-        if self.logits.device.type == "cpu":
-            self._step.enter_context(flush_denormals())
-
-    def exit(self, *_: object) -> None:
-        self._step.close()
+    def after(self, *_: object) -> None:
+        if self._unflush:
+            self._unflush = False
+            stop_flushing()
 
 
 def _put_flat(tensor: torch.Tensor, indices: torch.Tensor, value: float) -> None:
@@ -389,11 +383,9 @@ class Hyperflux:
                 continue
             self._optimizers.append(optimizer)
             gates = [i for i, g in enumerate(self.gates) if id(g.logits) in held]
-            self._hooks.append(optimizer.register_step_pre_hook(_PressureHook(self, gates)))
-            if flush_denormals:
-                flush = _FlushDenormalsDuringStep(self.gates[gates[0]].logits)
-                self._hooks.append(optimizer.register_step_pre_hook(flush.enter))
-                self._hooks.append(optimizer.register_step_post_hook(flush.exit))
+            hooks = _AttachedStep(self, gates, flush_denormals)
+            self._hooks.append(optimizer.register_step_pre_hook(hooks.before))
+            self._hooks.append(optimizer.register_step_post_hook(hooks.after))
         self._attached = bool(self._optimizers)
         return self
 
