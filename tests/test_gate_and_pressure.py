@@ -291,6 +291,17 @@ def test_add_to_grads_rounds_as_torch_add_does_in_any_layout_and_dtype():
         assert grad._version > version  # autograd sees the write, as it sees torch's add_
 
 
+def test_add_to_grads_off_the_cpu_takes_torch_foreach_and_still_flushes_when_asked():
+    elsewhere = [torch.empty(5, device="meta")]
+    assert not kernels.add_to_grads(elsewhere, [1.0])
+    assert _denormals_survive()
+    if kernels.load():
+        assert kernels.add_to_grads(elsewhere, [1.0], flush=True)  # it was off: the caller turns it off
+        assert not _denormals_survive()
+        kernels.stop_flushing()
+    assert _denormals_survive()
+
+
 def test_flush_denormals_flushes_on_every_thread_and_restores():
     assert _denormals_survive()
     with hyperflux.flush_denormals():

@@ -185,17 +185,18 @@ def add_to_grads(grads: list[torch.Tensor], values: list[float], flush: bool = F
     """`grad += value` for each pair, in place, rounded as torch's `add_` rounds it: an optimiser step's
     pressure. With `flush`, denormals are flushed on every thread from here on (as in `flush_denormals`), set
     in the same parallel pass; returns whether flushing was off before, that is whether the caller turns it
-    off again (`stop_flushing()`). Without the compiled kernels: torch's foreach add, and no flushing.
+    off again (`stop_flushing()`). Off the CPU, or without the compiled kernels: torch's foreach add (and, without
+    the kernels, no flushing).
 
     One call for both: in a LeNet-300-100 training step the foreach add and a separate pass over torch's
     threads for the flag took longer than the add's memory traffic.
     """
-    if load():
+    if load() and all(grad.device.type == "cpu" for grad in grads):
         was_flushing = _module.add_to_grads(grads, values, flush)
         return flush and not was_flushing
-    if grads:
+    if grads:  # a GPU's gradients: one foreach launch for all
         torch._foreach_add_(grads, values)
-    return False
+    return flush and load() and not _module.set_flush_denormal(True)
 
 
 def stop_flushing() -> None:

@@ -565,8 +565,9 @@ bool set_flush_denormal(bool on) {
 // grads[k] += values[k] in place, as torch's add_ rounds it (the value to float, then one float add), for an
 // optimiser step's pressure; with `flush`, flush-to-zero is set on every intra-op thread in the same parallel
 // pass (set_flush_denormal). In a LeNet-300-100 training step the foreach add and the flag's own pass over the
-// threads cost more than the add's memory traffic. Gradients that are not float32 CPU take ATen's add_. Returns
-// whether the calling thread flushed before (true when `flush` is false: nothing to undo).
+// threads cost more than the add's memory traffic. CPU gradients that are not float32 take ATen's add_ (the
+// caller sends other devices' to torch's foreach add, one launch for all). Returns whether the calling thread
+// flushed before (true when `flush` is false: nothing to undo).
 bool add_to_grads(const std::vector<at::Tensor>& grads, const std::vector<double>& values, bool flush) {
   TORCH_CHECK(grads.size() == values.size(), "hyperflux::add_to_grads: one value per gradient");
   std::vector<std::pair<float*, int64_t>> spans;
@@ -580,6 +581,7 @@ bool add_to_grads(const std::vector<at::Tensor>& grads, const std::vector<double
       grads[k].add_(values[k]);
     }
   }
+  if (spans.empty() && !flush) return true;
   const bool previous = flush ? flush_bits(true) : true;
   const int64_t threads = at::get_num_threads();
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {  // one index per thread, as above
