@@ -9,6 +9,7 @@ Peak memory is the exact byte count of what a training step holds.
 
     .venv/bin/python benchmarks/overhead.py [--pairs 15] [--out benchmarks/results/overhead.json]
     .venv/bin/python benchmarks/overhead.py --profile lenet300   # the torch profiler's table per arm
+    .venv/bin/python benchmarks/overhead.py --phases lenet300    # forward / backward / step time per arm
     .venv/bin/python benchmarks/overhead.py --compile            # both models under torch.compile
     python benchmarks/overhead.py --device cuda                  # on a GPU (adds ResNet-18 on 32x32 images)
 """
@@ -33,6 +34,11 @@ from hyperflux import models
 
 BATCH = 128
 ARMS = ("dense", "hyperflux", "gates", "mask_optimizer")
+PHASES = (
+    "forward",
+    "backward",
+    "step",
+)  # the loss's forward; zero_grad and backward; the optimiser step and its hooks
 
 
 def lenet300() -> nn.Module:
@@ -112,19 +118,27 @@ class Run:
         self.faults_per_step: list[float] = []  # minor page faults, per epoch
         self.sparsifier_step_s: list[float] = []
 
-    def epoch(self) -> float:
-        """Seconds for one epoch; also records its page faults per step and the time of `hf.step()`."""
+    def epoch(self, phases: dict[str, float] | None = None) -> float:
+        """Seconds for one epoch; also records its page faults per step and the time of `hf.step()`, and adds
+        the seconds its steps spent in each phase (PHASES) into `phases` when given."""
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for i in range(0, len(self.x), BATCH):
+            began = time.perf_counter()
             loss = F.cross_entropy(self.forward(self.x[i : i + BATCH]), self.y[i : i + BATCH])
+            forward_done = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             for param in self.dropped:
                 param.grad = None
             loss.backward()
             for param, grad in self.stored_grads:
                 param.grad = grad
+            backward_done = time.perf_counter()
             self.optimizer.step()
+            if phases is not None:
+                phases["forward"] += forward_done - began
+                phases["backward"] += backward_done - forward_done
+                phases["step"] += time.perf_counter() - backward_done
         if self.hf is not None:
             step_start = time.perf_counter()
             self.hf.step()  # once per epoch, as in any training loop
@@ -238,6 +252,39 @@ def profile(case: str, samples: int = 12_800) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def phases(case: str, rounds: int, out: Path, samples: int = 25_600) -> None:
+    """Microseconds a step spends in each of PHASES, per arm, timed inside real training steps (alternating
+    epochs, median over rounds), written to `out`. Timings of single operations in a tight loop run on warm
+    caches and without the step's other Python; here they cost several times as much, so look for where a
+    step's time goes with this rather than with micro-benchmarks."""
+    runs = tuple(Run(case, arm, samples) for arm in ARMS)
+    for run in runs:
+        run.epoch()
+    steps = -(-samples // BATCH)
+    per_round: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+    order = list(zip(ARMS, runs, strict=True))
+    for i in range(rounds):
+        for arm, run in order if i % 2 == 0 else order[::-1]:
+            spent = dict.fromkeys(PHASES, 0.0)
+            run.epoch(spent)
+            per_round[arm].append({phase: 1e6 * seconds / steps for phase, seconds in spent.items()})
+    table = {
+        arm: {phase: round(statistics.median(r[phase] for r in per_round[arm]), 1) for phase in PHASES}
+        for arm in ARMS
+    }
+    print(f"{case}: microseconds a step in each phase (median of {rounds} rounds)")
+    print(
+        f"{'arm':<16}" + "".join(f"{phase:>10}" for phase in PHASES) + f"{'total':>10}" + f"{'vs dense':>10}"
+    )
+    dense_total = sum(table["dense"].values())
+    for arm in ARMS:
+        total = sum(table[arm].values())
+        cells = "".join(f"{table[arm][phase]:>10.1f}" for phase in PHASES)
+        print(f"{arm:<16}{cells}{total:>10.1f}{total / dense_total:>9.3f}x")
+    records = [{"model": case, "arm": arm, "samples": samples, "us_per_step": table[arm]} for arm in ARMS]
+    write(out, records, f"python benchmarks/overhead.py --phases {case} --pairs {rounds}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=15)  # single pairs here range over 1.02-1.20 (conv net)
@@ -249,6 +296,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--profile", choices=list(CASES), help="print where each arm's time goes, then stop")
     parser.add_argument(
+        "--phases",
+        choices=list(CPU_CASES),
+        help="time each phase of a step (forward, backward, optimiser step) per arm; writes overhead_phases.json",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile both models (dense and hyperflux arms only); writes overhead_compiled.json",
@@ -257,13 +309,16 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if device.type != "cpu" and (args.profile or args.compile):
-        parser.error("--profile and --compile measure on the CPU only; leave --device out")
+    if device.type != "cpu" and (args.profile or args.compile or args.phases):
+        parser.error("--profile, --phases and --compile measure on the CPU only; leave --device out")
     results = Path(__file__).parent / "results"
     out = args.out or results / ("overhead_cuda.json" if device.type == "cuda" else "overhead.json")
     torch.set_num_threads(torch.get_num_threads())
     if args.profile:
         profile(args.profile)
+        return
+    if args.phases:
+        phases(args.phases, args.pairs, out.with_name("overhead_phases.json"))
         return
     if args.compile:
         compiled(args.pairs, out.with_name("overhead_compiled.json"))
