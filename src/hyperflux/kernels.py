@@ -178,7 +178,7 @@ def flush_denormals(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         if not previous:
-            _module.set_flush_denormal(False)
+            stop_flushing()
 
 
 def add_to_grads(grads: list[torch.Tensor], values: list[float], flush: bool = False) -> bool:
@@ -200,5 +200,6 @@ def add_to_grads(grads: list[torch.Tensor], values: list[float], flush: bool = F
 
 
 def stop_flushing() -> None:
-    """Denormals computed again on every thread, after `add_to_grads(..., flush=True)` returned True."""
+    """Denormals computed again on every thread: the end of `flush_denormals`, and what the caller of
+    `add_to_grads(..., flush=True)` does once that returned True."""
     _module.set_flush_denormal(False)

@@ -552,13 +552,22 @@ bool flush_bits(bool on) {
 #endif
 }
 
+// work(t, threads) once for each t in [0, threads), each on its own intra-op thread (all inline when called
+// from one): the flag below is per thread.
+template <typename Work>
+void on_each_thread(const Work& work) {
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {  // one index per thread
+    for (int64_t t = begin; t < end; ++t) work(t, threads);
+  });
+}
+
 // The flag is per thread: torch.set_flush_denormal sets only the calling thread's, so the intra-op threads
 // that run most of a large op kept computing denormals at a fraction of the speed. Returns the caller's
 // previous setting.
 bool set_flush_denormal(bool on) {
   const bool previous = flush_bits(on);
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [on](int64_t, int64_t) { flush_bits(on); });  // one index per thread
+  on_each_thread([on](int64_t, int64_t) { flush_bits(on); });
   return previous;
 }
 
@@ -583,16 +592,13 @@ bool add_to_grads(const std::vector<at::Tensor>& grads, const std::vector<double
   }
   if (spans.empty() && !flush) return true;
   const bool previous = flush ? flush_bits(true) : true;
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {  // one index per thread, as above
+  on_each_thread([&](int64_t t, int64_t threads) {
     if (flush) flush_bits(true);
-    for (int64_t t = begin; t < end; ++t) {
-      for (size_t k = 0; k < spans.size(); ++k) {
-        float* __restrict__ g = spans[k].first;
-        const float v = adds[k];
-        const int64_t n = spans[k].second;
-        for (int64_t i = n * t / threads; i < n * (t + 1) / threads; ++i) g[i] += v;
-      }
+    for (size_t k = 0; k < spans.size(); ++k) {
+      float* __restrict__ g = spans[k].first;
+      const float v = adds[k];
+      const int64_t n = spans[k].second;
+      for (int64_t i = n * t / threads; i < n * (t + 1) / threads; ++i) g[i] += v;
     }
   });
   return previous;
