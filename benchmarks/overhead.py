@@ -34,11 +34,8 @@ from hyperflux import models
 
 BATCH = 128
 ARMS = ("dense", "hyperflux", "gates", "mask_optimizer")
-PHASES = (
-    "forward",
-    "backward",
-    "step",
-)  # the loss's forward; zero_grad and backward; the optimiser step and its hooks
+# the loss's forward; zero_grad and backward; the optimiser step and its hooks
+PHASES = ("forward", "backward", "step")
 
 
 def lenet300() -> nn.Module:
@@ -117,11 +114,15 @@ class Run:
         self.forward = torch.compile(self.model) if compiled else self.model
         self.faults_per_step: list[float] = []  # minor page faults, per epoch
         self.sparsifier_step_s: list[float] = []
+        self.phase_us_per_step: list[
+            dict[str, float]
+        ] = []  # microseconds a step in each of PHASES, per epoch
 
-    def epoch(self, phases: dict[str, float] | None = None) -> float:
-        """Seconds for one epoch; also records its page faults per step and the time of `hf.step()`, and adds
-        the seconds its steps spent in each phase (PHASES) into `phases` when given."""
+    def epoch(self) -> float:
+        """Seconds for one epoch; also records its page faults per step, the time of `hf.step()` and the time
+        its steps spent in each phase."""
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        phases = dict.fromkeys(PHASES, 0.0)
         start = time.perf_counter()
         for i in range(0, len(self.x), BATCH):
             began = time.perf_counter()
@@ -135,10 +136,9 @@ class Run:
                 param.grad = grad
             backward_done = time.perf_counter()
             self.optimizer.step()
-            if phases is not None:
-                phases["forward"] += forward_done - began
-                phases["backward"] += backward_done - forward_done
-                phases["step"] += time.perf_counter() - backward_done
+            phases["forward"] += forward_done - began
+            phases["backward"] += backward_done - forward_done
+            phases["step"] += time.perf_counter() - backward_done
         if self.hf is not None:
             step_start = time.perf_counter()
             self.hf.step()  # once per epoch, as in any training loop
@@ -148,6 +148,7 @@ class Run:
         seconds = time.perf_counter() - start
         steps = -(-len(self.x) // BATCH)
         self.faults_per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps)
+        self.phase_us_per_step.append({phase: 1e6 * spent / steps for phase, spent in phases.items()})
         return seconds
 
 
@@ -258,19 +259,13 @@ def phases(case: str, rounds: int, out: Path, samples: int = 25_600) -> None:
     caches and without the step's other Python; here they cost several times as much, so look for where a
     step's time goes with this rather than with micro-benchmarks."""
     runs = tuple(Run(case, arm, samples) for arm in ARMS)
-    for run in runs:
-        run.epoch()
-    steps = -(-samples // BATCH)
-    per_round: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
-    order = list(zip(ARMS, runs, strict=True))
-    for i in range(rounds):
-        for arm, run in order if i % 2 == 0 else order[::-1]:
-            spent = dict.fromkeys(PHASES, 0.0)
-            run.epoch(spent)
-            per_round[arm].append({phase: 1e6 * seconds / steps for phase, seconds in spent.items()})
-    table = {
-        arm: {phase: round(statistics.median(r[phase] for r in per_round[arm]), 1) for phase in PHASES}
-        for arm in ARMS
+    alternate(runs, rounds)
+    table = {  # the warm-up epoch left out
+        arm: {
+            phase: round(statistics.median(e[phase] for e in run.phase_us_per_step[1:]), 1)
+            for phase in PHASES
+        }
+        for arm, run in zip(ARMS, runs, strict=True)
     }
     print(f"{case}: microseconds a step in each phase (median of {rounds} rounds)")
     print(
