@@ -1,5 +1,5 @@
 """Small models and data the tests share: randomly pruned models (export, inference, ONNX), a layer used twice,
-and scikit-learn's digits split in two."""
+scikit-learn's digits split in two, and a probe of the CPU's denormal flag."""
 
 import torch
 from sklearn.datasets import load_digits
@@ -37,3 +37,10 @@ def digits_split(
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[order].to(device), y[order].to(device)
     return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+
+
+def denormals_survive() -> bool:
+    """Whether a product of denormals keeps them, computed large enough that every intra-op thread takes part
+    (torch.set_flush_denormal would have set the calling thread only)."""
+    tiny = torch.full((1 << 20,), 1e-39)  # below float32's smallest normal, 1.18e-38
+    return bool((tiny * 1.0).count_nonzero() == tiny.numel())

@@ -10,7 +10,7 @@ from torch import nn
 import hyperflux
 from hyperflux import kernels
 from hyperflux.gate import _GateFunction
-from pruned_models import LinearTwice
+from pruned_models import LinearTwice, denormals_survive
 
 
 def python_gate(weight, logits, scale):
@@ -268,13 +268,6 @@ def test_a_layer_used_twice_in_a_batch_reports_the_flux_of_both_uses():
     assert stats["flux_mean"] == pytest.approx(float((-(weight * grad) * hf.total).mean()), rel=1e-5)
 
 
-def _denormals_survive() -> bool:
-    """Whether a product of denormals keeps them, computed large enough that every intra-op thread takes part
-    (torch.set_flush_denormal would have set the calling thread only)."""
-    tiny = torch.full((1 << 20,), 1e-39)  # below float32's smallest normal, 1.18e-38
-    return bool((tiny * 1.0).count_nonzero() == tiny.numel())
-
-
 def test_add_to_grads_rounds_as_torch_add_does_in_any_layout_and_dtype():
     grads = [
         torch.randn(301, 7),  # not a multiple of any vector width or of the thread count
@@ -294,24 +287,24 @@ def test_add_to_grads_rounds_as_torch_add_does_in_any_layout_and_dtype():
 def test_add_to_grads_off_the_cpu_takes_torch_foreach_and_still_flushes_when_asked():
     elsewhere = [torch.empty(5, device="meta")]
     assert not kernels.add_to_grads(elsewhere, [1.0])
-    assert _denormals_survive()
+    assert denormals_survive()
     if kernels.load():
         assert kernels.add_to_grads(elsewhere, [1.0], flush=True)  # it was off: the caller turns it off
-        assert not _denormals_survive()
+        assert not denormals_survive()
         kernels.stop_flushing()
-    assert _denormals_survive()
+    assert denormals_survive()
 
 
 def test_flush_denormals_flushes_on_every_thread_and_restores():
-    assert _denormals_survive()
+    assert denormals_survive()
     with hyperflux.flush_denormals():
         assert (torch.full((1 << 20,), 1e-39) * 1.0).count_nonzero() == 0  # not one thread kept the slow path
         with hyperflux.flush_denormals():
             pass
-        assert not _denormals_survive()  # a nested block leaves the outer one's setting
-    assert _denormals_survive()
+        assert not denormals_survive()  # a nested block leaves the outer one's setting
+    assert denormals_survive()
     with hyperflux.flush_denormals(enabled=False):
-        assert _denormals_survive()
+        assert denormals_survive()
 
 
 @pytest.mark.parametrize("flush", [True, False])
@@ -323,7 +316,7 @@ def test_attached_optimizer_steps_with_denormals_flushed(flush):
     opt = torch.optim.Adam(hf.param_groups(lr=1e-3))
     hf.attach(opt, flush_denormals=flush)
     seen = []
-    opt.register_step_pre_hook(lambda *_: seen.append(_denormals_survive()))
+    opt.register_step_pre_hook(lambda *_: seen.append(denormals_survive()))
     weight = next(iter(hf.masked_weights().values()))
     model(torch.randn(4, 6)).sum().backward()
     opt.step()
@@ -332,7 +325,7 @@ def test_attached_optimizer_steps_with_denormals_flushed(flush):
     opt.step()
     assert seen == [not flush] * 2
     assert bool((opt.state[weight]["exp_avg"] == 0).all()) is flush
-    assert _denormals_survive()
+    assert denormals_survive()
 
 
 def _gated_linear(seed: int = 0):
@@ -453,9 +446,9 @@ def test_masks_off_the_cpu_step_without_touching_the_cpu_flag():
         opt = torch.optim.SGD(hf.param_groups(lr=0.0), lr=0.0)
         hf.attach(opt)
         model.to(device)  # the hooks look at where the logits live
-        opt.register_step_pre_hook(lambda *_: seen.append(_denormals_survive()))
+        opt.register_step_pre_hook(lambda *_: seen.append(denormals_survive()))
         opt.step()
-        assert _denormals_survive()
+        assert denormals_survive()
     assert seen == [True, False]
 
 
@@ -470,4 +463,4 @@ def test_a_step_that_raises_leaves_denormals_flushed_only_until_the_next_step_en
         opt.step()
     handle.remove()
     opt.step()
-    assert _denormals_survive()
+    assert denormals_survive()
