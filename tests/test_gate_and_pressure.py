@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 import hyperflux
 from hyperflux import kernels
@@ -464,3 +465,56 @@ def test_a_step_that_raises_leaves_denormals_flushed_only_until_the_next_step_en
     handle.remove()
     opt.step()
     assert denormals_survive()
+
+
+def _through_torch_getter(model: nn.Linear) -> torch.Tensor:
+    chain = model.parametrizations.weight
+    return chain[0](chain.original)
+
+
+def test_the_weight_is_read_without_the_parametrization_lists_call(monkeypatch):
+    """The prepared module's weight skips torch's property path (two module calls and attribute lookups that
+    raise): the same value and gradients, with ParametrizationList.forward never called."""
+    model, hf = _gated_linear()
+    calls = []
+    torch_forward = parametrize.ParametrizationList.forward
+    monkeypatch.setattr(
+        parametrize.ParametrizationList, "forward", lambda self: calls.append(1) or torch_forward(self)
+    )
+    x = torch.randn(8, 64)
+    model(x).square().sum().backward()
+    fast = [p.grad.clone() for p in (model.parametrizations.weight.original, hf.gates[0].logits)]
+    assert calls == []
+    for p in (model.parametrizations.weight.original, hf.gates[0].logits):
+        p.grad = None
+    F.linear(x, _through_torch_getter(model), model.bias).square().sum().backward()
+    slow = [model.parametrizations.weight.original.grad, hf.gates[0].logits.grad]
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(model.weight, _through_torch_getter(model))
+
+
+def test_the_weight_getter_leaves_caching_and_stacked_parametrizations_to_torch():
+    model, _hf = _gated_linear()
+    with parametrize.cached():
+        assert model.weight is model.weight
+    assert model.weight is not model.weight
+
+    class Double(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    parametrize.register_parametrization(model, "weight", Double())
+    assert torch.equal(model.weight, 2 * _through_torch_getter(model))
+    with pytest.raises(
+        RuntimeError, match="right_inverse"
+    ):  # the setter is torch's, not a read-only property
+        model.weight = torch.ones(48, 64)
+
+
+def test_squash_removes_the_weight_getter():
+    model, hf = _gated_linear()
+    weight = model.weight.detach().clone()
+    hf.squash()
+    assert type(model) is nn.Linear and isinstance(model.weight, nn.Parameter)
+    assert torch.equal(model.weight, weight)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from hyperflux.kernels import gate_op
 
@@ -143,3 +144,29 @@ class HardGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.logits.shape)}, scale={self.scale}"
+
+
+def register_gate(module: nn.Module, name: str, gate: HardGate) -> None:
+    """`parametrize.register_parametrization(module, name, gate)`, with `module.<name>` then read by a shorter
+    path than torch's.
+
+    torch's property reaches the gate through two module calls, index and attribute lookups that raise and
+    catch, which cost more than the gate's own kernel in a small layer's forward pass. The shorter getter calls
+    the gate on the stored weight directly, as torch does for a single parametrization; anything else (another
+    parametrization stacked on this one, `parametrize.cached()`) takes torch's own getter.
+    """
+    parametrize.register_parametrization(module, name, gate)
+    cls = type(module)  # the class parametrize made for this module alone
+    torch_property = cls.__dict__.get(name)
+    if not isinstance(torch_property, property) or not hasattr(parametrize, "_cache_enabled"):
+        return  # a torch whose parametrize differs: its own getter
+    torch_getter = torch_property.fget
+
+    def gated(self: nn.Module) -> torch.Tensor:
+        chain = self._modules["parametrizations"]._modules[name]
+        original = chain._parameters.get("original")
+        if original is None or len(chain._modules) != 1 or parametrize._cache_enabled:
+            return torch_getter(self)
+        return chain._modules["0"](original)
+
+    setattr(cls, name, property(gated, torch_property.fset, doc=torch_property.__doc__))

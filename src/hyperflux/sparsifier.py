@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
-from hyperflux.gate import FluxMeter, HardGate
+from hyperflux.gate import FluxMeter, HardGate, register_gate
 from hyperflux.kernels import add_to_grads, stats_ops, stop_flushing
 from hyperflux.scheduler import PressureScheduler, _check_fraction
 from hyperflux.selection import DEFAULT_MODULES, Target, select_targets
@@ -284,7 +284,7 @@ class Hyperflux:
             with torch.no_grad():
                 logits.uniform_(self.init_logit, 2.5 * self.init_logit)
             gate = HardGate(logits, self.grad_scale, self.meter)
-            parametrize.register_parametrization(target.module, target.param_name, gate)
+            register_gate(target.module, target.param_name, gate)
             self.gates.append(gate)
             self._hooks.append(
                 target.module.register_load_state_dict_pre_hook(_DenseKeyLoader(target.param_name, gate))
