@@ -22,7 +22,7 @@ import platform
 import resource
 import statistics
 import time
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import torch
@@ -230,6 +230,7 @@ def write(out: Path, records: list[dict], command: str, device: torch.device | N
         machine += f", {torch.cuda.get_device_name(device)}"
     meta = {
         "date": date.today().isoformat(),
+        "time_utc": datetime.now(UTC).strftime("%H:%M"),
         "machine": machine,
         "torch": torch.__version__,
         "command": command,
@@ -327,6 +328,8 @@ def main() -> None:
         dense_s = statistics.median(t[0] for t in times)
         pruned_s = statistics.median(t[1] for t in times)
         ratio, gate_ratio, adam_ratio = (statistics.median(t[i] / t[0] for t in times) for i in (1, 2, 3))
+        # how far single pairs stray: this machine's noise, which a median of pairs does not show
+        quartiles = statistics.quantiles((t[1] / t[0] for t in times), n=4)
         faults = {
             arm: round(statistics.median(run.faults_per_step[1:]), 1)
             for arm, run in zip(ARMS, runs, strict=True)
@@ -336,6 +339,7 @@ def main() -> None:
             {
                 "model": case,
                 "ratio": round(ratio, 4),
+                "ratio_quartiles": [round(quartiles[0], 4), round(quartiles[2], 4)],
                 "gates_only_ratio": round(gate_ratio, 4),
                 "mask_optimizer_only_ratio": round(adam_ratio, 4),
                 "dense_epoch_s": round(dense_s, 4),
@@ -349,12 +353,14 @@ def main() -> None:
             }
         )
     print(
-        f"{'model':<12} {'dense s':>8} {'hyperflux s':>12} {'ratio':>7} {'gates only':>10} {'mask opt only':>13} "
-        f"{'mem dense MB':>13} {'mem hf MB':>10} {'mem ratio':>9}"
+        f"{'model':<12} {'dense s':>8} {'hyperflux s':>12} {'ratio':>7} {'quartiles':>13} {'gates only':>10} "
+        f"{'mask opt only':>13} {'mem dense MB':>13} {'mem hf MB':>10} {'mem ratio':>9}"
     )
     for r in records:
+        low, high = r["ratio_quartiles"]
         print(
             f"{r['model']:<12} {r['dense_epoch_s']:>8.3f} {r['hyperflux_epoch_s']:>12.3f} {r['ratio']:>7.3f} "
+            f"{f'{low:.3f}-{high:.3f}':>13} "
             f"{r['gates_only_ratio']:>10.3f} {r['mask_optimizer_only_ratio']:>13.3f} "
             f"{r['peak_memory_dense_mb']:>13.1f} {r['peak_memory_hyperflux_mb']:>10.1f} {r['peak_memory_ratio']:>9.3f}"
         )
