@@ -22,7 +22,7 @@ import platform
 import resource
 import statistics
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -228,9 +228,10 @@ def write(out: Path, records: list[dict], command: str, device: torch.device | N
     machine = f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
     if device is not None and device.type == "cuda":
         machine += f", {torch.cuda.get_device_name(device)}"
+    now = datetime.now(UTC)
     meta = {
-        "date": date.today().isoformat(),
-        "time_utc": datetime.now(UTC).strftime("%H:%M"),
+        "date": now.date().isoformat(),
+        "time_utc": now.strftime("%H:%M"),
         "machine": machine,
         "torch": torch.__version__,
         "command": command,
@@ -329,7 +330,8 @@ def main() -> None:
         pruned_s = statistics.median(t[1] for t in times)
         ratio, gate_ratio, adam_ratio = (statistics.median(t[i] / t[0] for t in times) for i in (1, 2, 3))
         # how far single pairs stray: this machine's noise, which a median of pairs does not show
-        quartiles = statistics.quantiles((t[1] / t[0] for t in times), n=4)
+        pair_ratios = [t[1] / t[0] for t in times]
+        quartiles = statistics.quantiles(pair_ratios, n=4) if len(times) > 1 else pair_ratios * 3
         faults = {
             arm: round(statistics.median(run.faults_per_step[1:]), 1)
             for arm, run in zip(ARMS, runs, strict=True)
