@@ -51,12 +51,13 @@ def test_gate_forward_and_gradients_on_cuda_equal_the_cpus():
     assert torch.allclose(grad_m, 0.25 * weight * upstream)
 
 
+@pytest.mark.parametrize("fused", [False, True])  # fused: GradScaler leaves the unscaling to Adam's kernel
 @pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
-def test_a_run_under_amp_on_cuda_hits_its_exact_target(digits, amp):
+def test_a_run_under_amp_on_cuda_hits_its_exact_target(digits, amp, fused):
     (x, y), (test_x, test_y) = digits
     model = small_mlp().cuda()
     hf = Hyperflux(model, 0.9, 12, 6, exact_target=True, mask_lr=1e-2)
-    opt = torch.optim.Adam(hf.param_groups(lr=5e-3))
+    opt = torch.optim.Adam(hf.param_groups(lr=5e-3), fused=fused)
     hf.attach(opt)
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
     for epoch in range(hf.total_epochs):

@@ -514,3 +514,51 @@ def test_squash_removes_the_weight_getter():
     hf.squash()
     assert type(model) is nn.Linear and isinstance(model.weight, nn.Parameter)
     assert torch.equal(model.weight, weight)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_fused_optimizer_under_grad_scaler_feels_the_same_pressure(optimizer, device):
+    """GradScaler hands a fused optimiser its gradients still scaled, with `grad_scale` for its kernel to divide
+    by: the pressure added before that kernel must be scaled too, or it arrives 1 / scale as strong."""
+
+    def step(scaled: bool) -> list[torch.Tensor]:
+        model = _two_layer().to(device)
+        hf = hyperflux.Hyperflux(
+            model,
+            None,
+            pruning_epochs=3,
+            exact_target=False,
+            scheduler=hyperflux.PressureScheduler.constant(50.0),
+        )
+        cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+        opt = cls(hf.param_groups(lr=0.1, mask_lr=0.1), lr=0.1, fused=True)
+        hf.attach(opt)
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0)).to(device)
+        loss = model(x).pow(2).mean()
+        if scaled:
+            scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        return [m.detach().clone() for m in hf.mask_parameters()]
+
+    for plain, scaled in zip(step(False), step(True), strict=True):
+        assert torch.allclose(plain.cpu(), scaled.cpu(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_add_to_grads_multiplies_each_value_by_the_scale(monkeypatch, compiled):
+    if not compiled:  # torch's path: a GPU's gradients, or no compiled kernels
+        monkeypatch.setattr(kernels, "load", lambda: False)
+    grads = [torch.randn(301, 7), torch.randn(9)]
+    expected = [grads[0] + 0.25 * 512.0, grads[1] - 3.0 * 512.0]
+    kernels.add_to_grads(grads, [0.25, -3.0], scale=torch.tensor(512.0))
+    for grad, want in zip(grads, expected, strict=True):
+        assert torch.equal(grad, want)

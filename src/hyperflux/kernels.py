@@ -181,20 +181,33 @@ def flush_denormals(enabled: bool = True) -> Iterator[None]:
             stop_flushing()
 
 
-def add_to_grads(grads: list[torch.Tensor], values: list[float], flush: bool = False) -> bool:
-    """`grad += value` for each pair, in place, rounded as torch's `add_` rounds it: an optimiser step's
-    pressure. With `flush`, denormals are flushed on every thread from here on (as in `flush_denormals`), set
-    in the same parallel pass; returns whether flushing was off before, that is whether the caller turns it
-    off again (`stop_flushing()`). Off the CPU, or without the compiled kernels: torch's foreach add (and, without
-    the kernels, no flushing).
+def add_to_grads(
+    grads: list[torch.Tensor],
+    values: list[float],
+    flush: bool = False,
+    scale: torch.Tensor | None = None,
+) -> bool:
+    """`grad += value` (times `scale`, when given) for each pair, in place, rounded as torch's `add_` rounds
+    it: an optimiser step's pressure. With `flush`, denormals are flushed on every thread from here on (as in
+    `flush_denormals`), set in the same parallel pass; returns whether flushing was off before, that is whether
+    the caller turns it off again (`stop_flushing()`). Off the CPU, or without the compiled kernels: torch's
+    foreach add (and, without the kernels, no flushing).
+
+    `scale` is a one-element tensor by which the gradients are still multiplied: AMP's GradScaler leaves a fused
+    optimiser's gradients scaled, for its kernel to divide by. On a GPU it is read there, never by the host.
 
     One call for both: in a LeNet-300-100 training step the foreach add and a separate pass over torch's
     threads for the flag took longer than the add's memory traffic.
     """
     if load() and all(grad.device.type == "cpu" for grad in grads):
+        if scale is not None:
+            values = [value * float(scale) for value in values]
         was_flushing = _module.add_to_grads(grads, values, flush)
         return flush and not was_flushing
-    if grads:  # a GPU's gradients: one foreach launch for all
+    if scale is not None:
+        for grad, value in zip(grads, values, strict=True):
+            grad.add_(scale.to(grad.device), alpha=value)
+    elif grads:  # a GPU's gradients: one foreach launch for all
         torch._foreach_add_(grads, values)
     return flush and load() and not _module.set_flush_denormal(True)
 

@@ -135,7 +135,7 @@ class _AttachedStep:
         self.flush = flush
         self._unflush = False  # stays set through a step that raised, so that the next one turns it off
 
-    def before(self, *_: object) -> None:
+    def before(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
         coefs = self.sparsifier._pressure_coefs()
         gates = self.sparsifier.gates
         grads, values = [], []
@@ -145,7 +145,9 @@ class _AttachedStep:
                 grads.append(grad)
                 values.append(coefs[i])
         flush = self.flush and gates[self.gate_indices[0]].logits.device.type == "cpu"
-        self._unflush = add_to_grads(grads, values, flush) or self._unflush
+        # AMP's GradScaler hands a fused optimiser its gradients still scaled, with the scale to divide by
+        scale = getattr(optimizer, "grad_scale", None)
+        self._unflush = add_to_grads(grads, values, flush, scale) or self._unflush
 
     def after(self, *_: object) -> None:
         if self._unflush:
@@ -367,7 +369,8 @@ class Hyperflux:
 
         A step pre-hook adds P / N to the mask logits' gradients right before each `optimizer.step()`: no
         graph and one in-place pass (the fast path), after AMP's unscale and DDP's all-reduce, and once per
-        step under gradient accumulation. `step()` then needs no arguments.
+        step under gradient accumulation. A fused optimiser that GradScaler leaves to unscale its gradients in
+        its own kernel gets the pressure scaled as they are. `step()` then needs no arguments.
 
         With `flush_denormals` (the default) each of their steps runs with denormal floats flushed to zero
         while the masks are on the CPU (`hyperflux.flush_denormals`): a pruned weight's optimiser moments decay
