@@ -402,7 +402,8 @@ class Hyperflux:
         stored value and with it its chance to regrow.
 
         Decoupled by default: `W -= rate * W` where the gate is open (pass lr * wd). With `into_grad`,
-        `W.grad += rate * W` there instead (coupled L2, as SGD and Adam apply it; pass wd).
+        `W.grad += rate * W` there instead (coupled L2, as SGD and Adam apply it; pass wd); under AMP, after
+        `GradScaler.unscale_`, since it adds to the gradients as they are.
         """
         with torch.no_grad():
             for original, gate in zip(self.masked_weights().values(), self.gates, strict=True):
