@@ -520,10 +520,12 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device 
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_a_fused_optimizer_under_grad_scaler_feels_the_same_pressure(optimizer, device):
-    """GradScaler hands a fused optimiser its gradients still scaled, with `grad_scale` for its kernel to divide
-    by: the pressure added before that kernel must be scaled too, or it arrives 1 / scale as strong."""
+def test_an_optimizer_under_grad_scaler_feels_the_same_pressure(optimizer, fused, device):
+    """GradScaler unscales a plain optimiser's gradients before its step, but hands a fused one its gradients
+    still scaled, with `grad_scale` for its kernel to divide by: the pressure added before that kernel must be
+    scaled too, or it arrives 1 / scale as strong."""
 
     def step(scaled: bool) -> list[torch.Tensor]:
         model = _two_layer().to(device)
@@ -535,7 +537,7 @@ def test_a_fused_optimizer_under_grad_scaler_feels_the_same_pressure(optimizer, 
             scheduler=hyperflux.PressureScheduler.constant(50.0),
         )
         cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
-        opt = cls(hf.param_groups(lr=0.1, mask_lr=0.1), lr=0.1, fused=True)
+        opt = cls(hf.param_groups(lr=0.1, mask_lr=0.1), lr=0.1, fused=fused)
         hf.attach(opt)
         x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0)).to(device)
         loss = model(x).pow(2).mean()
