@@ -564,3 +564,20 @@ def test_add_to_grads_multiplies_each_value_by_the_scale(monkeypatch, compiled):
     kernels.add_to_grads(grads, [0.25, -3.0], scale=torch.tensor(512.0))
     for grad, want in zip(grads, expected, strict=True):
         assert torch.equal(grad, want)
+
+
+def test_a_deep_copy_of_the_prepared_model_outlives_squash():
+    """torch removes a parametrization by deleting the property from the class it made for the module, which a
+    deep copy shares: a copy taken before `squash()` (an EMA model, say) must still run, masked."""
+    model = _two_layer()
+    hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3)
+    with torch.no_grad():
+        for gate in hf.gates:
+            gate.logits.uniform_(-1, 1)
+    copy_ = copy.deepcopy(model)
+    x = torch.randn(4, 6)
+    masked = model(x).detach()
+    hf.squash()
+    assert torch.equal(copy_(x), masked)
+    assert torch.equal(model(x), masked)
+    assert isinstance(model[0].weight, nn.Parameter) and type(model[0]) is nn.Linear
