@@ -114,9 +114,8 @@ class Run:
         self.forward = torch.compile(self.model) if compiled else self.model
         self.faults_per_step: list[float] = []  # minor page faults, per epoch
         self.sparsifier_step_s: list[float] = []
-        self.phase_us_per_step: list[
-            dict[str, float]
-        ] = []  # microseconds a step in each of PHASES, per epoch
+        # microseconds a step in each of PHASES, per epoch
+        self.phase_us_per_step: list[dict[str, float]] = []
 
     def epoch(self) -> float:
         """Seconds for one epoch; also records its page faults per step, the time of `hf.step()` and the time

@@ -170,15 +170,26 @@ def _two_layer():
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
+def _two_layer_under_pressure(pressure: float, device: str = "cpu", **options):
+    """The two-layer model prepared with a constant pressure, so that every step feels it."""
+    model = _two_layer().to(device)
+    hf = hyperflux.Hyperflux(
+        model,
+        None,
+        pruning_epochs=3,
+        exact_target=False,
+        scheduler=hyperflux.PressureScheduler.constant(pressure),
+        **options,
+    )
+    return model, hf
+
+
 def _pressure_only_grads(hf):
     return [g.logits.grad.clone() for g in hf.gates]
 
 
 def test_pressure_loss_value_and_gradient_on_every_logit():
-    model = _two_layer()
-    hf = hyperflux.Hyperflux(
-        model, None, pruning_epochs=3, exact_target=False, scheduler=hyperflux.PressureScheduler.constant(2.0)
-    )
+    _model, hf = _two_layer_under_pressure(2.0)
     n = hf.total
     assert n == 6 * 5 + 5 * 3
     term = hf.pressure_loss()
@@ -192,14 +203,7 @@ def test_pressure_loss_value_and_gradient_on_every_logit():
 @pytest.mark.parametrize("flush", [True, False])
 def test_attached_optimizer_applies_the_same_pressure_gradient_once_per_step(flush):
     def run(attach: bool):
-        model = _two_layer()
-        hf = hyperflux.Hyperflux(
-            model,
-            None,
-            pruning_epochs=3,
-            exact_target=False,
-            scheduler=hyperflux.PressureScheduler.constant(3.0),
-        )
+        model, hf = _two_layer_under_pressure(3.0)
         opt = torch.optim.SGD(hf.param_groups(lr=0.0, mask_lr=1.0))
         if attach:
             hf.attach(opt, flush_denormals=flush)
@@ -227,15 +231,7 @@ def test_zero_pressure_gives_no_graph_and_no_gradient():
 
 
 def test_per_layer_pressure_scale():
-    model = _two_layer()
-    hf = hyperflux.Hyperflux(
-        model,
-        None,
-        pruning_epochs=3,
-        exact_target=False,
-        scheduler=hyperflux.PressureScheduler.constant(1.0),
-        overrides={"2": {"pressure_scale": 0.5}},
-    )
+    _model, hf = _two_layer_under_pressure(1.0, overrides={"2": {"pressure_scale": 0.5}})
     hf.pressure_loss().backward()
     first, second = hf.mask_parameters()
     assert torch.allclose(first.grad, torch.full_like(first, 1.0 / hf.total))
@@ -528,14 +524,7 @@ def test_an_optimizer_under_grad_scaler_feels_the_same_pressure(optimizer, fused
     scaled too, or it arrives 1 / scale as strong."""
 
     def step(scaled: bool) -> list[torch.Tensor]:
-        model = _two_layer().to(device)
-        hf = hyperflux.Hyperflux(
-            model,
-            None,
-            pruning_epochs=3,
-            exact_target=False,
-            scheduler=hyperflux.PressureScheduler.constant(50.0),
-        )
+        model, hf = _two_layer_under_pressure(50.0, device)
         cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
         opt = cls(hf.param_groups(lr=0.1, mask_lr=0.1), lr=0.1, fused=fused)
         hf.attach(opt)
