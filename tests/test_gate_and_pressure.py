@@ -523,25 +523,80 @@ def test_an_optimizer_under_grad_scaler_feels_the_same_pressure(optimizer, fused
     still scaled, with `grad_scale` for its kernel to divide by: the pressure added before that kernel must be
     scaled too, or it arrives 1 / scale as strong."""
 
-    def step(scaled: bool) -> list[torch.Tensor]:
-        model, hf = _two_layer_under_pressure(50.0, device)
-        cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
-        opt = cls(hf.param_groups(lr=0.1, mask_lr=0.1), lr=0.1, fused=fused)
-        hf.attach(opt)
-        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0)).to(device)
-        loss = model(x).pow(2).mean()
-        if scaled:
-            scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+    (plain, _), (scaled, _) = (_one_step(optimizer, fused, device, scaled) for scaled in (False, True))
+    for want, got in zip(plain, scaled, strict=True):
+        assert torch.allclose(want.cpu(), got.cpu(), rtol=0, atol=1e-6)
+
+
+def _one_step(optimizer: str, fused: bool, device: str, scaled: bool, overflow: bool = False):
+    """The two-layer model's mask logits and sampled flux after one attached step, under GradScaler or not
+    (with `overflow`, the scaler's step is skipped for an infinite gradient, then a second batch is stepped)."""
+    model, hf = _two_layer_under_pressure(50.0, device, flux_every=1)
+    cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    opt = cls(hf.param_groups(lr=0.1, mask_lr=0.1), lr=0.1, fused=fused)
+    hf.attach(opt)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0) if scaled else None
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0)).to(device)
+    for batch in (x * torch.inf, x) if overflow else (x,):
+        opt.zero_grad()
+        loss = model(batch).pow(2).mean()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        return [m.detach().clone() for m in hf.mask_parameters()]
+    return [m.detach().clone() for m in hf.mask_parameters()], [g.mean_flux() for g in hf.gates]
 
-    for plain, scaled in zip(step(False), step(True), strict=True):
-        assert torch.allclose(plain.cpu(), scaled.cpu(), rtol=0, atol=1e-6)
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_flux_under_grad_scaler_is_that_of_the_unscaled_step(fused, device):
+    """The sampled flux is taken from the logits' gradient at the attached step, unscaled as the optimiser
+    sees it: in the backward pass it carried the loss scale, and a skipped batch's infinities stayed in it."""
+    _, plain = _one_step("adam", fused, device, scaled=False)
+    for overflow in (False, True):
+        _, scaled = _one_step("adam", fused, device, scaled=True, overflow=overflow)
+        for want, got in zip(plain, scaled, strict=True):
+            assert torch.allclose(want.cpu(), got.cpu(), rtol=1e-6, atol=1e-6)
+    assert all(flux.abs().max() > 1e-3 for flux in plain)  # a flux to compare
+
+
+def test_an_attached_step_takes_the_flux_of_its_accumulated_batches():
+    """Attached, a sampled step's flux is that of the gradient the step applies: two half batches accumulated
+    (each loss halved) give the flux of the whole batch, counted once; unattached, or with the logits frozen,
+    the backward pass adds it."""
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+
+    def flux(attach: bool, halves: bool, frozen: bool = False) -> tuple[list[torch.Tensor], int]:
+        model, hf = _two_layer_under_pressure(50.0, flux_every=1)
+        opt = torch.optim.SGD(hf.param_groups(lr=0.0, mask_lr=0.0), lr=0.0)
+        if attach:
+            hf.attach(opt)
+        if frozen:
+            hf._freeze()
+        for part in x.chunk(2) if halves else (x,):
+            (model(part).pow(2).mean() / (2 if halves else 1)).backward()
+        opt.step()
+        return [g.mean_flux() for g in hf.gates], hf.stats()["flux_batches"]
+
+    whole, batches = flux(attach=False, halves=False)
+    assert batches == 1 and all(f.abs().max() > 1e-3 for f in whole)
+    for attach, frozen in ((True, False), (True, True)):
+        got, batches = flux(attach, halves=False, frozen=frozen)
+        assert batches == 1
+        for want, have in zip(whole, got, strict=True):
+            torch.testing.assert_close(have, want)
+    accumulated, batches = flux(attach=True, halves=True)
+    assert batches == 1
+    for want, have in zip(whole, accumulated, strict=True):
+        torch.testing.assert_close(have, want)
+    # unattached, each half batch is a sample of its own: their mean, half the step's flux
+    separate, batches = flux(attach=False, halves=True)
+    assert batches == 2
+    for want, have in zip(whole, separate, strict=True):
+        torch.testing.assert_close(have, want / 2)
 
 
 @pytest.mark.parametrize("compiled", [True, False])

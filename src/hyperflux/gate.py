@@ -95,6 +95,10 @@ class HardGate(nn.Module):
         self.flux_sum: torch.Tensor | None = None
         self.flux_batches = 0
         self._flux_batch: int | None = None  # the meter's batch whose flux was last added
+        # set by `Hyperflux.attach` for logits an attached optimiser holds: a sampled batch's flux is then
+        # taken from the logits' gradient at the optimiser's step (`add_step_flux`), not in the backward pass
+        self.flux_at_step = False
+        self._flux_pending = False
         self._slots = _empty_slots()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -102,8 +106,11 @@ class HardGate(nn.Module):
             return _GateFunction.apply(weight, self.logits, self.scale, None)
         logits = self.logits
         flux = None
-        if self.meter.sampling and torch.is_grad_enabled():  # a flux batch: its backward adds -W * g
-            flux = self._flux_accumulator(weight)
+        if self.meter.sampling and torch.is_grad_enabled():  # a flux batch
+            if self.flux_at_step and logits.requires_grad:
+                self._flux_pending = True
+            else:  # its backward adds -W * g
+                flux = self._flux_accumulator(weight)
         if weight.dtype is logits.dtype and (op := gate_op()) is not None:
             # the same gate, gradients and flux: one pass each way for float32 on the CPU, and on any device
             # an autograd node without Python in it (operands on two devices: its error says so)
@@ -126,6 +133,24 @@ class HardGate(nn.Module):
 
     def add_flux(self, weight: torch.Tensor, grad_eff: torch.Tensor) -> None:
         self.flux_sum.addcmul_(weight, grad_eff, value=-1.0)
+
+    def add_step_flux(self, grad_scale: torch.Tensor | None) -> None:
+        """Add the flux of a sampled batch from the logits' gradient `c * W * g` as the optimiser's step sees
+        it: after GradScaler's unscale (or divided by `grad_scale`, the scale a fused optimiser is left to
+        divide by), DDP's all-reduce and any clipping, and summed over the step's accumulated batches.
+
+        Taken in the backward pass instead, the flux of fp16 AMP would carry the loss scale, and a batch the
+        scaler skips would add infinities.
+        """
+        self._flux_pending = False
+        grad = self.logits.grad
+        if grad is None:
+            return
+        flux = self._flux_accumulator(grad)
+        if grad_scale is None:
+            flux.add_(grad, alpha=-1.0 / self.scale)
+        else:
+            flux.addcdiv_(grad, grad_scale.to(grad.device), value=-1.0 / self.scale)
 
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask, identical in training and inference."""

@@ -138,6 +138,18 @@ class _AttachedStep:
     def before(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
         coefs = self.sparsifier._pressure_coefs()
         gates = self.sparsifier.gates
+        # AMP's GradScaler hands a fused optimiser its gradients still scaled, with the scale to divide by and
+        # whether they overflowed, in which case the optimiser's kernel skips the step
+        scale = getattr(optimizer, "grad_scale", None)
+        pending = [gates[i] for i in self.gate_indices if gates[i]._flux_pending]
+        if pending:  # a sampled batch's flux, from the gradients before the pressure joins them
+            found_inf = getattr(optimizer, "found_inf", None)
+            skipped = found_inf is not None and bool(found_inf)
+            for gate in pending:
+                if skipped:
+                    gate._flux_pending = False
+                else:
+                    gate.add_step_flux(scale)
         grads, values = [], []
         for i in self.gate_indices:
             grad = gates[i].logits.grad
@@ -145,8 +157,6 @@ class _AttachedStep:
                 grads.append(grad)
                 values.append(coefs[i])
         flush = self.flush and gates[self.gate_indices[0]].logits.device.type == "cpu"
-        # AMP's GradScaler hands a fused optimiser its gradients still scaled, with the scale to divide by
-        scale = getattr(optimizer, "grad_scale", None)
         self._unflush = add_to_grads(grads, values, flush, scale) or self._unflush
 
     def after(self, *_: object) -> None:
@@ -370,7 +380,9 @@ class Hyperflux:
         A step pre-hook adds P / N to the mask logits' gradients right before each `optimizer.step()`: no
         graph and one in-place pass (the fast path), after AMP's unscale and DDP's all-reduce, and once per
         step under gradient accumulation. A fused optimiser that GradScaler leaves to unscale its gradients in
-        its own kernel gets the pressure scaled as they are. `step()` then needs no arguments.
+        its own kernel gets the pressure scaled as they are. `step()` then needs no arguments. The same hook
+        reads the flux of sampled batches from the logits' gradients (`stats()`), so that under AMP it carries
+        no loss scale and skipped steps add nothing to it.
 
         With `flush_denormals` (the default) each of their steps runs with denormal floats flushed to zero
         while the masks are on the CPU (`hyperflux.flush_denormals`): a pruned weight's optimiser moments decay
@@ -386,6 +398,8 @@ class Hyperflux:
                 continue
             self._optimizers.append(optimizer)
             gates = [i for i, g in enumerate(self.gates) if id(g.logits) in held]
+            for i in gates:
+                self.gates[i].flux_at_step = True
             hooks = _AttachedStep(self, gates, flush_denormals)
             self._hooks.append(optimizer.register_step_pre_hook(hooks.before))
             self._hooks.append(optimizer.register_step_post_hook(hooks.after))
@@ -477,6 +491,11 @@ class Hyperflux:
         directly: a weight holds while its flux beats P. `flux_hist` counts the flux of surviving and of
         pruned weights over all masked tensors in the fixed bins of `FLUX_HIST_EDGES`
         (`{"edges", "survivors", "pruned"}`), None when no batch was sampled since the last `step()`.
+
+        With the logits' optimiser attached, a sampled batch's flux is read at its optimiser step from the
+        logits' gradient, as that step applies it (unscaled under AMP, averaged over DDP ranks, summed over
+        accumulated batches, clipped where the logits are); otherwise, and once the masks are frozen, the
+        backward pass adds it.
         """
         self._check_live()
         units = self.grad_scale * self.total
