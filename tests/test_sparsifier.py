@@ -439,6 +439,59 @@ def test_a_compiled_prepared_model_trains_without_recompiling():
             train_step()
 
 
+@pytest.mark.parametrize("optimizers", [1, 2])
+def test_a_compiled_model_samples_the_flux_at_its_attached_steps_as_eager_does(optimizers):
+    """Compiled code cannot count batches, so the attached step counts itself: every flux_every-th step
+    takes the flux, as eager training samples every flux_every-th batch; two attached optimisers (one per
+    layer) share one count. A resumed run counts on from its state."""
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+
+    def train(compile_: bool, steps: int, state: dict | None = None):
+        torch._dynamo.reset()
+        model = mlp()
+        hf = Hyperflux(model, 0.5, pruning_epochs=3, flux_every=4)
+        groups = hf.param_groups(lr=1e-2, mask_lr=0.05)
+        if optimizers == 1:
+            opts = [torch.optim.Adam(groups)]
+        else:  # the weights and the first layer's logits in one, the second layer's logits in the other
+            logits = groups[1]["params"]
+            opts = [
+                torch.optim.Adam([groups[0], {**groups[1], "params": logits[:1]}]),
+                torch.optim.Adam([{**groups[1], "params": logits[1:]}]),
+            ]
+        hf.attach(*opts)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            hf.load_state_dict(state["hf"])
+            for opt, opt_state in zip(opts, state["opts"], strict=True):
+                opt.load_state_dict(opt_state)
+        forward = torch.compile(model, backend="eager") if compile_ else model
+        for _ in range(steps):
+            loss = F.cross_entropy(forward(x), y)
+            for opt in opts:
+                opt.zero_grad()
+            loss.backward()
+            for opt in opts:
+                opt.step()
+        return hf, {
+            "model": model.state_dict(),
+            "hf": hf.state_dict(),
+            "opts": [o.state_dict() for o in opts],
+        }
+
+    eager, _ = train(False, 10)
+    compiled, _ = train(True, 10)
+    assert [g.flux_batches for g in compiled.gates] == [3, 3]  # steps 0, 4 and 8
+    for want, got in zip(eager.gates, compiled.gates, strict=True):
+        assert got.flux_batches == want.flux_batches
+        torch.testing.assert_close(got.mean_flux(), want.mean_flux())
+    _, halfway = train(True, 5)
+    resumed, _ = train(True, 5, halfway)
+    for want, got in zip(compiled.gates, resumed.gates, strict=True):
+        assert got.flux_batches == want.flux_batches
+        torch.testing.assert_close(got.mean_flux(), want.mean_flux())
+
+
 def test_torch_export_of_a_prepared_and_of_a_squashed_model_matches_eager():
     model = mlp()
     hf = Hyperflux(model, 0.5, pruning_epochs=3)

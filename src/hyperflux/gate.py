@@ -58,12 +58,15 @@ class FluxMeter:
         self.every = every
         self.batches = 0
         self.sampling = False
+        self._step_decision: tuple[int, bool] | None = (
+            None  # (the counter after it, sampled), see step_sampled
+        )
 
     def tick(self, *_: object) -> None:
         """Called by a forward pre-hook on the model; evaluation passes (no grad) do not count.
 
-        Compiled code never samples, and must not read the counter: torch.compile would guard on its value and
-        recompile at every batch until it gave up and ran the model eagerly.
+        Compiled code must not read the counter: torch.compile would guard on its value and recompile at every
+        batch until it gave up and ran the model eagerly. An attached optimiser's step counts in its place.
         """
         if torch.compiler.is_compiling():
             return
@@ -72,6 +75,27 @@ class FluxMeter:
             return
         self.sampling = self.every > 0 and self.batches % self.every == 0
         self.batches += 1
+
+    def step_sampled(self, seen: int) -> bool | None:
+        """Whether an attached optimiser's step, whose previous step left the counter at `seen`, takes the flux.
+
+        None when a forward pass was counted since: the gates marked their sampled batches themselves. Else the
+        model ran compiled, which counts nothing, and the step counts itself in place of its batch; attached
+        optimisers that step after it in the same training step share its decision.
+        """
+        if self.batches == seen:
+            sampled = self.every > 0 and self.batches % self.every == 0
+            self.batches += 1
+            self._step_decision = (self.batches, sampled)
+            return sampled
+        if self._step_decision is not None and self._step_decision[0] == self.batches:
+            return self._step_decision[1]
+        return None
+
+    def restart(self, batches: int) -> None:
+        """Continue counting from `batches` (a resumed run)."""
+        self.batches = batches
+        self._step_decision = None
 
 
 def _empty_slots() -> list[torch.Tensor]:

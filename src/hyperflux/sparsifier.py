@@ -134,6 +134,7 @@ class _AttachedStep:
         self.gate_indices = gate_indices
         self.flush = flush
         self._unflush = False  # stays set through a step that raised, so that the next one turns it off
+        self.seen = sparsifier.meter.batches  # the flux meter's counter after this optimiser's last step
 
     def before(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
         coefs = self.sparsifier._pressure_coefs()
@@ -141,7 +142,12 @@ class _AttachedStep:
         # AMP's GradScaler hands a fused optimiser its gradients still scaled, with the scale to divide by and
         # whether they overflowed, in which case the optimiser's kernel skips the step
         scale = getattr(optimizer, "grad_scale", None)
-        pending = [gates[i] for i in self.gate_indices if gates[i]._flux_pending]
+        sampled = self.sparsifier.meter.step_sampled(self.seen)
+        self.seen = self.sparsifier.meter.batches
+        if sampled is None:  # eager: the gates marked a sampled batch in its forward pass
+            pending = [gates[i] for i in self.gate_indices if gates[i]._flux_pending]
+        else:
+            pending = [gates[i] for i in self.gate_indices] if sampled else []
         if pending:  # a sampled batch's flux, from the gradients before the pressure joins them
             found_inf = getattr(optimizer, "found_inf", None)
             skipped = found_inf is not None and bool(found_inf)
@@ -304,6 +310,7 @@ class Hyperflux:
         self._hooks.append(model.register_forward_pre_hook(self.meter.tick))
 
         self._optimizers: list[torch.optim.Optimizer] = []
+        self._attached_steps: list[_AttachedStep] = []
         self._attached = False
         self.period = 0
         self.frozen = False
@@ -401,6 +408,7 @@ class Hyperflux:
             for i in gates:
                 self.gates[i].flux_at_step = True
             hooks = _AttachedStep(self, gates, flush_denormals)
+            self._attached_steps.append(hooks)
             self._hooks.append(optimizer.register_step_pre_hook(hooks.before))
             self._hooks.append(optimizer.register_step_post_hook(hooks.after))
         self._attached = bool(self._optimizers)
@@ -804,7 +812,9 @@ class Hyperflux:
         self.scheduler.load_state_dict(state["scheduler"])
         self.period = int(state["period"])
         self.layer_scales = [float(s) for s in state["layer_scales"]]
-        self.meter.batches = int(state["meter_batches"])
+        self.meter.restart(int(state["meter_batches"]))
+        for hooks in self._attached_steps:
+            hooks.seen = self.meter.batches
         self._snapshot = [
             m.to(g.logits.device).clone() for m, g in zip(state["snapshot"], self.gates, strict=True)
         ]
