@@ -58,9 +58,9 @@ class FluxMeter:
         self.every = every
         self.batches = 0
         self.sampling = False
-        self._step_decision: tuple[int, bool] | None = (
-            None  # (the counter after it, sampled), see step_sampled
-        )
+        self._sampled_since_step = False
+        # (the counter after it, whether sampled): the decision optimisers stepping later in the same step share
+        self._step_decision: tuple[int, bool] | None = None
 
     def tick(self, *_: object) -> None:
         """Called by a forward pre-hook on the model; evaluation passes (no grad) do not count.
@@ -74,27 +74,34 @@ class FluxMeter:
             self.sampling = False
             return
         self.sampling = self.every > 0 and self.batches % self.every == 0
+        self._sampled_since_step |= self.sampling
         self.batches += 1
 
-    def step_sampled(self, seen: int) -> bool | None:
-        """Whether an attached optimiser's step, whose previous step left the counter at `seen`, takes the flux.
-
-        None when a forward pass was counted since: the gates marked their sampled batches themselves. Else the
-        model ran compiled, which counts nothing, and the step counts itself in place of its batch; attached
-        optimisers that step after it in the same training step share its decision.
+    def step_sampled(self, seen: int) -> bool:
+        """Whether an attached optimiser's step, whose previous step left the counter at `seen`, takes the flux:
+        when a batch it applies was sampled. Where no batch was counted since (the model ran compiled) the step
+        counts itself in place of its batch. Attached optimisers that step after it in the same training step
+        share its decision.
         """
-        if self.batches == seen:
+        if (
+            seen != self.batches
+            and self._step_decision is not None
+            and self._step_decision[0] == self.batches
+        ):
+            return self._step_decision[1]
+        if seen == self.batches:
             sampled = self.every > 0 and self.batches % self.every == 0
             self.batches += 1
-            self._step_decision = (self.batches, sampled)
-            return sampled
-        if self._step_decision is not None and self._step_decision[0] == self.batches:
-            return self._step_decision[1]
-        return None
+        else:
+            sampled = self._sampled_since_step
+        self._sampled_since_step = False
+        self._step_decision = (self.batches, sampled)
+        return sampled
 
     def restart(self, batches: int) -> None:
         """Continue counting from `batches` (a resumed run)."""
         self.batches = batches
+        self._sampled_since_step = False
         self._step_decision = None
 
 
@@ -122,7 +129,6 @@ class HardGate(nn.Module):
         # set by `Hyperflux.attach` for logits an attached optimiser holds: a sampled batch's flux is then
         # taken from the logits' gradient at the optimiser's step (`add_step_flux`), not in the backward pass
         self.flux_at_step = False
-        self._flux_pending = False
         self._slots = _empty_slots()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -130,11 +136,12 @@ class HardGate(nn.Module):
             return _GateFunction.apply(weight, self.logits, self.scale, None)
         logits = self.logits
         flux = None
-        if self.meter.sampling and torch.is_grad_enabled():  # a flux batch
-            if self.flux_at_step and logits.requires_grad:
-                self._flux_pending = True
-            else:  # its backward adds -W * g
-                flux = self._flux_accumulator(weight)
+        if (
+            self.meter.sampling
+            and torch.is_grad_enabled()
+            and not (self.flux_at_step and logits.requires_grad)
+        ):
+            flux = self._flux_accumulator(weight)  # a flux batch: its backward adds -W * g
         if weight.dtype is logits.dtype and (op := gate_op()) is not None:
             # the same gate, gradients and flux: one pass each way for float32 on the CPU, and on any device
             # an autograd node without Python in it (operands on two devices: its error says so)
@@ -166,7 +173,6 @@ class HardGate(nn.Module):
         Taken in the backward pass instead, the flux of fp16 AMP would carry the loss scale, and a batch the
         scaler skips would add infinities.
         """
-        self._flux_pending = False
         grad = self.logits.grad
         if grad is None:
             return

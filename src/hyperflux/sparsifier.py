@@ -142,20 +142,13 @@ class _AttachedStep:
         # AMP's GradScaler hands a fused optimiser its gradients still scaled, with the scale to divide by and
         # whether they overflowed, in which case the optimiser's kernel skips the step
         scale = getattr(optimizer, "grad_scale", None)
-        sampled = self.sparsifier.meter.step_sampled(self.seen)
-        self.seen = self.sparsifier.meter.batches
-        if sampled is None:  # eager: the gates marked a sampled batch in its forward pass
-            pending = [gates[i] for i in self.gate_indices if gates[i]._flux_pending]
-        else:
-            pending = [gates[i] for i in self.gate_indices] if sampled else []
-        if pending:  # a sampled batch's flux, from the gradients before the pressure joins them
-            found_inf = getattr(optimizer, "found_inf", None)
-            skipped = found_inf is not None and bool(found_inf)
-            for gate in pending:
-                if skipped:
-                    gate._flux_pending = False
-                else:
-                    gate.add_step_flux(scale)
+        meter = self.sparsifier.meter
+        sampled = meter.step_sampled(self.seen)
+        self.seen = meter.batches
+        found_inf = getattr(optimizer, "found_inf", None)
+        if sampled and not (found_inf is not None and bool(found_inf)):
+            for i in self.gate_indices:  # the flux, from the gradients before the pressure joins them
+                gates[i].add_step_flux(scale)
         grads, values = [], []
         for i in self.gate_indices:
             grad = gates[i].logits.grad
