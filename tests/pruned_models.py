@@ -1,5 +1,5 @@
 """Small models and data the tests share: randomly pruned models (export, inference, ONNX), a layer used twice,
-scikit-learn's digits split in two, and a probe of the CPU's denormal flag."""
+attention over a context, scikit-learn's digits split in two, and a probe of the CPU's denormal flag."""
 
 import torch
 from sklearn.datasets import load_digits
@@ -25,6 +25,20 @@ class LinearTwice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.fc(x))
+
+
+class Attending(nn.Module):
+    """Self-attention with its input projections packed, or one per input when the key's size differs."""
+
+    def __init__(self, kdim: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True)
+        self.context = nn.Linear(8, kdim or 8)
+
+    def forward(self, x):
+        context = self.context(x)
+        return self.attn(x, context, context)[0]
 
 
 def digits_split(

@@ -8,7 +8,7 @@ from torch import nn
 
 import hyperflux
 from hyperflux import count_macs
-from pruned_models import LinearTwice
+from pruned_models import Attending, LinearTwice
 
 
 def small_net() -> nn.Sequential:
@@ -59,6 +59,28 @@ def test_positions_and_repeated_calls_are_counted():
         model.fc.weight.view(-1)[:6] = 0  # 10 of 16 weights left
     count = count_macs(model, torch.randn(2, 6, 4))  # 6 positions per sample, the layer applied twice
     assert (count.layers[0].dense, count.layers[0].sparse) == (2 * 6 * 16, 2 * 6 * 10)
+
+
+@pytest.mark.parametrize("kdim", [None, 4], ids=["packed", "separate"])
+def test_attention_counts_each_projection_once_per_token_of_its_input(kdim):
+    model = Attending(kdim)  # 5 query tokens over 5 context tokens of size kdim (8 when packed)
+    size = kdim or 8
+    with torch.no_grad():
+        weight = model.attn.in_proj_weight if kdim is None else model.attn.k_proj_weight
+        weight.view(-1)[:7] = 0
+    count = count_macs(model, torch.randn(3, 5, 8))
+    layers = {layer.name: (layer.dense, layer.sparse) for layer in count.layers}
+    # query and output projections 8 x 8, key and value 8 x size, each once per token
+    dense = 5 * (8 * 8 + 8 * size + 8 * size + 8 * 8)
+    assert layers == {"context": (5 * 8 * size, 5 * 8 * size), "attn": (dense, dense - 5 * 7)}
+
+
+def test_a_transformer_layer_counts_its_attention_and_feed_forward():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    count = count_macs(layer, torch.randn(2, 5, 8))
+    layers = {row.name: row.dense for row in count.layers}
+    assert layers == {"self_attn": 5 * 4 * 8 * 8, "linear1": 5 * 8 * 16, "linear2": 5 * 16 * 8}
 
 
 def test_bad_examples_and_models_without_counted_layers_are_errors():

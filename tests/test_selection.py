@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from hyperflux import Hyperflux
+from pruned_models import Attending
 
 
 class Net(nn.Module):
@@ -140,3 +141,27 @@ def test_a_floor_is_min_density_of_the_layer_without_float_noise():
     model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
     hf = Hyperflux(model, 0.93, pruning_epochs=2, min_density=0.07)
     assert [t.floor for t in hf.targets] == [7, 7]
+
+
+def test_attention_opts_in_its_input_projections():
+    packed = Hyperflux(Attending(), 0.9, pruning_epochs=2, modules=(nn.Linear, nn.MultiheadAttention))
+    assert names_of(packed) == ["attn.in_proj_weight", "attn.out_proj.weight", "context.weight"]
+    separate = Hyperflux(Attending(kdim=4), 0.9, pruning_epochs=2, modules=(nn.MultiheadAttention,))
+    assert names_of(separate) == ["attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight"]
+    named = Hyperflux(
+        Attending(), 0.9, pruning_epochs=2, modules=(nn.MultiheadAttention,), names=r".*in_proj.*"
+    )
+    assert names_of(named) == ["attn.in_proj_weight"]
+    # the default leaves attention's input projections alone: its output projection is a Linear
+    assert names_of(Hyperflux(Attending(), 0.9, pruning_epochs=2)) == [
+        "attn.out_proj.weight",
+        "context.weight",
+    ]
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_are_refused_for_their_masks_would_not_reach_them(kind):
+    model = nn.Sequential(kind(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=rf"{kind.__name__} layers cannot be masked.*_flat_weights"):
+        Hyperflux(model, 0.5, pruning_epochs=2, modules=(kind, nn.Linear))
+    assert names_of(Hyperflux(model, 0.5, pruning_epochs=2)) == ["1.weight"]

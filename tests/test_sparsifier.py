@@ -10,6 +10,7 @@ from torch import nn
 
 from hyperflux import Hyperflux, PressureScheduler, kernels, sparsifier
 from hyperflux.sparsifier import FLUX_HIST_EDGES
+from pruned_models import Attending
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -372,6 +373,39 @@ def test_squash_bakes_zeros_keeps_original_keys_and_outputs():
     assert torch.equal(fresh(x), masked_out)
     with pytest.raises(RuntimeError, match="squashed"):
         hf.step()
+
+
+@pytest.mark.parametrize("kdim", [None, 4], ids=["packed", "separate"])
+def test_attention_input_projections_are_masked_trained_and_squashed(kdim):
+    """nn.MultiheadAttention reads its input projections as attributes at every call, so their gates reach its
+    forward pass; with one projection per input, one module holds three parametrizations."""
+    model = Attending(kdim)
+    dense = copy.deepcopy(model)
+    dense_keys = list(model.state_dict())
+    hf = Hyperflux(model, 0.5, pruning_epochs=3, modules=(nn.MultiheadAttention,))
+    names = [t.param_name for t in hf.targets]
+    for gate in hf.gates:
+        with torch.no_grad():
+            gate.logits.view(-1)[::2] = -1.0
+    with torch.no_grad():
+        for name, gate in zip(names, hf.gates, strict=True):
+            getattr(dense.attn, name).mul_(gate.mask())
+    x = torch.randn(3, 5, 8)
+    out = model(x)
+    assert torch.equal(out, dense(x))
+    out.square().sum().backward()
+    assert all(gate.logits.grad is not None and gate.logits.grad.abs().sum() > 0 for gate in hf.gates)
+    twin = copy.deepcopy(model)  # an EMA copy, say
+    hf.squash()
+    assert list(model.state_dict()) == dense_keys
+    assert torch.equal(model(x), dense(x))
+    assert torch.equal(twin(x), dense(x))
+    # the squashed model's plain checkpoint loads into a prepared model
+    prepared = Attending(kdim)
+    Hyperflux(prepared, 0.5, pruning_epochs=3, modules=(nn.MultiheadAttention,))
+    prepared.load_state_dict(model.state_dict())
+    for name in names:
+        assert torch.equal(getattr(prepared.attn.parametrizations, name).original, getattr(model.attn, name))
 
 
 def test_dense_checkpoint_loads_into_a_prepared_model_and_keeps_its_masks():

@@ -5,7 +5,8 @@ The ratio of the two is the most that unstructured sparsity could save in arithm
 depends on the kernels (`to_sparse_inference`, BENCHMARKS.md). Counted from one real forward pass in eval mode
 (so batch-norm statistics are left alone and test passes never add up: the counter is a function, not a
 running total), for Linear and Conv1d/2d/3d layers: a layer costs its weights (dense) or its non-zero weights
-(sparse) once per output position. Other operations (attention's products, norms, activations, pooling) are not
+(sparse) once per output position; `nn.MultiheadAttention` its projections' weights once per token of their input
+(query, key, value) or output. Other operations (attention's products, norms, activations, pooling) are not
 counted; the table names the layers that are.
 """
 
@@ -61,6 +62,20 @@ class MacCount:
         return text_table(("layer", "MACs/sample dense", "MACs/sample sparse", "fewer"), rows)
 
 
+def _attention_uses(
+    attention: nn.MultiheadAttention, args: tuple, kwargs: dict, samples: int
+) -> list[tuple[torch.Tensor, int]]:
+    """Each projection's weight and the tokens per sample it was applied to: query, key and value's, then the
+    output projection's, which torch applies through its weight (its Linear's own forward never runs)."""
+    inputs = [args[i] if i < len(args) else kwargs[key] for i, key in enumerate(("query", "key", "value"))]
+    if attention.in_proj_weight is not None:
+        weights = attention.in_proj_weight.chunk(3)
+    else:
+        weights = (attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight)
+    tokens = [x.numel() // x.shape[-1] // samples for x in inputs]
+    return [*zip(weights, tokens, strict=True), (attention.out_proj.weight, tokens[0])]
+
+
 def _times(layer: LayerMacs) -> str:
     return f"{layer.dense / layer.sparse:.1f}x" if layer.sparse else "all"
 
@@ -79,20 +94,23 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> MacCount:
     found: dict[str, LayerMacs] = {}
 
     def hook(name: str):
-        def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:
-            weight = module.weight
-            channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            positions = output.numel() // channels // samples
-            dense, sparse = weight.numel() * positions, int(torch.count_nonzero(weight)) * positions
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            if isinstance(module, nn.MultiheadAttention):
+                uses = _attention_uses(module, args, kwargs, samples)
+            else:
+                channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+                uses = [(module.weight, output.numel() // channels // samples)]
+            dense = sum(weight.numel() * positions for weight, positions in uses)
+            sparse = sum(int(torch.count_nonzero(weight)) * positions for weight, positions in uses)
             earlier = found.get(name, LayerMacs(name, 0, 0))  # a layer called twice costs twice
             found[name] = LayerMacs(name, earlier.dense + dense, earlier.sparse + sparse)
 
         return record
 
     handles = [
-        module.register_forward_hook(hook(name))
+        module.register_forward_hook(hook(name), with_kwargs=True)
         for name, module in model.named_modules()
-        if isinstance(module, DEFAULT_MODULES)
+        if isinstance(module, (*DEFAULT_MODULES, nn.MultiheadAttention))
     ]
     was_training = model.training
     model.eval()

@@ -12,6 +12,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The tensors masked in a module of a selected type, where they are not its `weight`: attention's input
+# projections (packed, or one per input when the key and value sizes differ). Its output projection is a Linear.
+MASKED_TENSORS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+}
 OVERRIDE_KEYS = frozenset({"min_density", "pressure_scale"})
 
 
@@ -54,6 +59,19 @@ def _compile_all(patterns: Iterable[str], what: str) -> list[str]:
     return patterns
 
 
+def _tensor_names(module: nn.Module) -> tuple[str, ...]:
+    """The names of the tensors a selected module has masked: its `weight`, or those of `MASKED_TENSORS`."""
+    if isinstance(module, nn.RNNBase):
+        raise ValueError(
+            f"{type(module).__name__} layers cannot be masked: they run on the weights they gathered when built "
+            "(`_flat_weights`), so a parametrization never reaches their forward pass; leave them out of `modules`"
+        )
+    for kind, names in MASKED_TENSORS.items():
+        if isinstance(module, kind):
+            return names
+    return ("weight",)
+
+
 def _no_match(what: str, pattern: str, candidates: Sequence[Target]) -> ValueError:
     shown = ", ".join(t.name for t in candidates[:6]) + (", ..." if len(candidates) > 6 else "")
     return ValueError(
@@ -92,7 +110,8 @@ def select_targets(
     overrides: Mapping[str, Mapping[str, float]] | None = None,
     min_density: float = 0.0,
 ) -> list[Target]:
-    """The `weight` of every module of the given types, filtered by names and ignore patterns.
+    """The `weight` of every module of the given types (for `nn.MultiheadAttention`, its input projection
+    weights), filtered by names and ignore patterns.
 
     Patterns are regular expressions matched in full against the tensor name (`"fc1.weight"`) or the module
     name (`"fc1"`), so an exact name is a pattern too. When `ignore` is None the model's own
@@ -109,15 +128,18 @@ def select_targets(
     for module_name, module in model.named_modules():
         if not isinstance(module, module_types):
             continue
-        name = f"{module_name}.weight" if module_name else "weight"
-        if parametrize.is_parametrized(module, "weight"):
-            raise ValueError(f"{name} is already parametrized (was this model prepared twice?)")
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            continue
-        if not weight.is_floating_point():
-            raise ValueError(f"{name} has dtype {weight.dtype}; only floating-point weights can be masked")
-        candidates.append(Target(name, module_name, module, "weight", min_density=min_density))
+        for param_name in _tensor_names(module):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if parametrize.is_parametrized(module, param_name):
+                raise ValueError(f"{name} is already parametrized (was this model prepared twice?)")
+            weight = getattr(module, param_name, None)
+            if not isinstance(weight, torch.Tensor):
+                continue
+            if not weight.is_floating_point():
+                raise ValueError(
+                    f"{name} has dtype {weight.dtype}; only floating-point weights can be masked"
+                )
+            candidates.append(Target(name, module_name, module, param_name, min_density=min_density))
 
     selected = candidates
     if names is not None:

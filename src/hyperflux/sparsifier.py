@@ -828,18 +828,21 @@ class Hyperflux:
         self._check_live()
         for hook in self._hooks:
             hook.remove()
+        getters = []
         for target, order in zip(self.targets, self._param_order, strict=True):
             module = target.module
-            prepared = type(module)
-            getter = prepared.__dict__.get(target.param_name)
+            getters.append(
+                (module, type(module), target.param_name, type(module).__dict__.get(target.param_name))
+            )
             parametrize.remove_parametrizations(module, target.param_name, leave_parametrized=True)
-            if type(module) is not prepared and getter is not None:
-                # torch deletes the property from the class it made for this module, which deep copies of the
-                # prepared model share (an EMA copy, say): they keep it
-                setattr(prepared, target.param_name, getter)
             # removal re-registers the weight last; restore the order so state_dict keys read as before
             params = module._parameters
             module._parameters = {name: params[name] for name in order if name in params} | params
+        for module, prepared, name, getter in getters:
+            if type(module) is not prepared and getter is not None:
+                # torch deletes the property from the class it made for this module, which deep copies of the
+                # prepared model share (an EMA copy, say): they keep it
+                setattr(prepared, name, getter)
         self.squashed = True
         return self.model
 
