@@ -121,8 +121,20 @@ def test_tied_weights_and_double_preparation():
     assert [t.name for t in Hyperflux(lm, 0.5, pruning_epochs=2, ignore=["2"]).targets] == ["1.weight"]
     model = nn.Sequential(nn.Linear(4, 4))
     Hyperflux(model, 0.9, pruning_epochs=2)
-    with pytest.raises(ValueError, match="already parametrized"):
+    with pytest.raises(ValueError, match="already has a hyperflux mask"):
         Hyperflux(model, 0.9, pruning_epochs=2)
+
+
+def test_weights_under_another_parametrization_or_not_yet_initialised_are_refused_with_the_way_out():
+    normed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    torch.nn.utils.parametrizations.weight_norm(normed[0])
+    with pytest.raises(
+        ValueError, match=r"0\.weight is already parametrized \(_WeightNorm\).*remove_parametrizations"
+    ):
+        Hyperflux(normed, 0.5, pruning_epochs=2)
+    assert names_of(Hyperflux(normed, 0.5, pruning_epochs=2, ignore="0")) == ["1.weight"]
+    with pytest.raises(ValueError, match=r"0\.weight is not initialised yet \(a lazy module\)"):
+        Hyperflux(nn.Sequential(nn.LazyLinear(4)), 0.5, pruning_epochs=2)
 
 
 def test_bad_epochs_and_modes():
@@ -161,7 +173,13 @@ def test_attention_opts_in_its_input_projections():
 
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
 def test_recurrent_layers_are_refused_for_their_masks_would_not_reach_them(kind):
-    model = nn.Sequential(kind(4, 4), nn.Linear(4, 2))
+
+    def model():
+        return nn.Sequential(kind(4, 4), nn.Linear(4, 2))
+
     with pytest.raises(ValueError, match=rf"{kind.__name__} layers cannot be masked.*_flat_weights"):
-        Hyperflux(model, 0.5, pruning_epochs=2, modules=(kind, nn.Linear))
-    assert names_of(Hyperflux(model, 0.5, pruning_epochs=2)) == ["1.weight"]
+        Hyperflux(model(), 0.5, pruning_epochs=2, modules=(kind, nn.Linear))
+    assert names_of(Hyperflux(model(), 0.5, pruning_epochs=2)) == ["1.weight"]
+    assert names_of(Hyperflux(model(), 0.5, pruning_epochs=2, modules=(kind, nn.Linear), ignore="0")) == [
+        "1.weight"
+    ]

@@ -59,13 +59,33 @@ def _compile_all(patterns: Iterable[str], what: str) -> list[str]:
     return patterns
 
 
-def _tensor_names(module: nn.Module) -> tuple[str, ...]:
-    """The names of the tensors a selected module has masked: its `weight`, or those of `MASKED_TENSORS`."""
+def _refusal(module: nn.Module, param_name: str, name: str, weight: torch.Tensor | None) -> str | None:
+    """Why the tensor `name` cannot be masked, or None when it can (or is absent: `weight` None)."""
     if isinstance(module, nn.RNNBase):
-        raise ValueError(
+        return (
             f"{type(module).__name__} layers cannot be masked: they run on the weights they gathered when built "
-            "(`_flat_weights`), so a parametrization never reaches their forward pass; leave them out of `modules`"
+            "(`_flat_weights`), so a parametrization never reaches their forward pass; leave them out"
         )
+    if parametrize.is_parametrized(module, param_name):
+        kinds = [type(p).__name__ for p in getattr(module.parametrizations, param_name)]
+        if "HardGate" in kinds:
+            return f"{name} already has a hyperflux mask (was this model prepared twice?)"
+        return (
+            f"{name} is already parametrized ({', '.join(kinds)}); hyperflux masks plain weights: remove that "
+            f"parametrization first (torch.nn.utils.parametrize.remove_parametrizations) or leave {name} out"
+        )
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return f"{name} is not initialised yet (a lazy module): run one batch through the model first"
+    if weight is not None and not weight.is_floating_point():
+        return f"{name} has dtype {weight.dtype}; only floating-point weights can be masked"
+    return None
+
+
+def _tensor_names(module: nn.Module) -> tuple[str, ...]:
+    """The names of the tensors a selected module has masked: its `weight`, those of `MASKED_TENSORS`, or a
+    recurrent layer's, which `_refusal` refuses."""
+    if isinstance(module, nn.RNNBase):
+        return tuple(n for n in module._flat_weights_names if n.startswith("weight"))
     for kind, names in MASKED_TENSORS.items():
         if isinstance(module, kind):
             return names
@@ -125,22 +145,23 @@ def select_targets(
         raise ValueError(f"modules must be a non-empty sequence of nn.Module subclasses, got {modules!r}")
 
     candidates: list[Target] = []
+    refused: dict[str, str] = {}  # tensors that cannot be masked, refused only if the selection keeps them
     for module_name, module in model.named_modules():
         if not isinstance(module, module_types):
             continue
         for param_name in _tensor_names(module):
             name = f"{module_name}.{param_name}" if module_name else param_name
-            if parametrize.is_parametrized(module, param_name):
-                raise ValueError(f"{name} is already parametrized (was this model prepared twice?)")
-            weight = getattr(module, param_name, None)
-            if not isinstance(weight, torch.Tensor):
+            weight = (
+                None if parametrize.is_parametrized(module, param_name) else getattr(module, param_name, None)
+            )
+            reason = _refusal(module, param_name, name, weight)
+            if weight is None and reason is None:
                 continue
-            if not weight.is_floating_point():
-                raise ValueError(
-                    f"{name} has dtype {weight.dtype}; only floating-point weights can be masked"
-                )
+            if reason is not None:
+                refused[name] = reason
             candidates.append(Target(name, module_name, module, param_name, min_density=min_density))
 
+    selected = candidates
     selected = candidates
     if names is not None:
         patterns = _compile_all(names, "names")
@@ -164,6 +185,9 @@ def select_targets(
             f"nothing to prune in {type(model).__name__}: no {kinds} weight is left after selection"
         )
 
+    for target in selected:
+        if target.name in refused:
+            raise ValueError(refused[target.name])
     _refuse_tied(model, selected)
     for pattern, settings in (overrides or {}).items():
         _compile_all([pattern], "overrides")
