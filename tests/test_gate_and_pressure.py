@@ -1,6 +1,7 @@
 """The gate's forward and straight-through gradients, and the pressure's gradient, against hand-computed values."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -625,3 +626,19 @@ def test_a_deep_copy_of_the_prepared_model_outlives_squash():
     assert torch.equal(copy_(x), masked)
     assert torch.equal(model(x), masked)
     assert isinstance(model[0].weight, nn.Parameter) and type(model[0]) is nn.Linear
+
+
+def test_attach_refuses_an_optimizer_without_logits_and_warns_when_they_share_a_group():
+    model, hf = _two_layer_under_pressure(1.0)
+    weights = list(hf.weight_parameters())
+    with pytest.raises(ValueError, match="holds no mask logits"):
+        hf.attach(torch.optim.SGD(weights, lr=0.1))
+    with pytest.warns(UserWarning, match=r"share an optimiser group .*lr 0.1, weight_decay 0\)"):
+        hf.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    _, hf = _two_layer_under_pressure(1.0)
+    with pytest.warns(UserWarning, match=r"weight_decay 0.01"):
+        hf.attach(torch.optim.AdamW([{"params": list(hf.mask_parameters())}], weight_decay=0.01))
+    _, hf = _two_layer_under_pressure(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.attach(torch.optim.AdamW(hf.param_groups(lr=0.1, weight_decay=0.01)))

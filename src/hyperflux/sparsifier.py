@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -162,6 +163,23 @@ class _AttachedStep:
         if self._unflush:
             self._unflush = False
             stop_flushing()
+
+
+def _warn_of_shared_groups(optimizer: torch.optim.Optimizer, logit_ids: set[int]) -> None:
+    """Mask logits in a group with other parameters, or under weight decay, move at the weights' lr and decay
+    towards 0, where every gate flips: the usual slip is an optimiser built from `model.parameters()`."""
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        if not ids & logit_ids:
+            continue
+        if ids - logit_ids or group.get("weight_decay"):
+            warnings.warn(
+                f"the mask logits share an optimiser group with other parameters or weight decay (lr "
+                f"{group.get('lr')}, weight_decay {group.get('weight_decay')}); build the optimiser from "
+                "hf.param_groups(), which gives them their own lr and no decay",
+                stacklevel=3,
+            )
+            return
 
 
 def _put_flat(tensor: torch.Tensor, indices: torch.Tensor, value: float) -> None:
@@ -394,6 +412,7 @@ class Hyperflux:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]} & logit_ids
             if not held:
                 raise ValueError("this optimizer holds no mask logits; build it from hf.param_groups()")
+            _warn_of_shared_groups(optimizer, logit_ids)
             if any(o is optimizer for o in self._optimizers):
                 continue
             self._optimizers.append(optimizer)
