@@ -2,6 +2,7 @@
 sparse inference of a model that lives on the GPU. Skipped where no CUDA device is present (this project's
 build machines have none; they run on a GPU machine when one is lent)."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ def test_a_run_under_amp_on_cuda_hits_its_exact_target(digits, amp, fused):
     opt = torch.optim.Adam(hf.param_groups(lr=5e-3), fused=fused)
     hf.attach(opt)
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+    records = []
     for epoch in range(hf.total_epochs):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).cuda()
         for i in range(0, len(x), 32):
@@ -70,8 +72,11 @@ def test_a_run_under_amp_on_cuda_hits_its_exact_target(digits, amp, fused):
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-        hf.step(opt)
+        records.append(hf.step(opt))
     assert all(gate.logits.is_cuda for gate in hf.gates)
+    # the flux is read unscaled at the attached step: finite, and without fp16's loss scale of 2 ** 16
+    flux = [r["flux_mean"] for r in records if r["flux_mean"] is not None]
+    assert flux and all(math.isfinite(f) and abs(f) < 1e3 for f in flux)
     assert abs(hf.sparsity() - 0.9) <= 0.0005
     with torch.no_grad():
         masked_out = model(test_x)

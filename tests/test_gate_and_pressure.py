@@ -566,8 +566,8 @@ def test_the_flux_under_grad_scaler_is_that_of_the_unscaled_step(fused, device):
 
 def test_an_attached_step_takes_the_flux_of_its_accumulated_batches():
     """Attached, a sampled step's flux is that of the gradient the step applies: two half batches accumulated
-    (each loss halved) give the flux of the whole batch, counted once; unattached, or with the logits frozen,
-    the backward pass adds it."""
+    (each loss halved) give the flux of the whole batch, counted once, and frozen logits, which have no
+    gradient, give none; unattached, the backward pass adds it, frozen or not."""
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
 
     def flux(attach: bool, halves: bool, frozen: bool = False) -> tuple[list[torch.Tensor], int]:
@@ -584,11 +584,12 @@ def test_an_attached_step_takes_the_flux_of_its_accumulated_batches():
 
     whole, batches = flux(attach=False, halves=False)
     assert batches == 1 and all(f.abs().max() > 1e-3 for f in whole)
-    for attach, frozen in ((True, False), (True, True)):
+    for attach, frozen in ((True, False), (False, True)):
         got, batches = flux(attach, halves=False, frozen=frozen)
         assert batches == 1
         for want, have in zip(whole, got, strict=True):
             torch.testing.assert_close(have, want)
+    assert flux(attach=True, halves=False, frozen=True)[1] == 0
     accumulated, batches = flux(attach=True, halves=True)
     assert batches == 1
     for want, have in zip(whole, accumulated, strict=True):

@@ -127,7 +127,8 @@ class HardGate(nn.Module):
         self.flux_batches = 0
         self._flux_batch: int | None = None  # the meter's batch whose flux was last added
         # set by `Hyperflux.attach` for logits an attached optimiser holds: a sampled batch's flux is then
-        # taken from the logits' gradient at the optimiser's step (`add_step_flux`), not in the backward pass
+        # taken from the logits' gradient at the optimiser's step (`add_step_flux`), not in the backward pass,
+        # where a loss scale the step never sees would be in it; once the logits are frozen, none is taken
         self.flux_at_step = False
         self._slots = _empty_slots()
 
@@ -136,11 +137,7 @@ class HardGate(nn.Module):
             return _GateFunction.apply(weight, self.logits, self.scale, None)
         logits = self.logits
         flux = None
-        if (
-            self.meter.sampling
-            and torch.is_grad_enabled()
-            and not (self.flux_at_step and logits.requires_grad)
-        ):
+        if self.meter.sampling and torch.is_grad_enabled() and not self.flux_at_step:
             flux = self._flux_accumulator(weight)  # a flux batch: its backward adds -W * g
         if weight.dtype is logits.dtype and (op := gate_op()) is not None:
             # the same gate, gradients and flux: one pass each way for float32 on the CPU, and on any device

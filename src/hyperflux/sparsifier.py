@@ -400,7 +400,7 @@ class Hyperflux:
         step under gradient accumulation. A fused optimiser that GradScaler leaves to unscale its gradients in
         its own kernel gets the pressure scaled as they are. `step()` then needs no arguments. The same hook
         reads the flux of sampled batches from the logits' gradients (`stats()`), so that under AMP it carries
-        no loss scale and skipped steps add nothing to it.
+        no loss scale and skipped steps add nothing to it (and frozen logits give none).
 
         With `flush_denormals` (the default) each of their steps runs with denormal floats flushed to zero
         while the masks are on the CPU (`hyperflux.flush_denormals`): a pruned weight's optimiser moments decay
@@ -514,8 +514,8 @@ class Hyperflux:
 
         With the logits' optimiser attached, a sampled batch's flux is read at its optimiser step from the
         logits' gradient, as that step applies it (unscaled under AMP, averaged over DDP ranks, summed over
-        accumulated batches, clipped where the logits are); otherwise, and once the masks are frozen, the
-        backward pass adds it.
+        accumulated batches, clipped where the logits are), so none is read once the masks are frozen;
+        otherwise the backward pass adds it.
         """
         self._check_live()
         units = self.grad_scale * self.total
