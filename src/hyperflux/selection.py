@@ -154,6 +154,7 @@ def select_targets(
             weight = (
                 None if parametrize.is_parametrized(module, param_name) else getattr(module, param_name, None)
             )
+            weight = weight if isinstance(weight, torch.Tensor) else None
             reason = _refusal(module, param_name, name, weight)
             if weight is None and reason is None:
                 continue
@@ -161,7 +162,6 @@ def select_targets(
                 refused[name] = reason
             candidates.append(Target(name, module_name, module, param_name, min_density=min_density))
 
-    selected = candidates
     selected = candidates
     if names is not None:
         patterns = _compile_all(names, "names")
