@@ -566,8 +566,8 @@ def test_the_flux_under_grad_scaler_is_that_of_the_unscaled_step(fused, device):
 
 def test_an_attached_step_takes_the_flux_of_its_accumulated_batches():
     """Attached, a sampled step's flux is that of the gradient the step applies: two half batches accumulated
-    (each loss halved) give the flux of the whole batch, counted once, and frozen logits, which have no
-    gradient, give none; unattached, the backward pass adds it, frozen or not."""
+    (each loss halved) give the flux of the whole batch, counted once, and frozen logits get that gradient
+    for the batch alone; unattached, the backward pass adds it."""
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
 
     def flux(attach: bool, halves: bool, frozen: bool = False) -> tuple[list[torch.Tensor], int]:
@@ -584,12 +584,11 @@ def test_an_attached_step_takes_the_flux_of_its_accumulated_batches():
 
     whole, batches = flux(attach=False, halves=False)
     assert batches == 1 and all(f.abs().max() > 1e-3 for f in whole)
-    for attach, frozen in ((True, False), (False, True)):
+    for attach, frozen in ((True, False), (True, True), (False, True)):
         got, batches = flux(attach, halves=False, frozen=frozen)
         assert batches == 1
         for want, have in zip(whole, got, strict=True):
             torch.testing.assert_close(have, want)
-    assert flux(attach=True, halves=False, frozen=True)[1] == 0
     accumulated, batches = flux(attach=True, halves=True)
     assert batches == 1
     for want, have in zip(whole, accumulated, strict=True):
@@ -643,3 +642,26 @@ def test_attach_refuses_an_optimizer_without_logits_and_warns_when_they_share_a_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hf.attach(torch.optim.AdamW(hf.param_groups(lr=0.1, weight_decay=0.01)))
+
+
+def test_frozen_logits_lend_their_gradient_to_a_flux_batch_and_never_move():
+    """Frozen masks stay as they are while the attached step reads the flux of sampled batches from a gradient
+    the frozen logits get for those batches alone: taken back before the optimiser (Adam, whose moments would
+    move a logit even with a zero gradient) sees it."""
+    model, hf = _two_layer_under_pressure(5.0, flux_every=2)
+    opt = torch.optim.Adam(hf.param_groups(lr=0.1, mask_lr=0.1))
+    hf.attach(opt)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # the logits' Adam moments are under way
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    hf._freeze()
+    frozen = [m.detach().clone() for m in hf.mask_parameters()]
+    for _ in range(4):
+        opt.zero_grad(set_to_none=False)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        assert all(not m.requires_grad and m.grad is None for m in hf.mask_parameters())
+    assert all(torch.equal(m, f) for m, f in zip(hf.mask_parameters(), frozen, strict=True))
+    assert hf.stats()["flux_batches"] == 4  # batches 0 and 2 before the freeze, 4 and 6 after

@@ -51,8 +51,10 @@ def test_paper_phases_release_pressure_reset_decay_and_freeze_the_mask_lr():
     assert lrs == pytest.approx([1e-3, 1e-3, 5e-3, 2.5e-3, 0.0, 0.0, 0.0])
     assert pressures[2:] == [0.0] * 5  # the paper releases the pressure at once, no off-by-one epoch
     assert all(not m.requires_grad for m in hf.mask_parameters())
-    out = model(torch.randn(2, 8)).sum()
-    out.backward()
+    model(torch.randn(2, 8)).sum().backward()  # a flux batch: the attached step takes its gradient back
+    opt.step()
+    assert all(not m.requires_grad and m.grad is None for m in hf.mask_parameters())
+    model(torch.randn(2, 8)).sum().backward()  # any other batch: no gradient at all
     assert all(m.grad is None for m in hf.mask_parameters())
 
 

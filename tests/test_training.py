@@ -152,9 +152,6 @@ def test_metrics_rows_carry_flips_per_layer_and_the_flux_histogram(tmp_path):
             kept[name] += row["layer_regrown"][name] - row["layer_pruned"][name]
         # the flips add up to the masks, the exact trim at freeze included
         assert kept == {name: round(d * totals[name]) for name, d in row["layers"].items()}
-        if row["phase"] == "frozen":  # the flux is read from the logits' gradients, which frozen logits lack
-            assert "flux_hist" not in row and row["flux_min"] is None
-            continue
         hist = row["flux_hist"]
         assert hist["edges"] == list(FLUX_HIST_EDGES)
         assert len(hist["survivors"]) == len(hist["pruned"]) == len(FLUX_HIST_EDGES) + 1

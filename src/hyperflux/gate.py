@@ -128,8 +128,9 @@ class HardGate(nn.Module):
         self._flux_batch: int | None = None  # the meter's batch whose flux was last added
         # set by `Hyperflux.attach` for logits an attached optimiser holds: a sampled batch's flux is then
         # taken from the logits' gradient at the optimiser's step (`add_step_flux`), not in the backward pass,
-        # where a loss scale the step never sees would be in it; once the logits are frozen, none is taken
+        # where a loss scale the step never sees would be in it
         self.flux_at_step = False
+        self._thawed = False  # frozen logits given a gradient for one sampled batch, to read its flux from
         self._slots = _empty_slots()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -137,8 +138,12 @@ class HardGate(nn.Module):
             return _GateFunction.apply(weight, self.logits, self.scale, None)
         logits = self.logits
         flux = None
-        if self.meter.sampling and torch.is_grad_enabled() and not self.flux_at_step:
-            flux = self._flux_accumulator(weight)  # a flux batch: its backward adds -W * g
+        if self.meter.sampling and torch.is_grad_enabled():  # a flux batch
+            if not self.flux_at_step:
+                flux = self._flux_accumulator(weight)  # its backward adds -W * g
+            elif not logits.requires_grad:  # frozen: a gradient for this batch, which the step takes back
+                logits.requires_grad_(True)
+                self._thawed = True
         if weight.dtype is logits.dtype and (op := gate_op()) is not None:
             # the same gate, gradients and flux: one pass each way for float32 on the CPU, and on any device
             # an autograd node without Python in it (operands on two devices: its error says so)
@@ -178,6 +183,13 @@ class HardGate(nn.Module):
             flux.add_(grad, alpha=-1.0 / self.scale)
         else:
             flux.addcdiv_(grad, grad_scale.to(grad.device), value=-1.0 / self.scale)
+
+    def refreeze(self) -> None:
+        """Take back the gradient a frozen gate was given for a flux batch, before the optimiser sees it."""
+        if self._thawed:
+            self.logits.grad = None
+            self.logits.requires_grad_(False)
+            self._thawed = False
 
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask, identical in training and inference."""

@@ -150,6 +150,8 @@ class _AttachedStep:
         if sampled and not (found_inf is not None and bool(found_inf)):
             for i in self.gate_indices:  # the flux, from the gradients before the pressure joins them
                 gates[i].add_step_flux(scale)
+        for i in self.gate_indices:
+            gates[i].refreeze()
         grads, values = [], []
         for i in self.gate_indices:
             grad = gates[i].logits.grad
@@ -400,7 +402,7 @@ class Hyperflux:
         step under gradient accumulation. A fused optimiser that GradScaler leaves to unscale its gradients in
         its own kernel gets the pressure scaled as they are. `step()` then needs no arguments. The same hook
         reads the flux of sampled batches from the logits' gradients (`stats()`), so that under AMP it carries
-        no loss scale and skipped steps add nothing to it (and frozen logits give none).
+        no loss scale and skipped steps add nothing to it.
 
         With `flush_denormals` (the default) each of their steps runs with denormal floats flushed to zero
         while the masks are on the CPU (`hyperflux.flush_denormals`): a pruned weight's optimiser moments decay
@@ -514,7 +516,7 @@ class Hyperflux:
 
         With the logits' optimiser attached, a sampled batch's flux is read at its optimiser step from the
         logits' gradient, as that step applies it (unscaled under AMP, averaged over DDP ranks, summed over
-        accumulated batches, clipped where the logits are), so none is read once the masks are frozen;
+        accumulated batches, clipped where the logits are; frozen logits get a gradient for that batch only);
         otherwise the backward pass adds it.
         """
         self._check_live()
@@ -731,6 +733,7 @@ class Hyperflux:
         for gate in self.gates:
             gate.logits.requires_grad_(False)
             gate.logits.grad = None
+            gate._thawed = False
         self.frozen = True
 
     def _enforce_floors(self) -> None:
