@@ -146,12 +146,13 @@ class _AttachedStep:
         meter = self.sparsifier.meter
         sampled = meter.step_sampled(self.seen)
         self.seen = meter.batches
-        found_inf = getattr(optimizer, "found_inf", None)
-        if sampled and not (found_inf is not None and bool(found_inf)):
-            for i in self.gate_indices:  # the flux, from the gradients before the pressure joins them
-                gates[i].add_step_flux(scale)
-        for i in self.gate_indices:
-            gates[i].refreeze()
+        if sampled:  # the flux, from the gradients before the pressure joins them
+            found_inf = getattr(optimizer, "found_inf", None)
+            skipped = found_inf is not None and bool(found_inf)
+            for i in self.gate_indices:
+                if not skipped:
+                    gates[i].add_step_flux(scale)
+                gates[i].refreeze()  # frozen logits thaw for sampled batches only
         grads, values = [], []
         for i in self.gate_indices:
             grad = gates[i].logits.grad
