@@ -83,15 +83,11 @@ class FluxMeter:
         counts itself in place of its batch. Attached optimisers that step after it in the same training step
         share its decision.
         """
-        if (
-            seen != self.batches
-            and self._step_decision is not None
-            and self._step_decision[0] == self.batches
-        ):
-            return self._step_decision[1]
-        if seen == self.batches:
+        if seen == self.batches:  # nothing counted since this optimiser's last step: compiled
             sampled = self.every > 0 and self.batches % self.every == 0
             self.batches += 1
+        elif self._step_decision is not None and self._step_decision[0] == self.batches:
+            return self._step_decision[1]  # decided by the optimiser that stepped before this one
         else:
             sampled = self._sampled_since_step
         self._sampled_since_step = False

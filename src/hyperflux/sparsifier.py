@@ -415,9 +415,9 @@ class Hyperflux:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]} & logit_ids
             if not held:
                 raise ValueError("this optimizer holds no mask logits; build it from hf.param_groups()")
-            _warn_of_shared_groups(optimizer, logit_ids)
             if any(o is optimizer for o in self._optimizers):
                 continue
+            _warn_of_shared_groups(optimizer, logit_ids)
             self._optimizers.append(optimizer)
             gates = [i for i, g in enumerate(self.gates) if id(g.logits) in held]
             for i in gates:
