@@ -630,3 +630,69 @@ def test_param_groups_give_the_logits_their_own_lr_and_no_weight_decay():
     assert (masks["lr"], masks["weight_decay"]) == (0.02, 0.0)
     assert {id(p) for p in masks["params"]} == {id(p) for p in hf.mask_parameters()}
     assert not {id(p) for p in weights["params"]} & {id(p) for p in masks["params"]}
+
+
+@pytest.mark.parametrize("compiled_part", ["model", "layers"])
+def test_a_compiled_model_reads_the_flux_of_frozen_masks_as_eager_does(compiled_part):
+    """Compiled code never thaws frozen logits for a flux batch, as the eager gate does, so the attached step
+    before one does: the frozen phase of a compiled model gets the flux figures of eager training, with masks
+    and logits that never move and no gradient left on them for the optimiser."""
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+
+    def train(compile_: bool):
+        torch._dynamo.reset()
+        model = mlp()
+        hf = Hyperflux(model, 0.5, pruning_epochs=1, regrowth_epochs=2, freeze_after=0, flux_every=3)
+        opt = torch.optim.Adam(hf.param_groups(lr=1e-2, mask_lr=0.05))
+        hf.attach(opt)
+        forward = model
+        if compile_ and compiled_part == "model":
+            forward = torch.compile(model, backend="eager")
+        elif compile_:
+            for layer in (model[0], model[2]):
+                layer.compile(backend="eager")
+        frozen = None
+        for step in range(13):
+            if step == 5:  # batches 0-4 pruning (0 and 3 sampled), then frozen: 6, 9 and 12 sampled
+                hf.step()
+                assert hf.frozen
+                frozen = [m.detach().clone() for m in hf.mask_parameters()]
+            loss = F.cross_entropy(forward(x), y)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            opt.step()
+            assert all(m.grad is None for m in hf.mask_parameters()) or frozen is None
+        assert all(torch.equal(m, f) for m, f in zip(hf.mask_parameters(), frozen, strict=True))
+        return hf
+
+    eager, compiled = train(False), train(True)
+    assert [g.flux_batches for g in compiled.gates] == [3, 3]
+    for want, got in zip(eager.gates, compiled.gates, strict=True):
+        torch.testing.assert_close(got.mean_flux(), want.mean_flux())
+
+
+def test_loading_a_pruning_state_into_a_frozen_run_leaves_its_logits_training():
+    """A frozen run's step thaws the logits for the coming flux batch; loading an earlier (pruning) state over
+    it must not leave them marked for refreezing, which would stop them at the next flux batch."""
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=1, regrowth_epochs=2, freeze_after=0, flux_every=2)
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-2, mask_lr=0.05))
+    hf.attach(opt)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+
+    def train_step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    pruning = hf.state_dict(), copy.deepcopy(opt.state_dict())
+    hf.step()
+    train_step()
+    train_step()  # frozen: batches 0 and 1; the step thaws the logits for batch 2
+    assert all(m.requires_grad for m in hf.mask_parameters())
+    hf.load_state_dict(pruning[0])
+    opt.load_state_dict(pruning[1])  # the mask lr the freeze set to 0 back
+    before = [m.detach().clone() for m in hf.mask_parameters()]
+    train_step()  # batch 2, sampled: the pruning logits take their step
+    assert all(m.requires_grad for m in hf.mask_parameters())
+    assert all(not torch.equal(m, b) for m, b in zip(hf.mask_parameters(), before, strict=True))

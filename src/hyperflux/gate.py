@@ -73,7 +73,7 @@ class FluxMeter:
         if not torch.is_grad_enabled():
             self.sampling = False
             return
-        self.sampling = self.every > 0 and self.batches % self.every == 0
+        self.sampling = self.next_sampled()
         self._sampled_since_step |= self.sampling
         self.batches += 1
 
@@ -84,7 +84,7 @@ class FluxMeter:
         share its decision.
         """
         if seen == self.batches:  # nothing counted since this optimiser's last step: compiled
-            sampled = self.every > 0 and self.batches % self.every == 0
+            sampled = self.next_sampled()
             self.batches += 1
         elif self._step_decision is not None and self._step_decision[0] == self.batches:
             return self._step_decision[1]  # decided by the optimiser that stepped before this one
@@ -93,6 +93,10 @@ class FluxMeter:
         self._sampled_since_step = False
         self._step_decision = (self.batches, sampled)
         return sampled
+
+    def next_sampled(self) -> bool:
+        """Whether the next batch counted is a flux batch."""
+        return self.every > 0 and self.batches % self.every == 0
 
     def restart(self, batches: int) -> None:
         """Continue counting from `batches` (a resumed run)."""
@@ -137,9 +141,8 @@ class HardGate(nn.Module):
         if self.meter.sampling and torch.is_grad_enabled():  # a flux batch
             if not self.flux_at_step:
                 flux = self._flux_accumulator(weight)  # its backward adds -W * g
-            elif not logits.requires_grad:  # frozen: a gradient for this batch, which the step takes back
-                logits.requires_grad_(True)
-                self._thawed = True
+            else:  # frozen: a gradient for this batch, which the step takes back
+                self.thaw()
         if weight.dtype is logits.dtype and (op := gate_op()) is not None:
             # the same gate, gradients and flux: one pass each way for float32 on the CPU, and on any device
             # an autograd node without Python in it (operands on two devices: its error says so)
@@ -179,6 +182,12 @@ class HardGate(nn.Module):
             flux.add_(grad, alpha=-1.0 / self.scale)
         else:
             flux.addcdiv_(grad, grad_scale.to(grad.device), value=-1.0 / self.scale)
+
+    def thaw(self) -> None:
+        """Give frozen logits a gradient for the coming flux batch alone (`refreeze` takes it back)."""
+        if not self.logits.requires_grad:
+            self.logits.requires_grad_(True)
+            self._thawed = True
 
     def refreeze(self) -> None:
         """Take back the gradient a frozen gate was given for a flux batch, before the optimiser sees it."""

@@ -146,13 +146,13 @@ class _AttachedStep:
         meter = self.sparsifier.meter
         sampled = meter.step_sampled(self.seen)
         self.seen = meter.batches
-        if sampled:  # the flux, from the gradients before the pressure joins them
+        if sampled or self.sparsifier.frozen:  # the flux, from the gradients before the pressure joins them
             found_inf = getattr(optimizer, "found_inf", None)
             skipped = found_inf is not None and bool(found_inf)
             for i in self.gate_indices:
-                if not skipped:
+                if sampled and not skipped:
                     gates[i].add_step_flux(scale)
-                gates[i].refreeze()  # frozen logits thaw for sampled batches only
+                gates[i].refreeze()  # frozen logits thawed for a flux batch
         grads, values = [], []
         for i in self.gate_indices:
             grad = gates[i].logits.grad
@@ -163,6 +163,12 @@ class _AttachedStep:
         self._unflush = add_to_grads(grads, values, flush, scale) or self._unflush
 
     def after(self, *_: object) -> None:
+        sparsifier = self.sparsifier
+        if sparsifier.frozen and sparsifier.meter.next_sampled():
+            # compiled code never thaws frozen logits for a flux batch, as the eager gate does: the step before
+            # one does (the freeze itself does not, for a DDP wrapper built after it must find them frozen)
+            for i in self.gate_indices:
+                sparsifier.gates[i].thaw()
         if self._unflush:
             self._unflush = False
             stop_flushing()
@@ -840,6 +846,7 @@ class Hyperflux:
         self.frozen = False
         for gate in self.gates:
             gate.logits.requires_grad_(True)
+            gate._thawed = False  # a gate thawed for a flux batch of the frozen run it replaces stays live
         if state["frozen"]:
             self._freeze()
 
