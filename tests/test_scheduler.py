@@ -115,3 +115,14 @@ def test_a_trajectory_too_short_for_its_target_warns():
         warnings.simplefilter("error")
         PressureScheduler(0.9, 4)  # 4 periods reach 7.1% at the lowest: enough for 90%
         PressureScheduler(0.99, 100)
+
+
+def test_a_target_shallower_than_the_retention_cap_allows_is_held_not_overshot():
+    """100 periods at a retention of at most 0.999 end at 90.5% density or below: a 5% target is reached
+    early and held, where the bare trajectory would have the controller prune to 90.5%."""
+    scheduler = PressureScheduler(0.05, 100)
+    densities = [scheduler.expected_density(e) for e in range(101)]
+    assert densities[100] == pytest.approx(0.95)
+    assert min(densities) == pytest.approx(0.95)
+    assert densities[10] < 1.0 and all(a >= b for a, b in zip(densities, densities[1:]))
+    assert densities.index(0.95) < 60  # reached early, then held

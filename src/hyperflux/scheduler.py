@@ -143,10 +143,15 @@ class PressureScheduler:
         return self.gamma**self.exponent
 
     def expected_density(self, epoch: int) -> float:
-        """Target density (fraction) after `epoch` periods; the final target from `epochs` on."""
-        if self.s0 is None or self.epochs is None:
+        """Target density (fraction) after `epoch` periods; the final target from `epochs` on.
+
+        Never below the target: a target density above `0.999 ** epochs` is more than the retention cap of
+        method.md s. 3 lets the trajectory end at, so it reaches the target early and holds it there.
+        """
+        if self.s0 is None or self.epochs is None or self.target_sparsity is None:
             raise ValueError(f"a {self.mode}-mode scheduler has no target trajectory")
-        return trajectory_density(self.s0, max(int(epoch), 0), self.epochs, self.aggressivity)
+        density = trajectory_density(self.s0, max(int(epoch), 0), self.epochs, self.aggressivity)
+        return max(density, 1.0 - self.target_sparsity)
 
     def step(self, measured_density: float) -> float:
         """Close one period with its measured density; returns the pressure for the next period."""
