@@ -223,6 +223,33 @@ def test_attached_optimizer_applies_the_same_pressure_gradient_once_per_step(flu
         assert torch.allclose(a, b, atol=1e-7)
 
 
+def test_logits_no_attached_optimiser_holds_take_the_pressure_through_the_loss():
+    """One optimiser per layer's logits, only the first attached: its logits get P / N from its step, the
+    second layer's from `pressure_loss()` in the loss, so both move as with nothing attached."""
+
+    def run(attach: bool):
+        model, hf = _two_layer_under_pressure(3.0)
+        first, second = hf.mask_parameters()
+        opts = torch.optim.SGD([first], lr=1.0), torch.optim.SGD([second], lr=1.0)
+        if attach:
+            hf.attach(opts[0])
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+        loss = model(x).pow(2).mean() + hf.pressure_loss()
+        for opt in opts:
+            opt.zero_grad()
+        loss.backward()
+        before = [m.detach().clone() for m in hf.mask_parameters()]
+        for opt in opts:
+            opt.step()
+        return [b - m.detach() for b, m in zip(before, hf.mask_parameters(), strict=True)], float(loss)
+
+    plain, plain_loss = run(False)
+    mixed, mixed_loss = run(True)
+    assert mixed_loss == pytest.approx(plain_loss)
+    for a, b in zip(plain, mixed, strict=True):
+        torch.testing.assert_close(b, a)
+
+
 def test_zero_pressure_gives_no_graph_and_no_gradient():
     model = _two_layer()
     hf = hyperflux.Hyperflux(model, 0.5, pruning_epochs=3)

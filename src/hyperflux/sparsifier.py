@@ -53,7 +53,10 @@ class _PressureLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grads = [(grad_out * coef).expand(shape) for coef, shape in zip(ctx.coefs, ctx.shapes, strict=True)]
+        grads = [
+            (grad_out * coef).expand(shape) if coef else None
+            for coef, shape in zip(ctx.coefs, ctx.shapes, strict=True)
+        ]
         return (None, *grads)
 
 
@@ -389,17 +392,21 @@ class Hyperflux:
     def pressure_loss(self) -> torch.Tensor:
         """`P * sum(m) / N`, to add to the loss: every logit feels exactly P / N (times its layer's scale).
 
-        After `attach()`, the attached optimiser applies that gradient itself and this returns the value
-        alone (no graph), so adding it to the loss changes nothing but the number you log.
+        After `attach()`, the attached optimisers apply that gradient themselves to the logits they hold, whose
+        part of this value has no graph: adding it to the loss changes nothing for them but the number you
+        log. Logits that no attached optimiser holds keep their gradient through the loss.
         """
         self._check_live()
         coefs = self._pressure_coefs()
         logits = [g.logits for g in self.gates]
         if not any(coefs):
             return logits[0].new_zeros((), dtype=torch.float32)
-        if self._attached:
-            return _pressure_value(coefs, logits)
-        return _PressureLoss.apply(coefs, *logits)
+        if not self._attached:
+            return _PressureLoss.apply(coefs, *logits)
+        held = [g.flux_at_step for g in self.gates]  # set by attach() for the logits its optimisers hold
+        value = _pressure_value([c if h else 0.0 for c, h in zip(coefs, held, strict=True)], logits)
+        unheld = tuple(0.0 if h else c for c, h in zip(coefs, held, strict=True))
+        return value + _PressureLoss.apply(unheld, *logits) if any(unheld) else value
 
     def attach(self, *optimizers: torch.optim.Optimizer, flush_denormals: bool = True) -> Hyperflux:
         """Let these optimisers apply the pressure and the mask-lr schedule; returns self.
