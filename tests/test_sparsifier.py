@@ -58,6 +58,31 @@ def test_paper_phases_release_pressure_reset_decay_and_freeze_the_mask_lr():
     assert all(m.grad is None for m in hf.mask_parameters())
 
 
+@pytest.mark.parametrize("regrowth_mask_lr", [None, 0.01])
+def test_the_mask_lr_given_to_param_groups_is_the_runs_own(regrowth_mask_lr):
+    """`param_groups(mask_lr=...)` replaces the constructor's mask lr: `hf.mask_lr` reports what the group
+    runs with, and regrowth resets to it (or to `regrowth_mask_lr`, when given) and decays from there."""
+    hf = Hyperflux(
+        mlp(),
+        0.5,
+        pruning_epochs=2,
+        regrowth_epochs=3,
+        exact_target=False,
+        regrowth_decay=0.5,
+        regrowth_mask_lr=regrowth_mask_lr,
+    )
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-3, mask_lr=0.05))
+    hf.attach(opt)
+    ran, reported = [], []
+    for _ in range(4):
+        ran.append(opt.param_groups[1]["lr"])
+        reported.append(hf.mask_lr)
+        hf.step()
+    reset = regrowth_mask_lr or 0.05
+    assert ran == pytest.approx([0.05, 0.05, reset, reset / 2])
+    assert reported == pytest.approx(ran)
+
+
 def test_exact_mode_keeps_the_controller_at_lower_gain_during_regrowth():
     hf = Hyperflux(mlp(), 0.5, pruning_epochs=2, regrowth_epochs=10, delta=0.3)
     hf.step(), hf.step()

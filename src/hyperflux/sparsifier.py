@@ -300,6 +300,7 @@ class Hyperflux:
         self.init_logit = float(init_logit)
         self.base_mask_lr = float(mask_lr)
         self.regrowth_mask_lr = self.base_mask_lr if regrowth_mask_lr is None else float(regrowth_mask_lr)
+        self._regrowth_mask_lr_given = regrowth_mask_lr is not None
         self.regrowth_decay = float(regrowth_decay)
         if freeze_after is None:
             # exact mode trims at the freeze: leave half the regrowth to fine-tune the trimmed mask
@@ -482,7 +483,15 @@ class Hyperflux:
         mask_lr: float | None = None,
         **options,
     ) -> list[dict[str, Any]]:
-        """Two optimiser groups: the model's weights, and the mask logits with their own lr and no decay."""
+        """Two optimiser groups: the model's weights, and the mask logits with their own lr and no decay.
+
+        `mask_lr` replaces the constructor's, so that the schedule (`self.mask_lr`, the regrowth reset unless
+        `regrowth_mask_lr` was given) goes on from the lr the group starts with.
+        """
+        if mask_lr is not None:
+            self.base_mask_lr = float(mask_lr)
+            if not self._regrowth_mask_lr_given:
+                self.regrowth_mask_lr = self.base_mask_lr
         weights: dict[str, Any] = {"params": list(self.weight_parameters()), **options}
         if lr is not None:
             weights["lr"] = lr
@@ -490,7 +499,7 @@ class Hyperflux:
             weights["weight_decay"] = weight_decay
         masks = {
             "params": list(self.mask_parameters()),
-            "lr": self.base_mask_lr if mask_lr is None else mask_lr,
+            "lr": self.base_mask_lr,
         }
         masks["weight_decay"] = 0.0
         return [weights, masks]
