@@ -1,5 +1,6 @@
 """The target trajectory (reference values of method.md s. 3) and the gamma controller on scripted densities."""
 
+import itertools
 import warnings
 
 import pytest
@@ -124,5 +125,5 @@ def test_a_target_shallower_than_the_retention_cap_allows_is_held_not_overshot()
     densities = [scheduler.expected_density(e) for e in range(101)]
     assert densities[100] == pytest.approx(0.95)
     assert min(densities) == pytest.approx(0.95)
-    assert densities[10] < 1.0 and all(a >= b for a, b in zip(densities, densities[1:]))
+    assert densities[10] < 1.0 and all(a >= b for a, b in itertools.pairwise(densities))
     assert densities.index(0.95) < 60  # reached early, then held

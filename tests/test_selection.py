@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hyperflux import Hyperflux
+from hyperflux import Hyperflux, PressureScheduler
 from pruned_models import Attending
 
 
@@ -146,6 +146,12 @@ def test_bad_epochs_and_modes():
         Hyperflux(nn.Linear(3, 3), None, pruning_epochs=2)
     with pytest.raises(ValueError, match=r"expected a torch\.nn\.Module"):
         Hyperflux("model", 0.9, pruning_epochs=2)
+    # a trajectory for another target, or longer than pruning: the controller and the trim would disagree
+    for other in (PressureScheduler(0.5, 2), PressureScheduler(0.9, 3)):
+        with pytest.raises(ValueError, match="give both the same target"):
+            Hyperflux(nn.Linear(3, 3), 0.9, pruning_epochs=2, scheduler=other)
+    shorter = PressureScheduler(0.9, 4)  # reaches the target within the first 4 of 6 periods, then holds it
+    assert Hyperflux(nn.Linear(3, 3), 0.9, pruning_epochs=6, scheduler=shorter).scheduler is shorter
 
 
 def test_a_floor_is_min_density_of_the_layer_without_float_noise():

@@ -275,6 +275,16 @@ class Hyperflux:
             scheduler = PressureScheduler(
                 target_sparsity, pruning_epochs, aggressivity=aggressivity, delta=delta, exponent=exponent
             )
+        elif (
+            scheduler.mode == "trajectory"
+            and target_sparsity is not None
+            and (scheduler.target_sparsity != target_sparsity or scheduler.epochs > pruning_epochs)
+        ):
+            raise ValueError(
+                f"the scheduler's trajectory reaches {scheduler.target_sparsity} sparsity in {scheduler.epochs} "
+                f"periods; this sparsifier prunes to {target_sparsity} in {pruning_epochs}: give both the same "
+                "target, and the trajectory no more periods than pruning has"
+            )
         if exact_target and target_sparsity is None:
             raise ValueError(
                 "exact_target=True needs a target_sparsity; use exact_target=False with a fixed pressure"
