@@ -161,6 +161,20 @@ def test_a_floor_is_min_density_of_the_layer_without_float_noise():
     assert [t.floor for t in hf.targets] == [7, 7]
 
 
+def test_closing_a_period_with_floors_does_not_run_the_gates():
+    """`step()` checks each layer's floor by counting its weights, not by computing the masked weight (whose
+    gate, right after a flux batch, would lend frozen logits a gradient)."""
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    hf = Hyperflux(model, 0.5, pruning_epochs=1, regrowth_epochs=2, min_density=0.05, freeze_after=0)
+    calls = []
+    for gate in hf.gates:
+        gate.register_forward_hook(lambda *_: calls.append(1))
+    model(torch.randn(2, 10))
+    assert len(calls) == 2
+    hf.step(), hf.step()
+    assert len(calls) == 2 and [t.floor for t in hf.targets] == [8, 3]
+
+
 def test_attention_opts_in_its_input_projections():
     packed = Hyperflux(Attending(), 0.9, pruning_epochs=2, modules=(nn.Linear, nn.MultiheadAttention))
     assert names_of(packed) == ["attn.in_proj_weight", "attn.out_proj.weight", "context.weight"]

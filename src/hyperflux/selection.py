@@ -33,6 +33,9 @@ class Target:
 
     @property
     def numel(self) -> int:
+        """Counted on the stored tensor once masked: reading the masked weight runs the gate."""
+        if parametrize.is_parametrized(self.module, self.param_name):
+            return self.module.parametrizations[self.param_name].original.numel()
         return getattr(self.module, self.param_name).numel()
 
     @property
