@@ -191,7 +191,15 @@ def test_imp_replays_the_lr_schedule_in_each_round():
     first, second = pruner.ends[0], pruner.ends[1]
     assert pruner.schedule_progress(0.0) == 0.0
     assert pruner.schedule_progress(first / BATCHES) == pytest.approx(1.0)  # the rewind point
-    assert pruner.schedule_progress((second - 1e-9) / BATCHES) == pytest.approx(EPOCHS)
+    last = (second - 1 - first) / (second - first)  # the round's last step, just short of the schedule's end
+    assert pruner.schedule_progress((second - 1) / BATCHES) == pytest.approx(1 + last * (EPOCHS - 1))
+    # the trainer's progress, epoch + batch / batches, is no exact multiple of 1 / batches in floats: each
+    # round's first step must still replay from the rewind point (9 batches: 1 + 6/9 is 14.999... steps)
+    model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 5))
+    nine = baselines.build("imp", model, 0.9, 3, 1, 9, rewind_epoch=1)
+    assert 15 in nine.ends
+    for end in nine.ends[:-1]:
+        assert nine.schedule_progress(end // 9 + (end % 9) / 9) == pytest.approx(1.0), end
 
 
 def watch(method: str, stats_every: int = 1, **settings) -> tuple[list[dict], dict[int, dict]]:
@@ -334,6 +342,14 @@ def test_method_key_resolves_against_exact_target():
         load_recipe(SMOKE, ["method=obd"])
     with pytest.raises(RecipeError, match=r"'baseline\.prune_epoch': 40 is past the budget of 30 epochs"):
         load_recipe(SMOKE, ["method=magnitude", "baseline.prune_epoch=40"])
+    short = ["hyperflux.pruning_epochs=2", "hyperflux.regrowth_epochs=1"]
+    with pytest.raises(
+        RecipeError, match=r"'baseline\.start_epoch': 2 is not before the schedule's default end"
+    ):
+        load_recipe(SMOKE, ["method=gmp", *short, "baseline.start_epoch=2"])  # it would never prune
+    assert load_recipe(SMOKE, ["method=gmp", *short, "baseline.start_epoch=2", "baseline.end_epoch=3"])
+    with pytest.raises(RecipeError, match=r"'baseline\.rewind_epoch': must come before the end"):
+        load_recipe(SMOKE, ["method=imp", *short, "baseline.rewind_epoch=3"])
     with pytest.raises(RecipeError, match="method gmp needs a target sparsity"):
         load_recipe(SMOKE, ["method=gmp", "hyperflux.target_sparsity=null", "hyperflux.pressure=1"])
 
@@ -393,3 +409,20 @@ def test_a_stopped_and_resumed_baseline_run_equals_an_uninterrupted_one(method, 
         for path in (tmp_path / "whole" / "metrics.jsonl", tmp_path / "parts" / "metrics.jsonl")
     ]
     assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("method", ["taylor", "rigl"])
+def test_an_overflowed_gradient_neither_scores_nor_grows_weights(method):
+    """A gradient with infinities and NaNs (an fp16 step the loss scaler skips) adds nothing to Taylor's
+    importance and offers nothing to RigL's growth: read as such, it would outrank every real value."""
+    model = tiny()
+    pruner = baselines.build(method, model, TARGET, EPOCHS - 1, 1, BATCHES, seed=0, update_every=1)
+    weight = next(iter(pruner.masked_weights().values()))
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    weight.grad[0, :3] = torch.tensor([math.inf, -math.inf, math.nan])
+    pruner.after_backward()
+    seen = pruner.score if method == "taylor" else pruner.grad
+    values = next(iter(seen.values()))
+    assert torch.isfinite(values).all() and values[0, :3].eq(0).all()
+    assert values[0, 3:].gt(0).any()  # the finite rest of the gradient counts as ever

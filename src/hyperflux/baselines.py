@@ -391,10 +391,13 @@ class Taylor(Gradual):
         self.score = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in self.weights.items()}
 
     def observe(self) -> None:
+        # a gradient that overflowed (an fp16 step the loss scaler skips) adds nothing: infinities would
+        # outrank every real score until the next update
         with torch.no_grad():
             for name, weight in self.weights.items():
                 if weight.grad is not None:
-                    self.score[name].add_((weight.detach() * weight.grad).abs().float())
+                    importance = (weight.detach() * weight.grad).abs().float()
+                    self.score[name].add_(importance.nan_to_num_(nan=0.0, posinf=0.0))
 
     def due(self) -> bool:
         return self.steps % self.every == 0 and self.steps > self.start_step
@@ -469,7 +472,7 @@ class IMP(Baseline):
         return (self.counts[current - 1] if current else self.total) / self.total
 
     def schedule_progress(self, progress: float) -> float:
-        step = progress * self.batches
+        step = round(progress * self.batches, 6)  # epoch + batch / batches: 14.999... would be round 0's
         current = sum(step >= end for end in self.ends[:-1])
         begin = self.ends[current - 1] if current else 0
         local = (step - begin) / (self.ends[current] - begin)
@@ -518,8 +521,10 @@ class RigL(Baseline):
 
     def observe(self) -> None:
         if self.updating(self.steps + 1):
-            self.grad = {
-                n: w.grad.detach().abs().clone() for n, w in self.weights.items() if w.grad is not None
+            self.grad = {  # an overflowed gradient (see Taylor) grows nothing
+                n: w.grad.detach().abs().nan_to_num_(nan=0.0, posinf=0.0)
+                for n, w in self.weights.items()
+                if w.grad is not None
             }
 
     def update(self) -> None:
@@ -553,9 +558,13 @@ def build(
     batches: int,
     **options: Any,
 ) -> Baseline:
-    """The baseline `method` over the same epoch budget as hyperflux (pruning + regrowth epochs). Schedules
-    that prune and then fine-tune end their pruning where hyperflux's pruning phase ends, or at 3/4 of the
-    budget when the recipe has no regrowth phase."""
+    """The baseline `method` over the same epoch budget as hyperflux (pruning + regrowth epochs)."""
     total = pruning_epochs + regrowth_epochs
-    phase_end = pruning_epochs if regrowth_epochs else max(1, round(0.75 * total))
-    return METHODS[method](model, target_sparsity, total, batches, phase_end=phase_end, **options)
+    end = phase_end(pruning_epochs, regrowth_epochs)
+    return METHODS[method](model, target_sparsity, total, batches, phase_end=end, **options)
+
+
+def phase_end(pruning_epochs: int, regrowth_epochs: int) -> int:
+    """The epoch at which schedules that prune and then fine-tune end their pruning: where hyperflux's pruning
+    phase ends, or at 3/4 of the budget when the recipe has no regrowth phase."""
+    return pruning_epochs if regrowth_epochs else max(1, round(0.75 * (pruning_epochs + regrowth_epochs)))

@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from hyperflux import data, models
+from hyperflux.baselines import phase_end
 
 # `method`: hyperflux in exact-target mode, the paper's form, or one of the baselines it is compared with.
 HYPERFLUX_METHODS = ("hyperflux", "hyperflux-paper")
@@ -385,8 +386,17 @@ def _resolve_method(recipe: dict[str, Any], exact_given: bool) -> None:
                 "(hyperflux.pruning_epochs + hyperflux.regrowth_epochs)"
             )
     start, end = spec["start_epoch"] or 0, spec["end_epoch"]
+    if end is None and start >= (default := phase_end(hf["pruning_epochs"], hf["regrowth_epochs"])):
+        raise RecipeError(
+            f"recipe key 'baseline.start_epoch': {start} is not before the schedule's default end, epoch "
+            f"{default}; give baseline.end_epoch too"
+        )
     if end is not None and end <= start:
         raise RecipeError(f"recipe key 'baseline.end_epoch': must come after start_epoch ({start})")
+    if spec["rewind_epoch"] is not None and spec["rewind_epoch"] >= total:
+        raise RecipeError(
+            f"recipe key 'baseline.rewind_epoch': must come before the end of the budget ({total})"
+        )
 
 
 def _resolve(recipe: dict[str, Any], default_name: str, exact_given: bool) -> dict[str, Any]:
