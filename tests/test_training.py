@@ -6,6 +6,7 @@ import copy
 import hashlib
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -98,6 +99,38 @@ def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     (parts / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "lo\n{"epoch": 3}\n')
     with pytest.raises(RunError, match=r"metrics\.jsonl, line 2: not a metrics row"):
         RunFolder(parts).read_metrics()  # damage before the last row is not a torn write
+
+
+def test_resume_rewrites_the_metrics_only_to_drop_rows_and_never_empties_them(tmp_path):
+    """With nothing past the checkpoint the metrics files stay as they are; rows past it go by replacing each
+    file whole (emptied and refilled row by row, a kill in between lost epochs the checkpoint covers)."""
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=2)
+    folder = RunFolder(tmp_path)
+    names = ("metrics.jsonl", "metrics.csv")
+    for name in names:
+        os.utime(tmp_path / name, ns=(10**18, 10**18))  # a time no write here would give them
+    folder.truncate_metrics(2)
+    assert all((tmp_path / name).stat().st_mtime_ns == 10**18 for name in names)
+    csv_before = (tmp_path / "metrics.csv").read_text()
+    folder.truncate_metrics(1)
+    assert [r["epoch"] for r in folder.read_metrics()] == [1]
+    assert (tmp_path / "metrics.csv").read_text() == "".join(csv_before.splitlines(keepends=True)[:2])
+    assert all((tmp_path / name).stat().st_mtime_ns != 10**18 for name in names)
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_recipe_builds_and_clears_what_was_made_from_it(tmp_path):
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    old = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "recipe.yaml")}
+    with pytest.raises(ValueError, match="matches no prunable tensor"):
+        Trainer(recipe("hyperflux.names=fc9"), tmp_path, overwrite=True, quiet=True)
+    assert {name: (tmp_path / name).read_bytes() for name in old} == old
+    derived = ["report.html", "density.png", "flux_hist.png", "model.sparse.safetensors", "model.onnx"]
+    for name in derived:
+        (tmp_path / name).write_bytes(b"from the old run")
+    (tmp_path / "notes.txt").write_text("the user's own")
+    run_recipe(recipe("seed=1"), tmp_path, quiet=True, overwrite=True, stop_after=1)
+    assert not any((tmp_path / name).exists() for name in derived)
+    assert (tmp_path / "notes.txt").exists() and load_recipe(tmp_path / "recipe.yaml")["seed"] == 1
 
 
 def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):

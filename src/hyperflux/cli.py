@@ -347,10 +347,11 @@ def _test_images(run: Any, count: int) -> Any:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from hyperflux.export import file_sizes, save_sparse
+    from hyperflux.runfiles import ONNX_MODEL, SPARSE_MODEL
 
     run, folder = _squashed_run(args)
     if args.format == "sparse":
-        out = Path(args.out) if args.out else folder / "model.sparse.safetensors"
+        out = Path(args.out) if args.out else folder / SPARSE_MODEL
         save_sparse(run.model, out)
         dense, _ = file_sizes(run.model)
         size = out.stat().st_size
@@ -358,7 +359,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     from hyperflux.onnx_export import export_onnx
 
-    out = Path(args.out) if args.out else folder / "model.onnx"
+    out = Path(args.out) if args.out else folder / ONNX_MODEL
     error = export_onnx(run.model, _test_images(run, 8), out)
     check = (
         "onnxruntime not installed, not checked" if error is None else f"onnxruntime max |diff| {error:.2g}"

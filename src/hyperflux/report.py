@@ -17,9 +17,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from hyperflux.runfiles import RunError, RunFolder
+from hyperflux.runfiles import REPORT, RunError, RunFolder
 
-REPORT = "report.html"
 PLOTS = {
     "density": "density.png",
     "pressure": "pressure.png",
@@ -45,6 +44,11 @@ CAPTIONS = {
     "positive pressure (symmetric-log flux axis: sampled minima are often negative); at a static equilibrium "
     "the smallest flux would lie near the dashed y = x line",
 }
+
+
+def report_files() -> list[str]:
+    """What `write_report` may write into a run folder."""
+    return [REPORT, *PLOTS.values(), *TELEMETRY_PLOTS.values()]
 
 
 def _figure(title: str, xlabel: str, ylabel: str):

@@ -25,6 +25,9 @@ METRICS_CSV = "metrics.csv"
 RECIPE = "recipe.yaml"
 SUMMARY = "summary.json"
 MODEL = "model.safetensors"
+REPORT = "report.html"
+SPARSE_MODEL = "model.sparse.safetensors"  # `hyperflux export` beside the model
+ONNX_MODEL = "model.onnx"
 CHECKPOINT_FORMAT = 1
 
 
@@ -53,6 +56,27 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def _jsonl(row: Mapping[str, Any]) -> str:
+    return json.dumps(row, default=_json_default) + "\n"
+
+
+def _csv_rows(rows: list[Mapping[str, Any]], header: list[str] | None) -> str:
+    """Rows' scalar columns as CSV lines under `header`, or, with none yet, under the first row's columns
+    (the header line included)."""
+    scalars = [
+        {k: "" if v is None else v for k, v in r.items() if not isinstance(v, dict | list)} for r in rows
+    ]
+    text = io.StringIO()
+    if scalars:
+        writer = csv.DictWriter(
+            text, fieldnames=header or list(scalars[0]), restval="", extrasaction="ignore"
+        )
+        if header is None:
+            writer.writeheader()
+        writer.writerows(scalars)
+    return text.getvalue()
+
+
 class RunFolder:
     """One run's files. With `writer=False` (every rank but 0 of a distributed run) the checks and reads run
     as usual but nothing is written, so N ranks can share one folder."""
@@ -67,8 +91,9 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         return self.file(CHECKPOINT).exists()
 
-    def prepare(self, recipe: Mapping[str, Any], *, resume: bool, overwrite: bool) -> None:
-        """Create the folder and save the recipe; refuse to mix a new run into an old one by accident."""
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse to mix a new run into an old one by accident; writes nothing (`start` does, once the run's
+        recipe has built)."""
         if resume:
             if not self.has_checkpoint():
                 raise RunError(f"{self.path}: no {CHECKPOINT} to resume from")
@@ -79,10 +104,18 @@ class RunFolder:
                 f"{self.path} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 "or --out for another folder"
             )
+
+    def start(self, recipe: Mapping[str, Any]) -> None:
+        """Create the folder and save the recipe, removing what an earlier run there left: its outputs and
+        what commands made from them (report, plots, exports), which would describe the wrong run."""
         if not self.writer:
             return
+        from hyperflux.report import report_files  # matplotlib, imported by a new run only
+
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT, METRICS_JSONL, METRICS_CSV, SUMMARY, MODEL):
+        for name in (CHECKPOINT, METRICS_JSONL, METRICS_CSV, SUMMARY, MODEL, SPARSE_MODEL, ONNX_MODEL):
+            self.file(name).unlink(missing_ok=True)
+        for name in report_files():
             self.file(name).unlink(missing_ok=True)
         atomic_write(self.file(RECIPE), lambda h: h.write(recipes.dump(recipe).encode()))
 
@@ -93,20 +126,14 @@ class RunFolder:
         if not self.writer:
             return
         with open(self.file(METRICS_JSONL), "a") as handle:
-            handle.write(json.dumps(row, default=_json_default) + "\n")
-        scalars = {k: "" if v is None else v for k, v in row.items() if not isinstance(v, dict | list)}
+            handle.write(_jsonl(row))
         path = self.file(METRICS_CSV)
         header = None
         if path.exists() and path.stat().st_size:
             with open(path, newline="") as handle:
                 header = next(csv.reader(handle), None)
         with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(
-                handle, fieldnames=header or list(scalars), restval="", extrasaction="ignore"
-            )
-            if header is None:
-                writer.writeheader()
-            writer.writerow(scalars)
+            handle.write(_csv_rows([row], header))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The rows written so far. A last row cut short (the run killed while writing it) is dropped, as resume
@@ -129,14 +156,18 @@ class RunFolder:
         return rows
 
     def truncate_metrics(self, epochs: int) -> None:
-        """Drop rows past `epochs` (written by a run killed between its metrics and its checkpoint)."""
+        """Drop rows past `epochs` (written by a run killed between its metrics and its checkpoint), and a last
+        row cut short. Both files are replaced whole (CSV first), never emptied and refilled, so a kill here
+        loses nothing the checkpoint covers; with nothing to drop they are left alone."""
         if not self.writer:
             return
+        path = self.file(METRICS_JSONL)
         rows = [r for r in self.read_metrics() if r["epoch"] <= epochs]
-        for name in (METRICS_JSONL, METRICS_CSV):
-            self.file(name).unlink(missing_ok=True)
-        for row in rows:
-            self.append_metrics(row)
+        jsonl = "".join(_jsonl(row) for row in rows)
+        if (path.read_text() if path.exists() else "") == jsonl:
+            return
+        atomic_write(self.file(METRICS_CSV), lambda h: h.write(_csv_rows(rows, None).encode()))
+        atomic_write(path, lambda h: h.write(jsonl.encode()))
 
     # ------------------------------------------------------------- checkpoint and outputs
     def save_checkpoint(self, state: dict[str, Any]) -> None:

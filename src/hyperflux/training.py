@@ -333,7 +333,7 @@ class Trainer:
         self.checkpoint = self.files.load_checkpoint() if resume and self.files.has_checkpoint() else None
         if self.checkpoint is not None:
             self._check_resumable(self.checkpoint)
-        self.files.prepare(recipe, resume=resume, overwrite=overwrite)
+        self.files.check(resume=resume, overwrite=overwrite)
 
         amp = recipe["amp"] if self.device.type == "cuda" else "off"
         self.amp_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
@@ -385,6 +385,8 @@ class Trainer:
             self._restore(self.checkpoint)
             self.files.truncate_metrics(self.epoch)
         self.net = self._wrap()
+        if not resume:  # only now, the recipe having built: a recipe that fails leaves an old run untouched
+            self.files.start(recipe)
 
     # ------------------------------------------------------------- setup
     def _check_resumable(self, checkpoint: dict[str, Any]) -> None:
