@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -99,9 +100,9 @@ def test_train_and_a_stopped_run(tmp_path, capsys):
         == 0
     )
     assert json.loads((tmp_path / "d" / "summary.json").read_text())["method"] == "dense"
-    out = tmp_path / "p"
+    out = tmp_path / "a run"  # the hint quotes what a shell would split
     assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet", "--stop-after", "1"]) == 0
-    hint = capsys.readouterr().out.split("continue with: ")[1].split()
+    hint = shlex.split(capsys.readouterr().out.split("continue with: ")[1])
     assert hint[-1] == "--resume" and hint[hint.index("--out") - 4 :] == [
         *SHORT,
         "--out",

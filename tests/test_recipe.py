@@ -90,6 +90,25 @@ def test_bad_values_name_their_key(assignment, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("assignments", "message"),
+    [
+        (
+            ["method=gmp", "hyperflux.min_density=0.1"],
+            "'hyperflux.min_density': hyperflux's per-layer settings",
+        ),
+        (["method=rigl", "hyperflux.overrides={fc1: {min_density: 0.5}}"], "'hyperflux.overrides'"),
+        (["dense.lr=0.5"], "'dense.lr': a dense run's own lr schedule needs dense.epochs"),
+        (["dense.lr_end=0.1"], "'dense.lr': a dense run's own lr schedule needs dense.epochs"),
+    ],
+)
+def test_settings_a_run_would_ignore_are_refused(assignments, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(SMOKE, assignments)
+    if assignments[0].startswith("dense"):
+        assert load_recipe(SMOKE, ["dense.epochs=3", *assignments])["dense"]["epochs"] == 3
+
+
 def test_required_keys_and_cross_checks():
     with pytest.raises(RecipeError, match=re.escape("recipe key 'data.name': required")):
         validate({"model": {"name": "lenet300"}, "hyperflux": {"target_sparsity": 0.9, "pruning_epochs": 2}})

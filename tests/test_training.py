@@ -20,7 +20,7 @@ from hyperflux.models import build as build_model_by_name
 from hyperflux.recipe import RecipeError, load_recipe
 from hyperflux.runfiles import RunError, RunFolder
 from hyperflux.sparsifier import FLUX_HIST_EDGES
-from hyperflux.training import Trainer, TrainingError, run_recipe, use_channels_last
+from hyperflux.training import Trainer, TrainingError, resolve_device, run_recipe, use_channels_last
 from pruned_models import denormals_survive
 
 SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
@@ -131,6 +131,27 @@ def test_overwrite_replaces_a_run_only_once_the_new_recipe_builds_and_clears_wha
     run_recipe(recipe("seed=1"), tmp_path, quiet=True, overwrite=True, stop_after=1)
     assert not any((tmp_path / name).exists() for name in derived)
     assert (tmp_path / "notes.txt").exists() and load_recipe(tmp_path / "recipe.yaml")["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("model.hidden=[]", "lenet300 on digits"),
+        ("model.hidden=[-5,64]", "lenet300 on digits"),
+        ("model={name: vgg19}", "vgg19 on digits"),  # 8x8 images: too small for its pooling
+    ],
+)
+def test_a_model_the_data_cannot_run_is_a_recipe_error_before_training(assignment, message, tmp_path):
+    with pytest.raises(RecipeError, match=re.escape(f"recipe key 'model': {message}")):
+        Trainer(recipe(assignment), tmp_path, quiet=True)
+    assert not (tmp_path / "recipe.yaml").exists()
+
+
+def test_a_device_name_torch_does_not_know_is_a_recipe_error():
+    with pytest.raises(
+        RecipeError, match="recipe key 'device': expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"
+    ):
+        resolve_device("gpu")
 
 
 def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):

@@ -262,7 +262,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     if summary is None:
         sets = "".join(f" --set {shlex.quote(assignment)}" for assignment in args.assignments)
-        print(f"stopped; continue with: hyperflux {command} {args.recipe}{sets} --out {out} --resume")
+        recipe, folder = shlex.quote(str(args.recipe)), shlex.quote(str(out))
+        print(f"stopped; continue with: hyperflux {command} {recipe}{sets} --out {folder} --resume")
         return 0
     print(
         f"final {summary['evaluated_on']} accuracy {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%  "

@@ -378,6 +378,12 @@ def _resolve_method(recipe: dict[str, Any], exact_given: bool) -> None:
         return
     if hf["target_sparsity"] is None:
         raise RecipeError(f"recipe key 'hyperflux.target_sparsity': method {method} needs a target sparsity")
+    for key, unset in (("min_density", 0.0), ("overrides", None)):
+        if hf[key] != unset:
+            raise RecipeError(
+                f"recipe key 'hyperflux.{key}': hyperflux's per-layer settings; method {method} prunes its "
+                "selection globally without them"
+            )
     total = hf["pruning_epochs"] + hf["regrowth_epochs"]
     for key in ("prune_epoch", "start_epoch", "end_epoch", "rewind_epoch"):
         if spec[key] is not None and spec[key] > total:
@@ -416,8 +422,14 @@ def _resolve(recipe: dict[str, Any], default_name: str, exact_given: bool) -> di
         )
     if opt["lr_end"] is None:
         opt["lr_end"] = opt["lr"] / 30  # the authors' ratio (0.1 -> 0.1/30)
-    if recipe["dense"]["lr"] is None:
-        recipe["dense"]["lr"] = opt["lr"]
+    dense = recipe["dense"]
+    if dense["epochs"] is None and (dense["lr"] not in (None, opt["lr"]) or dense["lr_end"] != 0.0):
+        raise RecipeError(
+            "recipe key 'dense.lr': a dense run's own lr schedule needs dense.epochs; without it the dense "
+            "run follows the pruning run's epochs and lr schedule"
+        )
+    if dense["lr"] is None:
+        dense["lr"] = opt["lr"]
     if recipe["name"] is None:
         recipe["name"] = default_name
     _check_model_args(recipe["model"])

@@ -51,7 +51,12 @@ class TrainingError(Exception):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(
+            f"recipe key 'device': expected auto, cpu, cuda, cuda:N or mps, got {name!r}"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"recipe key 'device': {name} asked for, but no CUDA device is available")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -146,8 +151,14 @@ def build_model(recipe: dict[str, Any], bundle: data.DataBundle, *, init: bool =
     kwargs.pop("init_checkpoint")
     try:
         model = models.build(name, bundle.num_classes, bundle.in_channels, bundle.image_size, **kwargs)
-    except (TypeError, ValueError) as error:
-        raise RecipeError(f"recipe key 'model': {error}") from None
+        # one sample through it, so that a model these inputs do not fit fails here, not mid-epoch
+        sample = bundle.train[0][0].unsqueeze(0)
+        training = model.training
+        with torch.no_grad():
+            model.eval()(sample)
+        model.train(training)
+    except (TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise RecipeError(f"recipe key 'model': {name} on {bundle.name}: {error}") from None
     if init and spec["init_checkpoint"]:
         load_weights(model, spec["init_checkpoint"])
     return model
