@@ -3,6 +3,7 @@ that stay exactly zero under momentum, weight decay and AdamW, and each method r
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -184,6 +185,30 @@ def test_imp_prunes_a_fifth_of_what_remains_per_round_and_rewinds():
     ):
         expected = start.detach() * masks[name] if name in masks else start.detach()
         assert torch.equal(weight.detach(), expected), name
+
+
+def test_imp_rewinds_batchnorm_statistics_with_the_weights():
+    """As the reference implementation restores the whole state: running means and variances too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 4))
+    pruner = baselines.build("imp", model, TARGET, EPOCHS - 1, 1, 20, rewind_epoch=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner.attach(opt)
+    saved = None
+    for step in range(pruner.ends[0]):
+        if step == pruner.rewind_step:
+            saved = [b.clone() for b in model.buffers()]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(8, 12)), torch.randint(0, 4, (8,))).backward()
+        pruner.after_backward()
+        opt.step()
+        pruner.end_step()
+    assert pruner.steps == pruner.ends[0] and 0 < pruner.rewind_step < pruner.ends[0]
+    for buffer, want in zip(model.buffers(), saved, strict=True):
+        assert torch.equal(buffer, want)
+    restored = baselines.build("imp", copy.deepcopy(model), TARGET, EPOCHS - 1, 1, 20, rewind_epoch=1)
+    restored.load_extra_state(pruner.extra_state())
+    assert all(torch.equal(a, b) for a, b in zip(restored.rewind_buffers, saved, strict=True))
 
 
 def test_imp_replays_the_lr_schedule_in_each_round():

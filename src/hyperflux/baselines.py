@@ -449,6 +449,7 @@ class IMP(Baseline):
         # the rewind point is taken in the dense round, whose schedule is compressed like every round's
         self.rewind_step = round(self.rewind_epoch / self.total_epochs * self.ends[0])
         self.rewind: list[torch.Tensor] | None = None
+        self.rewind_buffers: list[torch.Tensor] = []  # BatchNorm statistics, rewound with the weights
 
     def start(self) -> None:
         self.update()
@@ -459,11 +460,15 @@ class IMP(Baseline):
     def update(self) -> None:
         if self.steps == self.rewind_step and self.rewind is None:
             self.rewind = [p.detach().clone() for p in self.model.parameters()]
+            self.rewind_buffers = [b.detach().clone() for b in self.model.buffers()]
         if self.steps in self.ends[:-1]:
             self.magnitude_prune(self.counts[self.ends.index(self.steps)])
             with torch.no_grad():
                 for param, saved in zip(self.model.parameters(), self.rewind, strict=True):
                     param.copy_(saved)
+                # a checkpoint from before buffers were rewound holds none: nothing to zip
+                for buffer, saved in zip(self.model.buffers(), self.rewind_buffers, strict=False):
+                    buffer.copy_(saved)
             for optimizer in self.optimizers:
                 optimizer.state.clear()  # a rewound run restarts its optimiser too
 
@@ -480,11 +485,12 @@ class IMP(Baseline):
         return origin + local * (self.total_epochs - origin)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"rewind": self.rewind}
+        return {"rewind": self.rewind, "rewind_buffers": self.rewind_buffers}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         saved = state["rewind"]
         self.rewind = None if saved is None else [t.clone() for t in saved]
+        self.rewind_buffers = [t.clone() for t in state.get("rewind_buffers", [])]
 
 
 class RigL(Baseline):
