@@ -743,6 +743,8 @@ class Hyperflux:
         reaches denormal floats, which make a fused CPU Adam step several times slower (measured: 2.8x -> 1.4x
         overhead on LeNet-300-100). After a period the momentum left is far below the weight's float
         resolution, so clearing it moves nothing; weights pruned during the period keep theirs until then.
+        Under the optimiser's own (coupled) weight decay a pruned weight's gradient is `wd * W`, not zero: its
+        momentum does not fade, and clearing it restarts that decay's momentum once a period.
         """
         gates = {
             id(w): (g, before)
