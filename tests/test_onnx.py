@@ -53,3 +53,9 @@ def test_cli_export_onnx(tmp_path, capsys):
     x = torch.randn(5, 1, 8, 8)
     (result,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(result), model(x), atol=1e-4, rtol=0)
+
+
+def test_export_leaves_a_training_model_in_training_mode(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    export_onnx(model, torch.randn(3, 4), tmp_path / "m.onnx")
+    assert model.training and all(m.training for m in model.modules())

@@ -355,3 +355,46 @@ def test_a_loaded_state_or_a_move_reaches_the_kernel_after_it_has_run(kernel):
         close(sparse(x), second(x))
         moved = sparse.to(torch.float64).to(torch.float32)  # new buffer objects
         close(moved(x), second(x))
+
+
+def _with_batchnorm() -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return prune(
+            nn.Sequential(nn.Linear(64, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 10)), 0.95
+        )
+
+
+def test_planning_runs_the_model_as_for_inference_and_leaves_its_mode_and_statistics():
+    """A model in training mode (as after `squash()`): the example passes in eval mode, so BatchNorm keeps its
+    statistics, and the model comes back in the mode it had."""
+    model = _with_batchnorm().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = to_sparse_inference(model, torch.randn(32, 64), repeats=1, inplace=True)
+    assert converted.training
+    for key, value in converted.state_dict().items():
+        if key in before and value.layout is torch.strided:
+            assert torch.equal(value, before[key]), key
+
+
+def test_a_converted_model_pickles_after_running(tmp_path):
+    """`torch.save(model)` after a forward pass: the compiled kernel it looked up is not pickled."""
+    model = prune(nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10)), 0.95)
+    plan = [LayerChoice("0", "linear", (512, 64), 0.05, True, "")]
+    converted = to_sparse_inference(model, plan=plan)
+    x = torch.randn(4, 64)
+    expected = converted(x)
+    torch.save(converted, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert isinstance(loaded[0], SparseLinear)
+    assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_stay_dense_on_the_cpu(dtype):
+    model = prune(nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10)), 0.95).to(dtype)
+    x = torch.randn(8, 64, dtype=dtype)
+    plan = plan_sparse_inference(model, x, repeats=1)
+    assert not any(choice.sparse for choice in plan)
+    assert all(str(dtype) in choice.reason for choice in plan)
+    assert torch.equal(to_sparse_inference(model, x, repeats=1)(x), model(x))

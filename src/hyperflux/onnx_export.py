@@ -23,19 +23,23 @@ def export_onnx(
     difference from the model's output (ValueError above `atol`); None when it was not checked.
     """
     path = Path(path)
-    model = model.eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
-        expected = model(example)
+    training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
+            expected = model(example)
+    finally:
+        model.train(training)  # a model exported mid-training trains on as it was
     if not check:
         return None
     try:

@@ -77,6 +77,13 @@ class _CompiledCSR(nn.Module):
 
     _kernel_cache: tuple[Any, ...] = ()  # (weight, bias, op, the op's arguments after the input)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (`torch.save(model)`) without the kernel cache, whose compiled function has no importable
+        name; the first call after loading looks it up again."""
+        state = super().__getstate__()
+        state.pop("_kernel_cache", None)
+        return state
+
     def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledCSR:
         """`copy.deepcopy` (EMA copies, trainers that clone a model): torch cannot deep-copy a sparse CSR
         tensor (it asks for its storage), so the CSR weight is cloned; the kernel cache is left behind, since
@@ -348,9 +355,12 @@ def _layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> 
         )
         for name in names
     ]
+    training = model.training
+    model.eval()  # the inference it plans for: a BatchNorm in training mode would update its statistics
     try:
         model(example)
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     return inputs
@@ -377,6 +387,8 @@ def plan_sparse_inference(
         plan.append(choice)
         if kind == "conv2d" and not supports_sparse_conv(module):
             choice.reason = "groups, string padding or padding mode: no sparse form"
+        elif module.weight.is_cpu and module.weight.dtype not in (torch.float32, torch.float64):
+            choice.reason = f"{module.weight.dtype}: no sparse form on the CPU"
         elif density > max_density:
             choice.reason = f"density {density:.1%} above max_density {max_density:.0%}"
         elif example is None:
