@@ -144,6 +144,39 @@ def test_lightning_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
         torch.testing.assert_close(a.logits, b.logits)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
+)
+def test_lightning_resume_from_a_step_checkpoint_at_an_epochs_end_closes_that_epochs_period(tmp_path):
+    """A checkpoint of an epoch's last batch is saved before the epoch's end closes its period, and the
+    resumed run goes on in the next epoch: the period is closed then, before its first batch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from hyperflux.integrations.lightning import HyperfluxCallback
+
+    def fit(max_epochs: int, folder, ckpt_path=None) -> HyperfluxCallback:
+        torch.manual_seed(0)
+        module = lightning_module(lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+        callback = HyperfluxCallback(0.8, pruning_epochs=4, mask_lr=0.05)
+        checkpoints = ModelCheckpoint(
+            dirpath=folder, save_top_k=-1, every_n_train_steps=16, filename="{step}"
+        )
+        trainer = lightning_trainer([callback, checkpoints], max_epochs=max_epochs, logger=False)
+        loader = torch.utils.data.DataLoader(TensorDataset(*toy_data()), batch_size=16)  # 16 steps an epoch
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return callback
+
+    whole = fit(4, tmp_path / "whole").hf
+    fit(2, tmp_path / "parts")
+    resumed = fit(4, tmp_path / "resumed", ckpt_path=tmp_path / "parts" / "step=32.ckpt").hf
+    assert resumed.period == whole.period == 4
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+    for (name, a), b in zip(
+        resumed.model.state_dict().items(), whole.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
 class DictSet(Dataset):
     def __init__(self) -> None:
         self.x, self.y = toy_data()
@@ -244,6 +277,43 @@ def test_transformers_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
         assert torch.equal(a.mask(), b.mask())
         torch.testing.assert_close(a.logits, b.logits)
     assert never_stepped_by_the_host(resumed.driver.host_optimizers[0], hf)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
+    reason="transformers or accelerate not installed (extra `hf`)",
+)
+def test_transformers_resume_from_a_step_checkpoint_at_an_epochs_end_closes_that_epochs_period(tmp_path):
+    """The Trainer saves a step checkpoint before the epoch's end closes its period, then skips that end
+    when it resumes: the next epoch's start closes it."""
+    from transformers import Trainer
+
+    from hyperflux.integrations.transformers import HyperfluxTrainerCallback
+
+    def train(folder, epochs: int, resume=None) -> HyperfluxTrainerCallback:
+        torch.manual_seed(0)
+        callback = HyperfluxTrainerCallback(0.8, pruning_epochs=4, mask_lr=0.05)
+        args = training_arguments(
+            folder,
+            num_train_epochs=epochs,
+            lr_scheduler_type="constant",
+            save_strategy="steps",
+            save_steps=16,
+            max_grad_norm=0,
+        )
+        trainer = Trainer(model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    whole = train(tmp_path / "whole", 4).hf
+    train(tmp_path / "parts", 2)
+    resumed = train(tmp_path / "parts", 4, resume=True).hf  # from checkpoint-32, the latest
+    assert resumed.period == whole.period == 4
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+    for (name, a), b in zip(
+        resumed.model.state_dict().items(), whole.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.skipif(

@@ -126,6 +126,13 @@ class MaskDriver:
         self.hf.step(*self.host_optimizers)  # lets it clear pruned weights' momentum
         return self.metrics()
 
+    def periods_missing(self, epochs_done: int) -> int:
+        """Epoch periods the host has finished but this schedule has not closed: a run resumed from a
+        checkpoint saved at an epoch's last step, before that epoch's end closed its period."""
+        if self.every_n_steps is not None or self.hf is None:
+            return 0
+        return max(0, min(epochs_done, self.hf.total_epochs) - self.hf.period)
+
     def metrics(self) -> dict[str, float]:
         return {
             "hyperflux/density": self.hf.density(),

@@ -41,6 +41,14 @@ class HyperfluxCallback(DrivenCallback, pl.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.driver.step_masks(None if scaler is None else scaler.get_scale())
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # a run resumed from a checkpoint of an epoch's last batch goes on in the next epoch without the
+        # start-of-epoch hook, and without the end of the epoch whose period it closes
+        for _ in range(self.driver.periods_missing(trainer.current_epoch)):
+            self._close(pl_module)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -70,6 +70,12 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
                 stacklevel=2,
             )
 
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        for _ in range(self.driver.periods_missing(int(state.epoch + 1e-6))):
+            self._close(control)
+
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
