@@ -290,6 +290,22 @@ def test_cifar_missing_or_truncated_batch(tmp_path: Path) -> None:
     assert_one_line(error, str(batch), "not a readable CIFAR-10 pickle batch")
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"cnosuchmodule\nThing\n.", "not a readable CIFAR-10 pickle batch"),  # a damaged global: no module
+        (pickle.dumps({b"data": np.zeros((1, 3072), dtype=np.uint8), b"labels": 3}), "labels of shape ()"),
+    ],
+)
+def test_cifar_batches_damaged_inside_are_data_errors(tmp_path: Path, content: bytes, message: str) -> None:
+    write_cifar10(tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    test_batch.write_bytes(content)
+    with pytest.raises(data.DataError) as error:
+        data.load("cifar10", root=tmp_path)
+    assert_one_line(error, str(test_batch), message)
+
+
 def test_cifar_wrong_row_size_is_rejected(tmp_path: Path) -> None:
     write_cifar10(tmp_path)
     test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
@@ -690,3 +706,23 @@ def test_a_train_subset_is_a_fixed_part_of_the_training_split_after_the_holdout(
         data.load("digits", train_subset=10_000)
     with pytest.raises(ValueError, match="train_subset must be >= 1"):
         data.load("digits", train_subset=0)
+
+
+def test_the_test_split_of_a_holdout_run_is_served_with_that_runs_statistics_and_subset():
+    """`hyperflux eval --test-split` of a run judged on a holdout: the real test split, normalised as the run's
+    training data was (statistics of the training part it kept, the same subset)."""
+    run = data.load("digits", holdout=300, train_subset=200)
+    served = data.load("digits", holdout=300, train_subset=200, test_split=True)
+    full = data.load("digits")
+    assert torch.equal(served.test.images, full.test.images)
+    assert served.mean == run.mean and served.std == run.std and served.mean != full.mean
+    assert torch.equal(served.train.images, run.train.images)
+    x, _ = next(iter(served.loader("test", 50)))
+    assert torch.equal(x, full.test.with_stats(run.mean, run.std).normalize(full.test.raw(torch.arange(50))))
+
+
+def test_float_images_served_with_repeated_channels_normalise():
+    """The 3-channel view of a one-channel float set is an expanded view: normalised into new memory."""
+    three = data.load("digits").train.view(pad=0, channels=3)
+    x, _ = three[0]
+    assert x.shape[0] == 3 and torch.equal(x[0], x[1]) and torch.isfinite(x).all()

@@ -71,6 +71,15 @@ def test_prediction_inverts_the_fit(density):
     assert fit.density(pressure) == pytest.approx(density, rel=1e-9)
 
 
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.9])
+def test_prediction_inverts_an_exact_power_law_whose_quadratic_term_fits_as_rounding(density):
+    """S = 0.1 P^-0.5 exactly: a1 comes out near 1e-16, where the textbook root formula cancels."""
+    pressures = [0.01, 0.1, 1.0, 10.0]
+    fit = laws.fit_pressure_law(pressures, [0.1 * p**-0.5 for p in pressures])
+    assert abs(fit.a1) < 1e-12
+    assert laws.predict_pressure(fit, density) == pytest.approx((density / 0.1) ** -2, rel=1e-9)
+
+
 def test_prediction_outside_the_fitted_range_is_refused():
     fit = laws.fit_pressure_law(PRESSURES, law_density(PRESSURES, 0.03, 0.6, 0.02))
     for density in (0.99, 1e-6):

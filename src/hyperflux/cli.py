@@ -278,16 +278,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import copy
-
     from hyperflux.training import evaluate, evaluation_split, load_data, load_run
 
     run = load_run(args.checkpoint, args.recipe, device=args.device)
     bundle, split = run.bundle, evaluation_split(run.recipe)
-    if args.test_split and split != "test":  # the run was judged on a holdout: load the data without one
-        recipe = copy.deepcopy(run.recipe)
-        recipe["data"]["holdout"] = 0
-        bundle, split = load_data(recipe), "test"
+    if (
+        args.test_split and split != "test"
+    ):  # the run was judged on a holdout: its data, the test split served
+        bundle, split = load_data(run.recipe, test_split=True), "test"
     accuracy, loss = evaluate(run.model, bundle.loader("test", 1000, device=run.device), run.device)
     kept, total = run.counts()
     print(

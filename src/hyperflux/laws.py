@@ -123,7 +123,9 @@ def predict_pressure(fit: PressureFit, density: float) -> float:
         roots = [-t / fit.a0] if fit.a0 != 0 else []
     else:
         disc = fit.a0**2 - 4 * fit.a1 * t
-        roots = [] if disc < 0 else [(-fit.a0 + s * math.sqrt(disc)) / (2 * fit.a1) for s in (1, -1)]
+        # the cancellation-free pair of roots: with a1 near 0 the textbook form loses the root that matters
+        q = -(fit.a0 + math.copysign(math.sqrt(disc), fit.a0)) / 2 if disc >= 0 else 0.0
+        roots = [] if disc < 0 else [r for r in (q / fit.a1, t / q if q else math.nan) if math.isfinite(r)]
     lo, hi = math.log(fit.p_min), math.log(fit.p_max)
     slack = 1e-9 * max(1.0, hi - lo)
     inside = sorted({r for r in roots if lo - slack <= r <= hi + slack})

@@ -131,7 +131,8 @@ def load_weights(
         )
 
 
-def load_data(recipe: dict[str, Any]) -> data.DataBundle:
+def load_data(recipe: dict[str, Any], *, test_split: bool = False) -> data.DataBundle:
+    """The recipe's data; `test_split` serves the test split even where the recipe holds a holdout out."""
     spec = recipe["data"]
     return data.load(
         spec["name"],
@@ -140,6 +141,7 @@ def load_data(recipe: dict[str, Any]) -> data.DataBundle:
         image_size=spec["image_size"],
         holdout=spec["holdout"],
         train_subset=spec["train_subset"],
+        test_split=test_split,
     )
 
 

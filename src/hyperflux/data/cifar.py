@@ -80,14 +80,23 @@ def read_batch(path: Path, layout: CifarLayout) -> tuple[torch.Tensor, torch.Ten
             batch = pickle.load(handle, encoding="bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[layout.label_key], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        ImportError,
+        LookupError,
+    ) as error:  # a damaged pickle can name a module or an encoding that does not exist
         raise DataError(
             f"{path}: not a readable {layout.title} pickle batch ({type(error).__name__}: {error}); "
             f"get it again with `{layout.command}`"
         ) from error
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.ndim != 1 or len(labels) != len(data):
         raise DataError(
-            f"{path}: data of shape {data.shape} with {len(labels)} labels (expected (N, 3072) and N "
+            f"{path}: data of shape {data.shape} with labels of shape {labels.shape} (expected (N, 3072) and N "
             f"labels); get it again with `{layout.command}`"
         )
     if len(labels) and (labels.min() < 0 or labels.max() >= layout.num_classes):

@@ -132,6 +132,7 @@ def load(
     image_size: int = 224,
     holdout: int = 0,
     train_subset: int | None = None,
+    test_split: bool = False,
 ) -> DataBundle:
     """Data set `name` from `root` (default: where `fetch` puts it), both splits, with its metadata.
 
@@ -140,7 +141,8 @@ def load(
     `holdout` > 0 sets that many training samples aside (a fixed random choice) and serves them as the test
     split, for choosing settings without looking at the test set; the statistics come from the rest.
     `train_subset` trains on that many samples of the (remaining) training split, a fixed random choice, for
-    budgets where a full epoch costs too much; the test split stays whole.
+    budgets where a full epoch costs too much; the test split stays whole. `test_split` serves the real test
+    split even with a holdout, normalised as the run that trained without it saw its data.
     """
     root_path = Path(root).expanduser() if root is not None else None
     if holdout < 0:
@@ -171,6 +173,7 @@ def load(
         raise DataError(f"unknown data set {name!r}; known: {', '.join(names())}")
     entry = REGISTRY[name]
     train, test = entry.read(root_path)
+    real_test = test
     if holdout:
         if holdout >= len(train):
             raise DataError(f"holdout {holdout} leaves no training samples: {name} has {len(train)}")
@@ -184,6 +187,8 @@ def load(
             raise DataError(f"train_subset {train_subset} is more than the {len(train)} training samples")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED + 1))
         train = train.subset(order[:train_subset].sort().values)
+    if test_split:
+        test = real_test
     if entry.as_32x3:
         train, test = train.view(pad=2, channels=3), test.view(pad=2, channels=3)
     mean, std = train.channel_stats()

@@ -44,7 +44,8 @@ class Normalizer:
                 (mean / std).float().to(batch.device),
             )
         scale, shift = self.constants[key]
-        return batch.to(torch.float32).mul_(scale).sub_(shift)
+        # a copy even of float32: a batch with repeated channels is an expanded view, not writable in place
+        return batch.to(torch.float32, copy=True).mul_(scale).sub_(shift)
 
 
 @contextmanager
