@@ -229,6 +229,12 @@ def choose_schedules(
     return {method: chosen[method]["every"] if method in chosen else None for method in multipliers}
 
 
+def budget_epochs(model: str, quick: bool) -> int:
+    """The epochs every method's cell of `model` trains for (hyperflux's pruning + regrowth)."""
+    spec = cell_recipe(model, "hyperflux", TASKS[model]["targets"][0], 0, quick)["hyperflux"]
+    return spec["pruning_epochs"] + spec["regrowth_epochs"]
+
+
 def key(record: dict[str, Any]) -> tuple[str, str, float, int]:
     return (record["model"], record["method"], round(record["target_sparsity"], 6), record["seed"])
 
@@ -304,6 +310,13 @@ def groups(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], list[d
 
 
 def stats(cell: list[dict[str, Any]]) -> dict[str, float]:
+    budgets = {r["epochs"] for r in cell}
+    if len(budgets) > 1:
+        first = cell[0]
+        raise ValueError(
+            f"{first['model']} {first['method']} at {first['target_sparsity']}: records of {sorted(budgets)} "
+            "epochs in one cell; remove the stale ones from the JSON"
+        )
     accs = [r["final_accuracy"] for r in cell]
     return {
         "mean": statistics.fmean(accs),
@@ -543,10 +556,13 @@ def main() -> int:
         intervals = choose_schedules(results, model, lrs, runs, json_path, command, args.seed)
         settings |= {(model, method): (lrs[method], intervals[method]) for method in args.methods}
     # a record counts as done only if it was run with its method's chosen settings (older records: the recipe's)
+    # and on this run's epoch budget
+    budget = {model: budget_epochs(model, args.quick) for model in tasks}
     done = {
         key(r)
         for r in results["records"]
         if (r.get("lr_multiplier", 1.0), r.get("update_every")) == settings.get((r["model"], r["method"]))
+        and r["epochs"] == budget.get(r["model"], r["epochs"])
         # hyperflux records from before its mask lrs were scaled with the rest lack `mask_lr`
         and (r["method"] not in HYPERFLUX_METHODS or r.get("lr_multiplier", 1.0) == 1.0 or "mask_lr" in r)
     }

@@ -74,3 +74,16 @@ def test_the_choice_prefers_on_target_runs_and_breaks_ties_for_the_default(bench
     assert bench.best_trial(off, "default") == "80"  # none on target, all as far: the most accurate
     off["default"]["gap_pp"] = 0.5
     assert bench.best_trial(off, "default") == "default"  # none on target: the closest to it
+
+
+def test_a_cell_mixing_epoch_budgets_is_refused_and_budgets_come_from_the_recipes(bench):
+    """A record run on another budget must not average into a cell (or count as done on resume)."""
+    cell = [
+        {**record("lenet300", seed), "achieved_sparsity": 0.9, "wall_time_s": 1.0, "epochs": epochs}
+        for seed, epochs in ((0, 45), (1, 10))
+    ]
+    with pytest.raises(ValueError, match=r"records of \[10, 45\] epochs in one cell"):
+        bench.stats(cell)
+    assert bench.stats(cell[:1])["epochs"] == 45
+    assert bench.budget_epochs("lenet300", False) == 45 and bench.budget_epochs("lenet5", False) == 15
+    assert bench.budget_epochs("lenet300", True) == sum(bench.QUICK_EPOCHS)
