@@ -201,23 +201,34 @@ def test_pressure_loss_value_and_gradient_on_every_logit():
         assert torch.allclose(m.grad, torch.full_like(m, 2.0 / n))
 
 
+def _step_under_pressure(optimizers, attach) -> tuple[list[torch.Tensor], float]:
+    """One step of the two-layer model under pressure 3 with `pressure_loss()` in the loss, its optimisers
+    `optimizers(hf)`, of which `attach(hf, opts)` attaches some: how far each layer's logits moved, and the loss."""
+    model, hf = _two_layer_under_pressure(3.0)
+    opts = optimizers(hf)
+    attach(hf, opts)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    loss = model(x).pow(2).mean() + hf.pressure_loss()
+    for opt in opts:
+        opt.zero_grad()
+    loss.backward()
+    before = [m.detach().clone() for m in hf.mask_parameters()]
+    for opt in opts:
+        opt.step()
+    return [b - m.detach() for b, m in zip(before, hf.mask_parameters(), strict=True)], float(loss)
+
+
+def _nothing_attached(hf, opts) -> None:
+    pass
+
+
 @pytest.mark.parametrize("flush", [True, False])
 def test_attached_optimizer_applies_the_same_pressure_gradient_once_per_step(flush):
-    def run(attach: bool):
-        model, hf = _two_layer_under_pressure(3.0)
-        opt = torch.optim.SGD(hf.param_groups(lr=0.0, mask_lr=1.0))
-        if attach:
-            hf.attach(opt, flush_denormals=flush)
-        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
-        loss = model(x).pow(2).mean() + hf.pressure_loss()
-        opt.zero_grad()
-        loss.backward()
-        before = [m.detach().clone() for m in hf.mask_parameters()]
-        opt.step()
-        return [b - m.detach() for b, m in zip(before, hf.mask_parameters(), strict=True)], float(loss)
+    def one(hf):
+        return [torch.optim.SGD(hf.param_groups(lr=0.0, mask_lr=1.0))]
 
-    plain, plain_loss = run(False)
-    fused, fused_loss = run(True)
+    plain, plain_loss = _step_under_pressure(one, _nothing_attached)
+    fused, fused_loss = _step_under_pressure(one, lambda hf, opts: hf.attach(*opts, flush_denormals=flush))
     assert plain_loss == pytest.approx(fused_loss)
     for a, b in zip(plain, fused, strict=True):
         assert torch.allclose(a, b, atol=1e-7)
@@ -227,24 +238,11 @@ def test_logits_no_attached_optimiser_holds_take_the_pressure_through_the_loss()
     """One optimiser per layer's logits, only the first attached: its logits get P / N from its step, the
     second layer's from `pressure_loss()` in the loss, so both move as with nothing attached."""
 
-    def run(attach: bool):
-        model, hf = _two_layer_under_pressure(3.0)
-        first, second = hf.mask_parameters()
-        opts = torch.optim.SGD([first], lr=1.0), torch.optim.SGD([second], lr=1.0)
-        if attach:
-            hf.attach(opts[0])
-        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
-        loss = model(x).pow(2).mean() + hf.pressure_loss()
-        for opt in opts:
-            opt.zero_grad()
-        loss.backward()
-        before = [m.detach().clone() for m in hf.mask_parameters()]
-        for opt in opts:
-            opt.step()
-        return [b - m.detach() for b, m in zip(before, hf.mask_parameters(), strict=True)], float(loss)
+    def per_layer(hf):
+        return [torch.optim.SGD([m], lr=1.0) for m in hf.mask_parameters()]
 
-    plain, plain_loss = run(False)
-    mixed, mixed_loss = run(True)
+    plain, plain_loss = _step_under_pressure(per_layer, _nothing_attached)
+    mixed, mixed_loss = _step_under_pressure(per_layer, lambda hf, opts: hf.attach(opts[0]))
     assert mixed_loss == pytest.approx(plain_loss)
     for a, b in zip(plain, mixed, strict=True):
         torch.testing.assert_close(b, a)

@@ -500,6 +500,16 @@ def test_a_compiled_prepared_model_trains_without_recompiling():
             train_step()
 
 
+def compile_mlp(model: nn.Module, part: str) -> nn.Module:
+    """The mlp compiled whole (`part` "model"), or its two Linear layers compiled inside the eager model;
+    returns what to call."""
+    if part == "model":
+        return torch.compile(model, backend="eager")
+    for layer in (model[0], model[2]):
+        layer.compile(backend="eager")
+    return model
+
+
 @pytest.mark.parametrize("compiled_part", ["model", "layers"])
 @pytest.mark.parametrize("optimizers", [1, 2])
 def test_a_compiled_model_samples_the_flux_at_its_attached_steps_as_eager_does(optimizers, compiled_part):
@@ -528,12 +538,7 @@ def test_a_compiled_model_samples_the_flux_at_its_attached_steps_as_eager_does(o
             hf.load_state_dict(state["hf"])
             for opt, opt_state in zip(opts, state["opts"], strict=True):
                 opt.load_state_dict(opt_state)
-        forward = model
-        if compile_ and compiled_part == "model":
-            forward = torch.compile(model, backend="eager")
-        elif compile_:
-            for layer in (model[0], model[2]):
-                layer.compile(backend="eager")
+        forward = compile_mlp(model, compiled_part) if compile_ else model
         for _ in range(steps):
             loss = F.cross_entropy(forward(x), y)
             for opt in opts:
@@ -670,12 +675,7 @@ def test_a_compiled_model_reads_the_flux_of_frozen_masks_as_eager_does(compiled_
         hf = Hyperflux(model, 0.5, pruning_epochs=1, regrowth_epochs=2, freeze_after=0, flux_every=3)
         opt = torch.optim.Adam(hf.param_groups(lr=1e-2, mask_lr=0.05))
         hf.attach(opt)
-        forward = model
-        if compile_ and compiled_part == "model":
-            forward = torch.compile(model, backend="eager")
-        elif compile_:
-            for layer in (model[0], model[2]):
-                layer.compile(backend="eager")
+        forward = compile_mlp(model, compiled_part) if compile_ else model
         frozen = None
         for step in range(13):
             if step == 5:  # batches 0-4 pruning (0 and 3 sampled), then frozen: 6, 9 and 12 sampled
