@@ -726,3 +726,20 @@ def test_float_images_served_with_repeated_channels_normalise():
     three = data.load("digits").train.view(pad=0, channels=3)
     x, _ = three[0]
     assert x.shape[0] == 3 and torch.equal(x[0], x[1]) and torch.isfinite(x).all()
+
+
+def test_a_model_builds_on_an_image_folder(tmp_path: Path) -> None:
+    """The trainer's check that the model runs on the data's inputs, on a set that serves uint8 images."""
+    from hyperflux.recipe import validate
+    from hyperflux.training import build_model, load_data
+
+    write_image_folder(tmp_path)
+    recipe = validate(
+        {
+            "data": {"name": "imagefolder", "root": str(tmp_path), "image_size": 32},
+            "model": {"name": "resnet18", "width": 0.125},
+            "hyperflux": {"target_sparsity": 0.9, "pruning_epochs": 2},
+        }
+    )
+    model = build_model(recipe, load_data(recipe))
+    assert model.training and model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)

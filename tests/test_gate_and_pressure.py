@@ -692,3 +692,28 @@ def test_frozen_logits_lend_their_gradient_to_a_flux_batch_and_never_move():
         assert all(m.requires_grad == coming and m.grad is None for m in hf.mask_parameters())
     assert all(torch.equal(m, f) for m, f in zip(hf.mask_parameters(), frozen, strict=True))
     assert hf.stats()["flux_batches"] == 4  # batches 0 and 2 before the freeze, 4 and 6 after
+
+
+def test_a_frozen_step_reads_the_scalers_overflow_flag_only_when_it_takes_the_flux():
+    """`found_inf` of a fused optimiser under GradScaler is a GPU tensor: reading it is a sync, paid on flux
+    steps only."""
+    reads = []
+
+    class FoundInf:
+        def __bool__(self) -> bool:
+            reads.append(1)
+            return False
+
+    model, hf = _two_layer_under_pressure(1.0, flux_every=8)
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-3))
+    # the flag is there for the attached step alone: a non-fused Adam refuses one of its own
+    opt.register_step_pre_hook(lambda o, *_: setattr(o, "found_inf", FoundInf()))
+    hf.attach(opt)
+    opt.register_step_pre_hook(lambda o, *_: delattr(o, "found_inf"))
+    hf._freeze()
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    for _ in range(16):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    assert len(reads) == 2  # batches 0 and 8

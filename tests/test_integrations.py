@@ -345,3 +345,21 @@ def test_transformers_resume_from_a_best_model_checkpoint(tmp_path):
 
     train(2)
     assert train(3, resume=True).hf.period == 3
+
+
+def test_only_a_restored_schedule_catches_up_with_the_hosts_epochs():
+    """A schedule that started over (its host resumed from a checkpoint without it) counts from where it
+    started; one restored from the host's checkpoint closes the epochs the host finished after saving it."""
+    from hyperflux.integrations._driver import MaskDriver
+
+    def driver() -> MaskDriver:
+        made = MaskDriver(0.8, 4, 0, None, (0.9, 0.999), {})
+        made.build(nn.Linear(8, 8))
+        made.take_over([])
+        return made
+
+    fresh = driver()
+    assert fresh.periods_missing(3) == 0
+    restored = driver()
+    restored.load_state_dict(fresh.state_dict())
+    assert restored.periods_missing(3) == 3 and restored.periods_missing(9) == 4

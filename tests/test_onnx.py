@@ -59,3 +59,6 @@ def test_export_leaves_a_training_model_in_training_mode(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
     export_onnx(model, torch.randn(3, 4), tmp_path / "m.onnx")
     assert model.training and all(m.training for m in model.modules())
+    model[1].eval()  # a submodule the user had put in eval mode stays there
+    export_onnx(model, torch.randn(3, 4), tmp_path / "m.onnx")
+    assert model.training and not model[1].training

@@ -47,7 +47,8 @@ def test_defaults_are_filled_and_dependent_defaults_resolved():
     recipe = validate(minimal(optimizer={"lr": 0.3}), default_name="x")
     assert recipe["name"] == "x"
     assert recipe["optimizer"]["lr_end"] == pytest.approx(0.01)
-    assert recipe["dense"]["lr"] == 0.3
+    assert recipe["dense"]["lr"] is None  # a dense run follows the pruning run's schedule
+    assert validate(minimal(optimizer={"lr": 0.3}, dense={"epochs": 5}))["dense"]["lr"] == 0.3
     assert recipe["hyperflux"]["regrowth_epochs"] == 0
     assert recipe["train"]["label_smoothing"] == 0.1
 
@@ -107,6 +108,14 @@ def test_settings_a_run_would_ignore_are_refused(assignments, message):
         load_recipe(SMOKE, assignments)
     if assignments[0].startswith("dense"):
         assert load_recipe(SMOKE, ["dense.epochs=3", *assignments])["dense"]["epochs"] == 3
+
+
+def test_a_saved_recipe_takes_another_optimizer_lr(tmp_path):
+    """A run folder's recipe.yaml holds no dense lr derived from the optimiser's, to go stale under --set."""
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(dump(load_recipe(SMOKE)))
+    recipe = load_recipe(saved, ["optimizer.lr=0.05"])
+    assert recipe["optimizer"]["lr"] == 0.05 and recipe["dense"]["lr"] is None
 
 
 def test_required_keys_and_cross_checks():

@@ -398,3 +398,10 @@ def test_half_precision_layers_stay_dense_on_the_cpu(dtype):
     assert not any(choice.sparse for choice in plan)
     assert all(str(dtype) in choice.reason for choice in plan)
     assert torch.equal(to_sparse_inference(model, x, repeats=1)(x), model(x))
+
+
+def test_planning_keeps_a_frozen_batchnorm_frozen_in_a_training_model():
+    model = _with_batchnorm().train()
+    model[1].eval()  # frozen statistics, as in fine-tuning
+    plan_sparse_inference(model, torch.randn(32, 64), repeats=1)
+    assert model.training and not model[1].training

@@ -71,7 +71,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_resume_refuses_a_changed_recipe_and_a_fresh_run_refuses_a_used_folder(tmp_path):
     run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
-    with pytest.raises(RunError, match=r"recipe differs .*\(optimizer\.lr, dense\.lr\)"):
+    with pytest.raises(RunError, match=r"recipe differs .*\(optimizer\.lr\)"):
         Trainer(recipe("optimizer.lr=0.1"), tmp_path, resume=True, quiet=True)
     with pytest.raises(RunError, match="already holds a run"):
         Trainer(recipe(), tmp_path, quiet=True)

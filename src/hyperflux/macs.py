@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hyperflux.modes import eval_mode
 from hyperflux.selection import DEFAULT_MODULES
 from hyperflux.table import text_table
 
@@ -112,12 +113,10 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> MacCount:
         for name, module in model.named_modules()
         if isinstance(module, (*DEFAULT_MODULES, nn.MultiheadAttention))
     ]
-    was_training = model.training
-    model.eval()
     try:
-        model(example)
+        with eval_mode(model):
+            model(example)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     if not found:

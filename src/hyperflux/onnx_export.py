@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hyperflux.modes import eval_mode
+
 
 def export_onnx(
     model: nn.Module, example: torch.Tensor, path: str | Path, *, check: bool = True, atol: float = 1e-4
@@ -23,23 +25,18 @@ def export_onnx(
     difference from the model's output (ValueError above `atol`); None when it was not checked.
     """
     path = Path(path)
-    training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            )
-            expected = model(example)
-    finally:
-        model.train(training)  # a model exported mid-training trains on as it was
+    with eval_mode(model), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+        expected = model(example)
     if not check:
         return None
     try:

@@ -423,12 +423,15 @@ def _resolve(recipe: dict[str, Any], default_name: str, exact_given: bool) -> di
     if opt["lr_end"] is None:
         opt["lr_end"] = opt["lr"] / 30  # the authors' ratio (0.1 -> 0.1/30)
     dense = recipe["dense"]
-    if dense["epochs"] is None and (dense["lr"] not in (None, opt["lr"]) or dense["lr_end"] != 0.0):
-        raise RecipeError(
-            "recipe key 'dense.lr': a dense run's own lr schedule needs dense.epochs; without it the dense "
-            "run follows the pruning run's epochs and lr schedule"
-        )
-    if dense["lr"] is None:
+    if dense["epochs"] is None:
+        # a recipe saved before dense.lr was left unset there holds the optimiser's lr, which is no choice
+        if dense["lr"] not in (None, opt["lr"]) or dense["lr_end"] != 0.0:
+            raise RecipeError(
+                "recipe key 'dense.lr': a dense run's own lr schedule needs dense.epochs; without it the dense "
+                "run follows the pruning run's epochs and lr schedule"
+            )
+        dense["lr"] = None  # the pruning run's schedule: nothing derived is saved to go stale
+    elif dense["lr"] is None:
         dense["lr"] = opt["lr"]
     if recipe["name"] is None:
         recipe["name"] = default_name

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hyperflux.kernels import sparse_linear_op
+from hyperflux.modes import eval_mode
 
 # Without an example input the choice is modelled, conservatively: a Linear with at most this density and at
 # least this many weights (measured faster at batch 1 and 256 on the CPUs this was built on).
@@ -355,12 +356,10 @@ def _layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> 
         )
         for name in names
     ]
-    training = model.training
-    model.eval()  # the inference it plans for: a BatchNorm in training mode would update its statistics
     try:
-        model(example)
+        with eval_mode(model):  # the inference it plans for: a BatchNorm in training mode would update itself
+            model(example)
     finally:
-        model.train(training)
         for handle in handles:
             handle.remove()
     return inputs

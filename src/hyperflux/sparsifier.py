@@ -151,7 +151,9 @@ class _AttachedStep:
         self.seen = meter.batches
         if sampled or self.sparsifier.frozen:  # the flux, from the gradients before the pressure joins them
             found_inf = getattr(optimizer, "found_inf", None)
-            skipped = found_inf is not None and bool(found_inf)
+            skipped = (
+                sampled and found_inf is not None and bool(found_inf)
+            )  # read (a GPU sync) when it counts
             for i in self.gate_indices:
                 if sampled and not skipped:
                     gates[i].add_step_flux(scale)

@@ -30,6 +30,7 @@ from hyperflux import baselines, data, distributed, models
 from hyperflux.baselines import Baseline
 from hyperflux.kernels import flush_denormals
 from hyperflux.macs import MacCount, count_macs
+from hyperflux.modes import eval_mode
 from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, load_recipe
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
@@ -153,12 +154,11 @@ def build_model(recipe: dict[str, Any], bundle: data.DataBundle, *, init: bool =
     kwargs.pop("init_checkpoint")
     try:
         model = models.build(name, bundle.num_classes, bundle.in_channels, bundle.image_size, **kwargs)
-        # one sample through it, so that a model these inputs do not fit fails here, not mid-epoch
-        sample = bundle.train[0][0].unsqueeze(0)
-        training = model.training
-        with torch.no_grad():
-            model.eval()(sample)
-        model.train(training)
+        # one input of the data's shape through it, so that a model these inputs do not fit fails here, not
+        # mid-epoch
+        size = bundle.image_size
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(1, bundle.in_channels, size, size))
     except (TypeError, ValueError, IndexError, RuntimeError) as error:
         raise RecipeError(f"recipe key 'model': {name} on {bundle.name}: {error}") from None
     if init and spec["init_checkpoint"]:
@@ -277,20 +277,18 @@ def evaluate(
 ) -> tuple[float, float]:
     """Accuracy (percent) and mean cross-entropy on every batch of `loader`; in a distributed run each rank
     passes its shard and the counts are summed over ranks."""
-    was_training = model.training
-    model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    for images, labels in loader:
-        images = to_device(images, device, channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-    model.train(was_training)
+    with eval_mode(model):
+        for images, labels in loader:
+            images = to_device(images, device, channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(images).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
     totals = distributed.all_sum(torch.stack([correct.double(), loss_sum, loss_sum.new_tensor(seen)]))
     correct_all, loss_all, seen_all = totals.tolist()
     return 100.0 * correct_all / max(seen_all, 1), loss_all / max(seen_all, 1)

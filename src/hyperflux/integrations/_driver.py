@@ -40,6 +40,7 @@ class MaskDriver:
         self.host_optimizers: list[torch.optim.Optimizer] = []
         self.last_step = 0
         self.pending: dict[str, Any] | None = None  # a checkpoint's state, applied once the optimiser exists
+        self.restored = False  # whether the schedule came from a checkpoint (not started over)
 
     def build(self, model: nn.Module) -> Hyperflux:
         """Mask the model, once: before the host builds its optimiser or wraps the model in DDP, so DDP
@@ -99,6 +100,7 @@ class MaskDriver:
         self.optimizer.load_state_dict(state["optimizer"])
         self.last_step = state["last_step"]
         self.pending = None
+        self.restored = True
 
     def step_masks(self, grad_scale: float | None = None) -> None:
         """One mask-optimiser step on the logits' accumulated gradients, then clear them. `grad_scale` is the
@@ -127,9 +129,10 @@ class MaskDriver:
         return self.metrics()
 
     def periods_missing(self, epochs_done: int) -> int:
-        """Epoch periods the host has finished but this schedule has not closed: a run resumed from a
-        checkpoint saved at an epoch's last step, before that epoch's end closed its period."""
-        if self.every_n_steps is not None or self.hf is None:
+        """Epoch periods the host has finished but this schedule, restored from a checkpoint, has not closed:
+        one saved at an epoch's last step, before that epoch's end closed its period. A schedule that started
+        over counts from where it started."""
+        if self.every_n_steps is not None or self.hf is None or not self.restored:
             return 0
         return max(0, min(epochs_done, self.hf.total_epochs) - self.hf.period)
 
