@@ -373,6 +373,9 @@ def test_method_key_resolves_against_exact_target():
     ):
         load_recipe(SMOKE, ["method=gmp", *short, "baseline.start_epoch=2"])  # it would never prune
     assert load_recipe(SMOKE, ["method=gmp", *short, "baseline.start_epoch=2", "baseline.end_epoch=3"])
+    assert load_recipe(
+        SMOKE, ["method=rigl", *short, "baseline.start_epoch=2"]
+    )  # rigl has no start: no check
     with pytest.raises(RecipeError, match=r"'baseline\.rewind_epoch': must come before the end"):
         load_recipe(SMOKE, ["method=imp", *short, "baseline.rewind_epoch=3"])
     with pytest.raises(RecipeError, match="method gmp needs a target sparsity"):

@@ -392,7 +392,12 @@ def _resolve_method(recipe: dict[str, Any], exact_given: bool) -> None:
                 "(hyperflux.pruning_epochs + hyperflux.regrowth_epochs)"
             )
     start, end = spec["start_epoch"] or 0, spec["end_epoch"]
-    if end is None and start >= (default := phase_end(hf["pruning_epochs"], hf["regrowth_epochs"])):
+    gradual = method in ("gmp", "taylor")  # the methods whose schedule starts at start_epoch
+    if (
+        gradual
+        and end is None
+        and start >= (default := phase_end(hf["pruning_epochs"], hf["regrowth_epochs"]))
+    ):
         raise RecipeError(
             f"recipe key 'baseline.start_epoch': {start} is not before the schedule's default end, epoch "
             f"{default}; give baseline.end_epoch too"
