@@ -335,9 +335,8 @@ def main() -> None:
             arm: round(statistics.median(run.faults_per_step[1:]), 1)
             for arm, run in zip(ARMS, runs, strict=True)
         }
-        step_ms = 1e3 * statistics.median(
-            pruned.sparsifier_step_s[1:]
-        )  # the timed epochs', before the memory's
+        # the timed epochs' hf.step(), read before the memory count adds an epoch of its own
+        step_ms = 1e3 * statistics.median(pruned.sparsifier_step_s[1:])
         mem_dense, mem_pruned = training_memory(dense), training_memory(pruned)
         records.append(
             {

@@ -282,9 +282,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = load_run(args.checkpoint, args.recipe, device=args.device)
     bundle, split = run.bundle, evaluation_split(run.recipe)
-    if (
-        args.test_split and split != "test"
-    ):  # the run was judged on a holdout: its data, the test split served
+    if args.test_split and split != "test":
+        # the run was judged on a holdout: its data as it trained on them, the test split served
         bundle, split = load_data(run.recipe, test_split=True), "test"
     accuracy, loss = evaluate(run.model, bundle.loader("test", 1000, device=run.device), run.device)
     kept, total = run.counts()

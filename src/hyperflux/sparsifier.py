@@ -151,9 +151,8 @@ class _AttachedStep:
         self.seen = meter.batches
         if sampled or self.sparsifier.frozen:  # the flux, from the gradients before the pressure joins them
             found_inf = getattr(optimizer, "found_inf", None)
-            skipped = (
-                sampled and found_inf is not None and bool(found_inf)
-            )  # read (a GPU sync) when it counts
+            # read (a GPU sync) only on a step that takes the flux
+            skipped = sampled and found_inf is not None and bool(found_inf)
             for i in self.gate_indices:
                 if sampled and not skipped:
                     gates[i].add_step_flux(scale)

@@ -173,22 +173,20 @@ def load(
         raise DataError(f"unknown data set {name!r}; known: {', '.join(names())}")
     entry = REGISTRY[name]
     train, test = entry.read(root_path)
-    real_test = test
     if holdout:
         if holdout >= len(train):
             raise DataError(f"holdout {holdout} leaves no training samples: {name} has {len(train)}")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
-        train, test = (
+        train, held = (
             train.subset(order[:-holdout].sort().values),
             train.subset(order[-holdout:].sort().values),
         )
+        test = test if test_split else held
     if train_subset is not None:
         if train_subset > len(train):
             raise DataError(f"train_subset {train_subset} is more than the {len(train)} training samples")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED + 1))
         train = train.subset(order[:train_subset].sort().values)
-    if test_split:
-        test = real_test
     if entry.as_32x3:
         train, test = train.view(pad=2, channels=3), test.view(pad=2, channels=3)
     mean, std = train.channel_stats()
