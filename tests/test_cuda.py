@@ -117,6 +117,26 @@ def test_sparsifier_state_moves_from_cuda_to_cpu():
         assert torch.allclose(cpu_model(x.cpu()), model(x).cpu(), atol=1e-5)
 
 
+def test_a_model_moved_to_cuda_after_preparation_steps_and_reports_there():
+    """The masks' snapshot of the last step and the period's flux follow the model to its new device."""
+    model = small_mlp()
+    hf = Hyperflux(model, 0.8, 4, 2, flux_every=1)
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    F.cross_entropy(model(x), y).backward()  # one flux batch on the CPU
+    model.cuda()
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-2))
+    hf.attach(opt)
+    for _ in range(3):
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+            opt.step()
+        record = hf.step(opt)
+        assert record["flux_mean"] is not None and math.isfinite(record["flux_mean"])
+    assert record["kept"] == sum(int(m.sum()) for m in hf.masks().values())
+    assert all(g.flux_sum.is_cuda for g in hf.gates)
+
+
 @pytest.mark.parametrize("amp", ["off", "fp16", "bf16"])
 def test_the_trainer_prunes_on_cuda_and_a_cuda_run_resumes_on_the_cpu(tmp_path, amp):
     cuda = load_recipe(SMOKE, [*SHORT, "device=cuda", f"amp={amp}"])

@@ -201,14 +201,15 @@ def test_pressure_loss_value_and_gradient_on_every_logit():
         assert torch.allclose(m.grad, torch.full_like(m, 2.0 / n))
 
 
-def _step_under_pressure(optimizers, attach) -> tuple[list[torch.Tensor], float]:
+def _step_under_pressure(optimizers, attach, layers=3) -> tuple[list[torch.Tensor], float]:
     """One step of the two-layer model under pressure 3 with `pressure_loss()` in the loss, its optimisers
-    `optimizers(hf)`, of which `attach(hf, opts)` attaches some: how far each layer's logits moved, and the loss."""
+    `optimizers(hf)`, of which `attach(hf, opts)` attaches some: how far each layer's logits moved, and the loss.
+    The forward pass runs the model's first `layers` modules."""
     model, hf = _two_layer_under_pressure(3.0)
     opts = optimizers(hf)
     attach(hf, opts)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
-    loss = model(x).pow(2).mean() + hf.pressure_loss()
+    loss = model[:layers](x).pow(2).mean() + hf.pressure_loss()
     for opt in opts:
         opt.zero_grad()
     loss.backward()
@@ -232,6 +233,20 @@ def test_attached_optimizer_applies_the_same_pressure_gradient_once_per_step(flu
     assert plain_loss == pytest.approx(fused_loss)
     for a, b in zip(plain, fused, strict=True):
         assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_an_attached_optimiser_presses_a_layer_the_forward_pass_skipped_as_the_loss_does():
+    """An auxiliary head or a branch not taken this step: its logits have no gradient, and the pressure alone
+    moves them, with or without `attach()`."""
+
+    def one(hf):
+        return [torch.optim.SGD(hf.param_groups(lr=0.0, mask_lr=1.0))]
+
+    plain, _ = _step_under_pressure(one, _nothing_attached, layers=1)
+    attached, _ = _step_under_pressure(one, lambda hf, opts: hf.attach(*opts), layers=1)
+    assert plain[1].abs().min() > 0  # the skipped layer moved under the loss's pressure
+    for a, b in zip(plain, attached, strict=True):
+        torch.testing.assert_close(b, a)
 
 
 def test_logits_no_attached_optimiser_holds_take_the_pressure_through_the_loss():

@@ -80,6 +80,18 @@ def test_overrides_and_minimum_density():
         ({"min_density": -0.1}, "min_density"),
         ({"ignore": [".*"]}, "nothing to prune in Net"),
         ({"min_density": 0.6}, "minimum densities keep"),
+        ({"overrides": {"fc1": 0.5}}, r"overrides\['fc1'\] must map setting names to values"),
+        ({"modules": nn.Linear}, "modules must be a non-empty sequence"),
+        ({"grad_scale": float("nan")}, "grad_scale must be a finite number > 0"),
+        ({"init_logit": float("inf")}, "init_logit must be a finite number > 0"),
+        ({"mask_lr": float("nan")}, "mask_lr must be a finite number >= 0"),
+        ({"regrowth_mask_lr": -1e-3}, "regrowth_mask_lr must be a finite number >= 0"),
+        ({"regrowth_delta": -1.0}, "regrowth_delta must be a finite number > 0"),
+        ({"regrowth_decay": 1.5}, r"regrowth_decay must be in \(0, 1\]"),
+        ({"delta": float("nan")}, "delta must be a finite number > 0"),
+        ({"aggressivity": float("inf")}, "aggressivity must be a finite number > 0"),
+        ({"freeze_after": 1.5}, "freeze_after must be an integer >= 0"),
+        ({"flux_every": 2.5}, "flux_every must be an integer >= 0"),
     ],
 )
 def test_selection_errors_say_what_and_where(kwargs, message):
@@ -137,11 +149,29 @@ def test_weights_under_another_parametrization_or_not_yet_initialised_are_refuse
         Hyperflux(nn.Sequential(nn.LazyLinear(4)), 0.5, pruning_epochs=2)
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated:FutureWarning")
+def test_hook_computed_weights_and_sparse_embeddings_are_refused_before_any_layer_is_masked():
+    hooked = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    torch.nn.utils.weight_norm(hooked[1])  # the old, hook-based weight norm: `weight` is a plain tensor
+    with pytest.raises(
+        ValueError, match=r"1\.weight is not a parameter but a tensor a hook computes.*remove_weight_norm"
+    ):
+        Hyperflux(hooked, 0.5, pruning_epochs=2)
+    assert not torch.nn.utils.parametrize.is_parametrized(hooked[0])  # refused before the first was masked
+    assert names_of(Hyperflux(hooked, 0.5, pruning_epochs=2, ignore="1")) == ["0.weight"]
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"0\.weight belongs to an embedding with sparse=True"):
+        Hyperflux(model, 0.5, pruning_epochs=2, modules=[nn.Embedding, nn.Linear])
+
+
 def test_bad_epochs_and_modes():
     with pytest.raises(ValueError, match="pruning_epochs"):
         Hyperflux(nn.Linear(3, 3), 0.9, pruning_epochs=0)
-    with pytest.raises(ValueError, match="regrowth_epochs"):
-        Hyperflux(nn.Linear(3, 3), 0.9, pruning_epochs=2, regrowth_epochs=-1)
+    for bad in (-1, None, 1.5):
+        with pytest.raises(ValueError, match="regrowth_epochs must be"):
+            Hyperflux(nn.Linear(3, 3), 0.9, pruning_epochs=2, regrowth_epochs=bad)
+    with pytest.raises(ValueError, match="pruning_epochs must be an integer >= 1"):
+        Hyperflux(nn.Linear(3, 3), 0.9, pruning_epochs=float("inf"))
     with pytest.raises(ValueError, match="target_sparsity is required"):
         Hyperflux(nn.Linear(3, 3), None, pruning_epochs=2)
     with pytest.raises(ValueError, match=r"expected a torch\.nn\.Module"):

@@ -379,6 +379,21 @@ def test_state_dict_rejects_another_configuration():
         wrong_names.load_state_dict(hf.state_dict())
 
 
+def test_a_resumed_run_keeps_its_own_pressure_scales_and_the_saved_release_of_a_floor():
+    _, hf, _ = make_run()
+    saved = hf.state_dict()
+    scaled = Hyperflux(
+        mlp(), 0.6, pruning_epochs=4, regrowth_epochs=3, overrides={"0": {"pressure_scale": 0.0}}
+    )
+    scaled.load_state_dict(saved)
+    assert scaled.layer_scales == [0.0, 1.0]
+    floored = Hyperflux(
+        mlp(), 0.6, pruning_epochs=4, regrowth_epochs=3, overrides={"2": {"min_density": 0.5}}
+    )
+    floored.load_state_dict({**saved, "layer_scales": [1.0, 0.0]})  # the second layer was held at its floor
+    assert floored.layer_scales == [1.0, 0.0]
+
+
 def test_squash_bakes_zeros_keeps_original_keys_and_outputs():
     model = mlp()
     dense_keys = list(model.state_dict())

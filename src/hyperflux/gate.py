@@ -156,8 +156,10 @@ class HardGate(nn.Module):
     def _flux_accumulator(self, weight: torch.Tensor) -> torch.Tensor:
         """`flux_sum`, made on first use in the weight's layout, with this batch counted once however many
         times the module runs in it (each run adds its flux)."""
-        if self.flux_sum is None or self.flux_sum.device != weight.device:
+        if self.flux_sum is None:
             self.flux_sum = torch.zeros_like(weight, dtype=torch.float32)
+        elif self.flux_sum.device != weight.device:  # the model moved: the period's sum moves with it
+            self.flux_sum = self.flux_sum.to(weight.device)
         if self._flux_batch != self.meter.batches:
             self._flux_batch = self.meter.batches
             self.flux_batches += 1

@@ -17,6 +17,23 @@ def _check_fraction(name: str, value: float) -> float:
     return value
 
 
+def _check_number(
+    name: str, value: object, low: float = 0.0, *, strict: bool = True, integer: bool = False
+) -> float:
+    """`value` as a float, refused unless finite and above `low` (or at it, unless `strict`) and, with
+    `integer`, whole: NaN passes every plain comparison, so each check is written as what must hold."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(number) and (number > low or (not strict and number == low))) or (
+        integer and number != int(number)
+    ):
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind} {'>' if strict else '>='} {low:g}, got {value!r}")
+    return number
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -67,13 +84,9 @@ class PressureScheduler:
         given = sum(x is not None for x in (target_sparsity, pressure, schedule))
         if given != 1:
             raise ValueError("give exactly one of target_sparsity (with epochs), pressure, or schedule")
-        if delta <= 0 or exponent <= 0 or aggressivity <= 0:
-            raise ValueError(
-                f"delta, exponent and aggressivity must be positive, got {delta}, {exponent}, {aggressivity}"
-            )
-        self.delta = float(delta)
-        self.exponent = float(exponent)
-        self.aggressivity = float(aggressivity)
+        self.delta = _check_number("delta", delta)
+        self.exponent = _check_number("exponent", exponent)
+        self.aggressivity = _check_number("aggressivity", aggressivity)
         self.target_sparsity: float | None = None
         self.epochs: int | None = None
         self.s0: float | None = None
@@ -199,6 +212,10 @@ class PressureScheduler:
         if state.get("epochs") != self.epochs:
             raise ValueError(
                 f"scheduler state is for {state.get('epochs')} epochs, this one for {self.epochs}"
+            )
+        if self.s0 is not None and state.get("aggressivity") != self.aggressivity:
+            raise ValueError(  # the trajectory's s0 is solved for this scheduler's aggressivity
+                f"scheduler state is for aggressivity {state.get('aggressivity')}, this one for {self.aggressivity}"
             )
         self.epoch = int(state["epoch"])
         self.gamma = float(state["gamma"])

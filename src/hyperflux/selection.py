@@ -77,6 +77,17 @@ def _refusal(module: nn.Module, param_name: str, name: str, weight: torch.Tensor
             f"{name} is already parametrized ({', '.join(kinds)}); hyperflux masks plain weights: remove that "
             f"parametrization first (torch.nn.utils.parametrize.remove_parametrizations) or leave {name} out"
         )
+    if weight is not None and param_name not in module._parameters:
+        return (
+            f"{name} is not a parameter but a tensor a hook computes from others (torch.nn.utils.weight_norm or "
+            "spectral_norm, say), which a mask cannot reach: remove that hook (torch.nn.utils.remove_weight_norm, "
+            f"remove_spectral_norm) or leave {name} out"
+        )
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
+        return (
+            f"{name} belongs to an embedding with sparse=True, whose sparse gradient a mask cannot take: build "
+            f"it with sparse=False or leave {name} out"
+        )
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return f"{name} is not initialised yet (a lazy module): run one batch through the model first"
     if weight is not None and not weight.is_floating_point():
@@ -143,7 +154,7 @@ def select_targets(
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected a torch.nn.Module, got {type(model).__name__}")
     min_density = _check_fraction_range("min_density", min_density, 0.0, 1.0)
-    module_types = tuple(modules)
+    module_types = () if isinstance(modules, type | str) else tuple(modules)
     if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
         raise ValueError(f"modules must be a non-empty sequence of nn.Module subclasses, got {modules!r}")
 
@@ -194,6 +205,10 @@ def select_targets(
     _refuse_tied(model, selected)
     for pattern, settings in (overrides or {}).items():
         _compile_all([pattern], "overrides")
+        if not isinstance(settings, Mapping):
+            raise ValueError(
+                f"overrides[{pattern!r}] must map setting names to values ({{'min_density': 0.1}}), got {settings!r}"
+            )
         unknown = set(settings) - OVERRIDE_KEYS
         if unknown:
             raise ValueError(

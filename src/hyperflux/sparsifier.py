@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from hyperflux.gate import FluxMeter, HardGate, register_gate
 from hyperflux.kernels import add_to_grads, stats_ops, stop_flushing
-from hyperflux.scheduler import PressureScheduler, _check_fraction
+from hyperflux.scheduler import PressureScheduler, _check_fraction, _check_number
 from hyperflux.selection import DEFAULT_MODULES, Target, select_targets
 from hyperflux.table import text_table
 
@@ -159,10 +159,14 @@ class _AttachedStep:
                 gates[i].refreeze()  # frozen logits thawed for a flux batch
         grads, values = [], []
         for i in self.gate_indices:
-            grad = gates[i].logits.grad
-            if coefs[i] and grad is not None:
-                grads.append(grad)
-                values.append(coefs[i])
+            if not coefs[i]:
+                continue
+            logits = gates[i].logits
+            if logits.grad is None:
+                # a layer this step's forward passes skipped feels the pressure all the same, as through the loss
+                logits.grad = torch.zeros_like(logits)
+            grads.append(logits.grad)
+            values.append(coefs[i])
         flush = self.flush and gates[self.gate_indices[0]].logits.device.type == "cpu"
         self._unflush = add_to_grads(grads, values, flush, scale) or self._unflush
 
@@ -261,11 +265,8 @@ class Hyperflux:
         freeze_after: int | None = None,
         flux_every: int = 8,
     ) -> None:
-        for name, value in (("pruning_epochs", pruning_epochs), ("regrowth_epochs", regrowth_epochs)):
-            if int(value) != value or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value}")
-        if pruning_epochs < 1:
-            raise ValueError(f"pruning_epochs must be at least 1, got {pruning_epochs}")
+        _check_number("pruning_epochs", pruning_epochs, 1, strict=False, integer=True)
+        _check_number("regrowth_epochs", regrowth_epochs, strict=False, integer=True)
         if target_sparsity is not None:
             target_sparsity = _check_fraction("target_sparsity", target_sparsity)
         if scheduler is None:
@@ -290,16 +291,21 @@ class Hyperflux:
             raise ValueError(
                 "exact_target=True needs a target_sparsity; use exact_target=False with a fixed pressure"
             )
-        if (
-            grad_scale <= 0
-            or init_logit <= 0
-            or mask_lr < 0
-            or not 0 < regrowth_decay <= 1
-            or (freeze_after is not None and freeze_after < 0)
+        for name, value in (
+            ("grad_scale", grad_scale),
+            ("init_logit", init_logit),
+            ("regrowth_delta", regrowth_delta),
         ):
-            raise ValueError(
-                "need grad_scale > 0, init_logit > 0, mask_lr >= 0, 0 < regrowth_decay <= 1, freeze_after >= 0"
-            )
+            if value is not None:
+                _check_number(name, value)
+        for name, value in (("mask_lr", mask_lr), ("regrowth_mask_lr", regrowth_mask_lr)):
+            if value is not None:
+                _check_number(name, value, strict=False)
+        if _check_number("regrowth_decay", regrowth_decay) > 1:
+            raise ValueError(f"regrowth_decay must be in (0, 1], got {regrowth_decay}")
+        if freeze_after is not None:
+            _check_number("freeze_after", freeze_after, strict=False, integer=True)
+        _check_number("flux_every", flux_every, strict=False, integer=True)
         self.model = model
         self.target_sparsity = target_sparsity
         self.pruning_epochs = int(pruning_epochs)
@@ -327,7 +333,7 @@ class Hyperflux:
                     f"the per-layer minimum densities keep {floor} of {self.total} weights, more than the "
                     f"target sparsity {target_sparsity} allows"
                 )
-        self.meter = FluxMeter(flux_every)
+        self.meter = FluxMeter(int(flux_every))
         self.gates: list[HardGate] = []
         self._hooks = []
         self._param_order = [list(t.module._parameters) for t in self.targets]
@@ -559,7 +565,7 @@ class Hyperflux:
         # computed on the masks' devices and read back in one transfer: a GPU would otherwise wait for each of
         # several reads per layer
         numbers, betweens = [], []
-        for gate, before in zip(self.gates, self._snapshot, strict=True):
+        for gate, before in zip(self.gates, self._snapshot_here(), strict=True):
             row, between = _layer_stats(gate, before, units)
             numbers.append(row)
             if between is not None:
@@ -711,6 +717,14 @@ class Hyperflux:
         self.last_stats = record
         return record
 
+    def _snapshot_here(self) -> list[torch.Tensor]:
+        """The masks at the last `step()`, on the device each layer is on now (the model may have moved since)."""
+        self._snapshot = [
+            before if before.device == gate.logits.device else before.to(gate.logits.device)
+            for before, gate in zip(self._snapshot, self.gates, strict=True)
+        ]
+        return self._snapshot
+
     def _count_trim(self, record: dict[str, Any], before: list[torch.Tensor]) -> None:
         """Fold the trim's flips into the period's record, so that its counts and `kept` add up to the masks
         the period leaves behind (the next period's flips are counted from them)."""
@@ -749,7 +763,9 @@ class Hyperflux:
         """
         gates = {
             id(w): (g, before)
-            for w, g, before in zip(self.masked_weights().values(), self.gates, self._snapshot, strict=True)
+            for w, g, before in zip(
+                self.masked_weights().values(), self.gates, self._snapshot_here(), strict=True
+            )
         }
         with torch.no_grad():
             for optimizer in [*self._optimizers, *optimizers]:
@@ -862,7 +878,11 @@ class Hyperflux:
                 )
         self.scheduler.load_state_dict(state["scheduler"])
         self.period = int(state["period"])
-        self.layer_scales = [float(s) for s in state["layer_scales"]]
+        # this run's overrides hold; only a floor's release of the pressure (a saved 0) is the run's own state
+        self.layer_scales = [
+            0.0 if t.min_density > 0 and float(saved) == 0.0 else t.pressure_scale
+            for t, saved in zip(self.targets, state["layer_scales"], strict=True)
+        ]
         self.meter.restart(int(state["meter_batches"]))
         for hooks in self._attached_steps:
             hooks.seen = self.meter.batches
