@@ -83,7 +83,7 @@ def test_state_dict_round_trip():
     with pytest.raises(ValueError, match="epochs"):
         PressureScheduler(0.95, 30).load_state_dict(a.state_dict())
     steeper = PressureScheduler(0.95, 20, aggressivity=8.0)  # its s0 ends another trajectory at the target
-    with pytest.raises(ValueError, match="aggressivity 6.0, this one for 8.0"):
+    with pytest.raises(ValueError, match=r"aggressivity 6\.0, this one for 8\.0"):
         steeper.load_state_dict(a.state_dict())
 
 
