@@ -187,6 +187,29 @@ def test_imp_prunes_a_fifth_of_what_remains_per_round_and_rewinds():
         assert torch.equal(weight.detach(), expected), name
 
 
+def test_imp_prunes_at_least_one_weight_a_round_down_to_a_target_of_one():
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    pruner = baselines.build("imp", model, 7 / 8, 3, 1, 50, seed=0)
+    assert pruner.counts == [6, 5, 4, 3, 2, 1] and pruner.target_count == 1  # 20% of 4 or fewer rounds to 0
+
+
+def test_rigl_keeps_the_mask_of_a_layer_no_batch_reached():
+    """An auxiliary head or a branch not taken: no gradient to grow by, so that layer's mask stays."""
+    model = tiny()
+    pruner = baselines.build("rigl", model, TARGET, EPOCHS - 1, 1, BATCHES, seed=0, update_every=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner.attach(opt)
+    before = pruner.masks()
+    for _ in range(4):
+        opt.zero_grad()
+        model[:4](torch.randn(8, 12)).pow(2).mean().backward()  # the last layer never runs
+        pruner.after_backward()
+        opt.step()
+        pruner.end_step()
+    assert torch.equal(pruner.masks()["4.weight"], before["4.weight"])
+    assert not torch.equal(pruner.masks()["0.weight"], before["0.weight"])  # the layers that ran moved
+
+
 def test_imp_rewinds_batchnorm_statistics_with_the_weights():
     """As the reference implementation restores the whole state: running means and variances too."""
     torch.manual_seed(0)

@@ -198,3 +198,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["bench", str(tmp_path), "--batch", "0"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_model_converted_for_sparse_inference_is_refused_with_the_way_out(tmp_path):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.05)
+    converted = SparseLinear(linear)
+    with pytest.raises(ValueError, match=r"sparse-layout tensor.*save the squashed model before converting"):
+        hyperflux.save_sparse(converted, tmp_path / "m.hfs")
+    assert not (tmp_path / "m.hfs").exists()

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from hyperflux import models
+from hyperflux import Hyperflux, models, to_sparse_inference
 from hyperflux.cli import main
 from hyperflux.onnx_export import export_onnx
+from hyperflux.sparse_inference import plan_sparse_inference
 from pruned_models import random_prune
 
 onnxruntime = pytest.importorskip(
@@ -62,3 +63,19 @@ def test_export_leaves_a_training_model_in_training_mode(tmp_path):
     model[1].eval()  # a submodule the user had put in eval mode stays there
     export_onnx(model, torch.randn(3, 4), tmp_path / "m.onnx")
     assert model.training and not model[1].training
+
+
+def test_a_model_with_its_masks_or_sparse_kernels_is_refused_before_a_file_is_written(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    hf = Hyperflux(model, 0.5, pruning_epochs=2)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match=r"0 still has its masks.*hf\.squash\(\)"):
+        export_onnx(model, torch.randn(3, 16), path, check=False)
+    squashed = hf.squash()
+    plan = plan_sparse_inference(squashed, max_density=1.0)
+    for choice in plan:
+        choice.sparse = True
+    converted = to_sparse_inference(squashed, plan=plan)
+    with pytest.raises(ValueError, match="0 runs hyperflux's sparse kernels"):
+        export_onnx(converted, torch.randn(3, 16), path, check=False)
+    assert not path.exists()

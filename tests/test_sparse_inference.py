@@ -312,6 +312,22 @@ def test_a_bare_linear_becomes_a_sparse_linear():
         close(fast(x), linear(x))
 
 
+def test_transformer_layers_keep_their_feed_forward_dense_for_their_fused_eval_path():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    model = prune(nn.Sequential(layer, nn.Linear(32, 10)), 0.98).eval()
+    fast = to_sparse_inference(model, plan=every_layer_sparse(model))
+    assert [type(m) for m in fast[0].modules() if isinstance(m, nn.Linear)] == [
+        nn.modules.linear.NonDynamicallyQuantizableLinear,  # attention's out_proj
+        nn.Linear,
+        nn.Linear,
+    ]
+    assert isinstance(fast[1], SparseLinear)
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        close(fast(x), model(x))
+
+
 def test_a_model_with_its_masks_is_refused():
     model = models.build("lenet300", num_classes=10, in_channels=1, image_size=8, hidden=(16, 8))
     hf = hyperflux.Hyperflux(model, target_sparsity=0.9, pruning_epochs=2)

@@ -438,7 +438,8 @@ class IMP(Baseline):
         counts = []
         kept = self.total
         while kept > self.target_count:
-            kept = max(self.target_count, round(kept * (1 - fraction)))
+            # at least one weight a round: 20% of four weights rounds to none
+            kept = max(self.target_count, min(kept - 1, round(kept * (1 - fraction))))
             counts.append(kept)
         self.counts = counts
         rounds = len(counts) + 1  # the dense round, then one per prune
@@ -542,7 +543,7 @@ class RigL(Baseline):
             mask = self.mask[name]
             active = int(mask.sum())
             drop = round(fraction * active)
-            if drop == 0:
+            if drop == 0 or name not in self.grad:  # a layer no batch reached since the last update
                 masks[name] = mask
                 continue
             survivors = _top([torch.where(mask, weight.detach().abs(), -math.inf)], active - drop)[0]

@@ -90,6 +90,12 @@ def _state_of(model: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, tor
         raise ValueError(
             f"the model still has its masks ({masked[0]}); save the squashed model (hf.squash()) instead"
         )
+    converted = [key for key, tensor in state.items() if tensor.layout != torch.strided]
+    if converted:
+        raise ValueError(
+            f"{converted[0]} is a sparse-layout tensor (a model converted by to_sparse_inference?); save the "
+            "squashed model before converting it"
+        )
     return state
 
 

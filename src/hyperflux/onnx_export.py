@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from hyperflux.modes import eval_mode
 
@@ -24,6 +25,17 @@ def export_onnx(
     With `check` and onnxruntime importable, run the file on `example` and return the largest absolute
     difference from the model's output (ValueError above `atol`); None when it was not checked.
     """
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            raise ValueError(
+                f"{name or 'the model'} still has its masks, which trace as constants; export the squashed "
+                "model (hf.squash())"
+            )
+        if any(t.layout != torch.strided for t in module.buffers(recurse=False)):
+            raise ValueError(
+                f"{name or 'the model'} runs hyperflux's sparse kernels (to_sparse_inference), which ONNX "
+                "cannot trace; export the squashed model before converting it"
+            )
     path = Path(path)
     with eval_mode(model), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice

@@ -305,14 +305,21 @@ def _sparse_module(module: nn.Module, min_batch: int = 1) -> nn.Module:
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Plain Linear and Conv2d layers (exact types: subclasses such as attention's out_proj are read by their
-    owner's code, which a swapped module would break)."""
+    owner's code, which a swapped module would break), outside torch's transformer layers, whose fused eval
+    path reads their feed-forward weights directly."""
     found = []
+    fused = {
+        id(child)
+        for owner in model.modules()
+        if isinstance(owner, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer)
+        for child in owner.children()
+    }
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear | nn.Conv2d) and parametrize.is_parametrized(module):
             raise ValueError(
                 f"{name or 'the model'} still has its masks; convert the squashed model (hf.squash())"
             )
-        if type(module) in (nn.Linear, nn.Conv2d):
+        if type(module) in (nn.Linear, nn.Conv2d) and id(module) not in fused:
             found.append((name, module))
     return found
 
