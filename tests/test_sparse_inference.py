@@ -273,6 +273,21 @@ def test_a_converted_model_deep_copies_into_an_independent_equal_model():
         assert not torch.equal(twin(x), expected)
 
 
+def test_a_converted_model_loads_the_state_of_one_with_other_counts_of_non_zeros():
+    x = torch.randn(5, 1, 28, 28)
+    converted = []
+    for seed, sparsity in ((0, 0.9), (1, 0.8)):
+        torch.manual_seed(seed)
+        model = prune(models.build("lenet5", num_classes=10, in_channels=1, image_size=28), sparsity)
+        converted.append((to_sparse_inference(model, plan=every_layer_sparse(model)), model))
+    (fast, _), (other, other_dense) = converted
+    with torch.no_grad():
+        fast(x)  # fills the kernel caches, which must not outlive the old weights
+        fast.load_state_dict(other.state_dict())
+        close(fast(x), other_dense(x))
+    assert fast.fc1.density == pytest.approx(other.fc1.density)
+
+
 def test_the_measured_plan_converts_only_faster_layers():
     model = prune(models.build("lenet300", num_classes=10, in_channels=1, image_size=28), 0.98)
     example = torch.randn(64, 1, 28, 28)

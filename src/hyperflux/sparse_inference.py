@@ -20,7 +20,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,20 @@ class _CompiledCSR(nn.Module):
                 value = copy.deepcopy(value, memo)
             new.__dict__[key] = value
         return new
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """A CSR weight with another count of non-zeros replaces this one (torch copies CSR tensors of equal
+        counts only); its shape, and every other key, are checked by torch's loader."""
+        key, weight = prefix + "weight", self._buffers["weight"]
+        incoming = state_dict.get(key)
+        if (
+            isinstance(incoming, torch.Tensor)
+            and incoming.layout is torch.sparse_csr
+            and incoming.shape == weight.shape
+        ):
+            self._buffers["weight"] = incoming.to(weight.device, weight.dtype).clone()
+            self.density = incoming._nnz() / max(incoming.shape.numel(), 1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _kernel(self, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None:
         """The compiled kernel and its arguments after the input, or None where it cannot take `x` (not
