@@ -308,6 +308,36 @@ def test_the_measured_plan_converts_only_faster_layers():
             close(fast(x), model(x))
 
 
+def test_a_linear_layers_crossover_is_measured_in_the_rows_it_compares_at_run_time(monkeypatch):
+    """For (batch, tokens, features) inputs a Linear sees batch * tokens rows: the planner measures rows."""
+    seen = []
+
+    def record(choice, dense, sparse, x, repeats):
+        seen.append(tuple(x.shape))
+        return x.shape[0] >= 8  # faster sparse from 8 rows on
+
+    monkeypatch.setattr(sparse_inference, "_faster", record)
+    linear = prune(nn.Linear(16, 16), 0.95)
+    (choice,) = plan_sparse_inference(nn.Sequential(linear), torch.randn(3, 5, 16))
+    assert seen == [(15, 16), (1, 16), (2, 16), (4, 16), (8, 16)] and choice.min_batch == 8
+
+
+def test_an_unbatched_image_example_plans_convolutions_on_a_batch_of_one(monkeypatch):
+    seen = []
+
+    def record(choice, dense, sparse, x, repeats):
+        seen.append(tuple(x.shape))
+        dense(x), sparse(x)  # both take it
+        return True
+
+    monkeypatch.setattr(sparse_inference, "_faster", record)
+    torch.manual_seed(0)
+    model = prune(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), 0.95)
+    plan = plan_sparse_inference(model, torch.randn(3, 12, 12))
+    assert seen == [(1, 3, 12, 12), (1, 8, 10, 10)]
+    assert all(choice.sparse for choice in plan)
+
+
 def test_the_modelled_plan_and_max_density():
     model = prune(models.build("lenet5", num_classes=10, in_channels=1, image_size=28), 0.98)
     plan = {choice.name: choice for choice in plan_sparse_inference(model)}

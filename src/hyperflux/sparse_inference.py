@@ -395,7 +395,8 @@ def plan_sparse_inference(
     With `example` (a batch of real inputs) every layer at or below `max_density` is timed dense and sparse on
     the input it sees, at batch 1 and at the example's batch, and goes sparse if at least `MIN_GAIN` (5%)
     faster at both. A Linear that
-    is faster sparse at the example's batch only goes sparse from the measured crossover batch. Without
+    is faster sparse at the example's batch only goes sparse from the measured crossover batch; a Linear's
+    batch counts rows, every dimension of its input but the last. Without
     it, the choice is modelled: Linear layers of at most `MODELLED_DENSITY` and `MODELLED_MIN_WEIGHTS` weights.
     """
     plan = []
@@ -430,6 +431,9 @@ def plan_sparse_inference(
             continue
         dense = model.get_submodule(choice.name)
         sparse, x = _sparse_module(dense), inputs[choice.name]
+        # batches as the layers count them: a Linear's rows (every dimension but the last), as SparseLinear
+        # compares with min_batch, and an unbatched image as a batch of one
+        x = x.reshape(-1, x.shape[-1]) if choice.kind == "linear" else x if x.dim() == 4 else x[None]
         full = x.shape[0]
         if not _faster(choice, dense, sparse, x[:full], repeats):
             choice.reason = f"measured slower sparse at batch {full}"
