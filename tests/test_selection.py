@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hyperflux import Hyperflux, PressureScheduler
@@ -131,6 +132,17 @@ def test_tied_weights_and_double_preparation():
     with pytest.raises(ValueError, match=r"2\.weight is the same tensor as 0\.weight \(tied weights\)"):
         Hyperflux(lm, 0.5, pruning_epochs=2)
     assert [t.name for t in Hyperflux(lm, 0.5, pruning_epochs=2, ignore=["2"]).targets] == ["1.weight"]
+    # one layer applied twice is not tied to another: its one mask serves both uses
+    twice = nn.Linear(4, 4)
+    reused = nn.Sequential(twice, nn.ReLU(), twice)
+    hf = Hyperflux(reused, 0.5, pruning_epochs=2)
+    assert names_of(hf) == ["0.weight"] and hf.total == 16
+    hf.gates[0].logits.data[0] = -1.0
+    x = torch.randn(3, 4)
+    masked = twice.parametrizations.weight.original.detach() * (hf.gates[0].logits.detach() >= 0)
+    torch.testing.assert_close(
+        reused(x), F.linear(F.relu(F.linear(x, masked, twice.bias)), masked, twice.bias)
+    )
     model = nn.Sequential(nn.Linear(4, 4))
     Hyperflux(model, 0.9, pruning_epochs=2)
     with pytest.raises(ValueError, match="already has a hyperflux mask"):

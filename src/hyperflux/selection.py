@@ -124,11 +124,19 @@ def _refuse_tied(model: nn.Module, selected: list[Target]) -> None:
     """A masked weight must not be shared with another parameter (tied weights, such as a language model's head
     and embedding): the other user would read the unmasked tensor in training and the masked one after
     `squash()`, which writes into the shared tensor."""
-    names: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, parameter in module._parameters.items():
+            if parameter is not None:
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                owners.setdefault(id(parameter), []).append((name, module, param_name))
     for target in selected:
-        others = [n for n in names.get(id(getattr(target.module, target.param_name)), []) if n != target.name]
+        # one module reached under two names (a layer applied twice) has one mask, which both uses read
+        others = [
+            name
+            for name, module, param_name in owners.get(id(getattr(target.module, target.param_name)), [])
+            if module is not target.module or param_name != target.param_name
+        ]
         if others:
             raise ValueError(
                 f"{target.name} is the same tensor as {', '.join(others)} (tied weights), which its mask would "
