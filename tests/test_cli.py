@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from hyperflux import cli, models
 from hyperflux.cli import main
 
 SMOKE = str(Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml")
@@ -201,3 +206,29 @@ def test_path_mistakes_are_one_line_errors(tmp_path, smoke_run, capsys):
     assert main(["export", str(smoke_run), "--format", "sparse", "--out", str(tmp_path / "no" / "x.st")]) == 2
     one_line_error(capsys)
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_bench_threads_and_eval_device_errors_are_one_line(smoke_run, capsys):
+    assert main(["bench", str(smoke_run), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in one_line_error(capsys)
+    assert main(["eval", str(smoke_run), "--device", "meta"]) == 2
+    assert "device: expected auto, cpu, cuda, cuda:N or mps, got 'meta'" in one_line_error(capsys)
+
+
+def test_export_says_larger_when_the_sparse_file_is(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = models.build("lenet300", num_classes=10, in_channels=1, image_size=8, hidden=(128, 64))
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))  # dense: nothing to store sparsely
+    shutil.copy(SMOKE, tmp_path / "recipe.yaml")
+    assert main(["export", str(tmp_path / "model.safetensors"), "--format", "sparse"]) == 0
+    assert re.search(r"\d\.\d\dx larger\)$", capsys.readouterr().out.strip())
+
+
+def test_an_interrupt_says_how_to_go_on_before_and_after_the_first_checkpoint(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_prune", interrupted)
+    assert main(["prune", SMOKE]) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "--resume once it has saved a checkpoint" in err and "run the same command again" in err

@@ -79,3 +79,18 @@ def test_a_model_with_its_masks_or_sparse_kernels_is_refused_before_a_file_is_wr
     with pytest.raises(ValueError, match="0 runs hyperflux's sparse kernels"):
         export_onnx(converted, torch.randn(3, 16), path, check=False)
     assert not path.exists()
+
+
+def test_a_file_that_fails_its_check_is_not_written(tmp_path, monkeypatch):
+    model = pruned("lenet300", 8)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an earlier export")
+    real = torch.onnx.export
+
+    def drifting(model, args, f, **kwargs):  # an exporter whose graph computes something else
+        real(nn.Sequential(model, nn.Hardtanh(-1e-3, 1e-3)), args, f, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", drifting)
+    with pytest.raises(ValueError, match=r"onnxruntime's output differs.*not written"):
+        export_onnx(model, torch.randn(2, 1, 8, 8), path)
+    assert path.read_bytes() == b"an earlier export" and not list(tmp_path.glob(".*.tmp"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hyperflux.recipe import RecipeError, apply_overrides, dump, load_recipe, validate
+from hyperflux.recipe import RecipeError, apply_overrides, dump, load_recipe, saved_form, validate
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
@@ -110,12 +110,20 @@ def test_settings_a_run_would_ignore_are_refused(assignments, message):
         assert load_recipe(SMOKE, ["dense.epochs=3", *assignments])["dense"]["epochs"] == 3
 
 
-def test_a_saved_recipe_takes_another_optimizer_lr(tmp_path):
-    """A run folder's recipe.yaml holds no dense lr derived from the optimiser's, to go stale under --set."""
+def test_a_saved_recipe_takes_another_optimizer_lr_or_exact_target(tmp_path):
+    """A run folder's recipe.yaml holds no value derived from another (dense lr and lr_end from the
+    optimiser's lr, method from exact_target), to go stale under --set."""
     saved = tmp_path / "recipe.yaml"
-    saved.write_text(dump(load_recipe(SMOKE)))
-    recipe = load_recipe(saved, ["optimizer.lr=0.05"])
-    assert recipe["optimizer"]["lr"] == 0.05 and recipe["dense"]["lr"] is None
+    saved.write_text(dump(saved_form(load_recipe(SMOKE, ["optimizer.lr_end=null"]))))
+    recipe = load_recipe(saved, ["optimizer.lr=0.3"])
+    assert recipe["optimizer"]["lr"] == 0.3 and recipe["dense"]["lr"] is None
+    assert recipe["optimizer"]["lr_end"] == pytest.approx(0.01)
+    paper = ["hyperflux.exact_target=false", "hyperflux.target_sparsity=null", "hyperflux.pressure=0.5"]
+    assert load_recipe(saved, paper)["method"] == "hyperflux-paper"
+    kept = load_recipe(saved, [])  # and unchanged, it resolves to what was saved
+    assert kept == load_recipe(SMOKE, ["optimizer.lr_end=null"])
+    given = saved_form(load_recipe(SMOKE))  # a given lr_end, not lr / 30, is saved as given
+    assert given["optimizer"]["lr_end"] == 1e-3 and given["method"] is None
 
 
 def test_required_keys_and_cross_checks():

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from hyperflux.models import build as build_model_by_name
 from hyperflux.recipe import RecipeError, load_recipe
 from hyperflux.runfiles import RunError, RunFolder
 from hyperflux.sparsifier import FLUX_HIST_EDGES
-from hyperflux.training import Trainer, TrainingError, resolve_device, run_recipe, use_channels_last
+from hyperflux.training import Trainer, TrainingError, load_run, resolve_device, run_recipe, use_channels_last
 from pruned_models import denormals_survive
 
 SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
@@ -152,6 +153,23 @@ def test_a_device_name_torch_does_not_know_is_a_recipe_error():
         RecipeError, match="recipe key 'device': expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"
     ):
         resolve_device("gpu")
+    with pytest.raises(RecipeError, match=r"^device: expected auto, cpu, cuda, cuda:N or mps, got 'meta'"):
+        resolve_device("meta", what="device")  # a torch device no run can train or evaluate on
+
+
+def test_a_resumed_run_clears_the_exports_and_report_of_the_epoch_it_stopped_at(tmp_path):
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    derived = ["report.html", "density.png", "model.sparse.safetensors", "model.onnx"]
+    for name in derived:
+        (tmp_path / name).write_bytes(b"made from the stopped run")
+    run_recipe(recipe(), tmp_path, quiet=True, resume=True, stop_after=2)
+    assert not any((tmp_path / name).exists() for name in derived)
+
+
+def test_amp_asked_for_on_the_cpu_is_said_to_train_in_float32(tmp_path):
+    with pytest.warns(UserWarning, match="amp: bf16 runs on CUDA only; this cpu run trains in float32"):
+        trainer = Trainer(recipe("amp=bf16"), tmp_path, quiet=True)
+    assert trainer.amp_dtype is None
 
 
 def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):
@@ -378,3 +396,11 @@ def test_every_method_trains_with_denormals_flushed_and_leaves_them_as_they_were
     trainer.run()
     assert survived and not any(survived)
     assert denormals_survive()
+
+
+def test_loading_a_run_repeats_none_of_its_training_time_warnings(tmp_path):
+    with pytest.warns(UserWarning, match="in 3 periods the trajectory reaches"):
+        run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_run(tmp_path).hf is not None

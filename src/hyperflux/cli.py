@@ -353,7 +353,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         save_sparse(run.model, out)
         dense, _ = file_sizes(run.model)
         size = out.stat().st_size
-        print(f"wrote {out} ({size:,} bytes; dense safetensors {dense:,} bytes, {dense / size:.1f}x smaller)")
+        ratio = f"{dense / size:.1f}x smaller" if size < dense else f"{size / dense:.2f}x larger"
+        print(f"wrote {out} ({size:,} bytes; dense safetensors {dense:,} bytes, {ratio})")
         return 0
     from hyperflux.onnx_export import export_onnx
 
@@ -376,6 +377,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.repeats < 1:
         raise ValueError(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     run, _ = _squashed_run(args)
@@ -535,7 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("hyperflux: interrupted (a run continues with --resume)", file=sys.stderr)
+        print(
+            "hyperflux: interrupted (a run continues with --resume once it has saved a checkpoint; before "
+            "its first, run the same command again)",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except Exception as error:
         status = _exit_status(error)

@@ -7,6 +7,7 @@ ONNX is required; for size use `save_sparse`, for speed on CPU `to_sparse_infere
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -37,6 +38,21 @@ def export_onnx(
                 "cannot trace; export the squashed model before converting it"
             )
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # renamed into place once written and checked
+    try:
+        error = _export_checked(model, example, tmp, check)
+        if error is not None and not error <= atol:
+            raise ValueError(
+                f"{path}: onnxruntime's output differs from the model's by {error:.3g} (> {atol}); not written"
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return error
+
+
+def _export_checked(model: nn.Module, example: torch.Tensor, path: Path, check: bool) -> float | None:
+    """Write the file; with `check` and onnxruntime importable, the largest difference of its output."""
     with eval_mode(model), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
@@ -57,7 +73,4 @@ def export_onnx(
         return None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (output,) = session.run(["output"], {"input": example.detach().cpu().numpy()})
-    error = float((torch.from_numpy(output) - expected.cpu()).abs().max())
-    if not error <= atol:
-        raise ValueError(f"{path}: onnxruntime's output differs from the model's by {error:.3g} (> {atol})")
-    return error
+    return float((torch.from_numpy(output) - expected.cpu()).abs().max())

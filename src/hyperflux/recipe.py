@@ -426,7 +426,7 @@ def _resolve(recipe: dict[str, Any], default_name: str, exact_given: bool) -> di
             "fixed pressure"
         )
     if opt["lr_end"] is None:
-        opt["lr_end"] = opt["lr"] / 30  # the authors' ratio (0.1 -> 0.1/30)
+        opt["lr_end"] = opt["lr"] / 30  # the authors' ratio (0.1 -> 0.1/30); keep `saved_form` in step
     dense = recipe["dense"]
     if dense["epochs"] is None:
         # a recipe saved before dense.lr was left unset there holds the optimiser's lr, which is no choice
@@ -499,6 +499,20 @@ def load_recipe(path: str | Path, assignments: Sequence[str] = ()) -> dict[str, 
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
     return validate(apply_overrides(raw, assignments), default_name=Path(path).stem)
+
+
+def saved_form(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved recipe as a run folder saves it: the values validation derives from others
+    (`optimizer.lr_end` from `optimizer.lr`, `method` from `hyperflux.exact_target`) left unset where they
+    equal the derivation, so that a saved recipe reused with `--set optimizer.lr=...` or another exact_target
+    derives them again instead of carrying stale ones (an lr_end given equal to lr / 30 is saved as derived)."""
+    saved = copy.deepcopy(dict(recipe))
+    optimizer = saved["optimizer"]
+    if optimizer["lr_end"] == optimizer["lr"] / 30:
+        optimizer["lr_end"] = None
+    if saved["method"] == ("hyperflux" if saved["hyperflux"]["exact_target"] else "hyperflux-paper"):
+        saved["method"] = None
+    return saved
 
 
 def dump(recipe: Mapping[str, Any]) -> str:

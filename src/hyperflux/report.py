@@ -10,6 +10,7 @@ pressure. Everything is read back from the run folder, so a report can be redraw
 from __future__ import annotations
 
 import html
+import io
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from hyperflux.runfiles import REPORT, RunError, RunFolder
+from hyperflux.runfiles import REPORT, RunError, RunFolder, atomic_write
 
 PLOTS = {
     "density": "density.png",
@@ -63,7 +64,9 @@ def _figure(title: str, xlabel: str, ylabel: str):
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path)  # a bare Figure renders with Agg: no pyplot, no display, no global state
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix[1:])  # a bare Figure renders with Agg: no pyplot, no global state
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -345,5 +348,5 @@ figcaption {{ font-size: 0.9em; color: #444; }}
 </body></html>
 """
     path = folder.file(REPORT)
-    path.write_text(page)
+    atomic_write(path, lambda handle: handle.write(page.encode()))
     return path

@@ -107,17 +107,24 @@ class RunFolder:
 
     def start(self, recipe: Mapping[str, Any]) -> None:
         """Create the folder and save the recipe, removing what an earlier run there left: its outputs and
-        what commands made from them (report, plots, exports), which would describe the wrong run."""
+        what commands made from them (`clear_derived`)."""
         if not self.writer:
             return
-        from hyperflux.report import report_files  # matplotlib, imported by a new run only
-
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT, METRICS_JSONL, METRICS_CSV, SUMMARY, MODEL, SPARSE_MODEL, ONNX_MODEL):
+        for name in (CHECKPOINT, METRICS_JSONL, METRICS_CSV, SUMMARY, MODEL):
             self.file(name).unlink(missing_ok=True)
-        for name in report_files():
+        self.clear_derived()
+        atomic_write(self.file(RECIPE), lambda h: h.write(recipes.dump(recipes.saved_form(recipe)).encode()))
+
+    def clear_derived(self) -> None:
+        """Remove what commands made from the run's outputs (report, plots, exports): a new run, or one that
+        goes on, would leave them describing another model."""
+        if not self.writer:
+            return
+        from hyperflux.report import report_files  # matplotlib, imported by a run only
+
+        for name in (SPARSE_MODEL, ONNX_MODEL, *report_files()):
             self.file(name).unlink(missing_ok=True)
-        atomic_write(self.file(RECIPE), lambda h: h.write(recipes.dump(recipe).encode()))
 
     # ------------------------------------------------------------- metrics
     def append_metrics(self, row: Mapping[str, Any]) -> None:

@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,19 +50,20 @@ class TrainingError(Exception):
 
 
 # ----------------------------------------------------------------- building blocks
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "recipe key 'device'") -> torch.device:
+    """The device `name` asks for (`what` names where it came from, for the error)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RecipeError(
-            f"recipe key 'device': expected auto, cpu, cuda, cuda:N or mps, got {name!r}"
-        ) from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise RecipeError(f"{what}: expected auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"recipe key 'device': {name} asked for, but no CUDA device is available")
+        raise RecipeError(f"{what}: {name} asked for, but no CUDA device is available")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RecipeError(f"recipe key 'device': {name} asked for, but MPS is not available")
+        raise RecipeError(f"{what}: {name} asked for, but MPS is not available")
     return device
 
 
@@ -347,6 +349,11 @@ class Trainer:
         self.files.check(resume=resume, overwrite=overwrite)
 
         amp = recipe["amp"] if self.device.type == "cuda" else "off"
+        if amp != recipe["amp"] and self.main:
+            warnings.warn(
+                f"amp: {recipe['amp']} runs on CUDA only; this {self.device.type} run trains in float32",
+                stacklevel=2,
+            )
         self.amp_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         seed_everything(recipe["seed"])
@@ -396,7 +403,10 @@ class Trainer:
             self._restore(self.checkpoint)
             self.files.truncate_metrics(self.epoch)
         self.net = self._wrap()
-        if not resume:  # only now, the recipe having built: a recipe that fails leaves an old run untouched
+        # only now, the recipe having built: a recipe that fails leaves an old run untouched
+        if resume:
+            self.files.clear_derived()
+        else:
             self.files.start(recipe)
 
     # ------------------------------------------------------------- setup
@@ -908,7 +918,7 @@ def load_run(path: str | Path, recipe_path: str | Path | None = None, device: st
         path = found[0]
     if not path.exists():
         raise RunError(f"{path}: no such file")
-    target = resolve_device(device)
+    target = resolve_device(device, what="device")
     if path.suffix == ".safetensors":
         recipe_file = Path(recipe_path) if recipe_path else path.parent / RECIPE
         if not recipe_file.exists():
@@ -926,7 +936,9 @@ def load_run(path: str | Path, recipe_path: str | Path | None = None, device: st
     # a baseline's checkpoint holds plain weights, pruned ones stored as zeros
     if state["kind"] == "prune" and recipe.get("method") not in BASELINE_METHODS:
         batches = len(bundle.loader("train", recipe["train"]["batch_size"]))
-        hf = build_sparsifier(recipe, model, periods_per_epoch(recipe, batches))
+        with warnings.catch_warnings():  # the trajectory's training-time notice, not news to a finished run
+            warnings.filterwarnings("ignore", message=r"in \d+ periods? the trajectory reaches")
+            hf = build_sparsifier(recipe, model, periods_per_epoch(recipe, batches))
     model.load_state_dict(state["model"])
     if hf is not None:
         hf.load_state_dict(state["hyperflux"])
