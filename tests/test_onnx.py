@@ -79,6 +79,9 @@ def test_a_model_with_its_masks_or_sparse_kernels_is_refused_before_a_file_is_wr
     with pytest.raises(ValueError, match="0 runs hyperflux's sparse kernels"):
         export_onnx(converted, torch.randn(3, 16), path, check=False)
     assert not path.exists()
+    normed = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch.nn.utils.parametrizations.weight_norm(normed[0])  # torch's own parametrization exports as before
+    assert export_onnx(normed, torch.randn(3, 16), path) <= 1e-4
 
 
 def test_a_file_that_fails_its_check_is_not_written(tmp_path, monkeypatch):

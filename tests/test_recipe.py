@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hyperflux.recipe import RecipeError, apply_overrides, dump, load_recipe, saved_form, validate
+from hyperflux.recipe import (
+    RecipeError,
+    apply_overrides,
+    changes_since,
+    dump,
+    load_recipe,
+    lr_end,
+    saved_form,
+    validate,
+)
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 SMOKE = Path(__file__).parent.parent / "recipes" / "smoke-digits.yaml"
@@ -46,7 +55,7 @@ def test_shipped_recipes_cover_the_experiments():
 def test_defaults_are_filled_and_dependent_defaults_resolved():
     recipe = validate(minimal(optimizer={"lr": 0.3}), default_name="x")
     assert recipe["name"] == "x"
-    assert recipe["optimizer"]["lr_end"] == pytest.approx(0.01)
+    assert recipe["optimizer"]["lr_end"] is None and lr_end(recipe["optimizer"]) == pytest.approx(0.01)
     assert recipe["dense"]["lr"] is None  # a dense run follows the pruning run's schedule
     assert validate(minimal(optimizer={"lr": 0.3}, dense={"epochs": 5}))["dense"]["lr"] == 0.3
     assert recipe["hyperflux"]["regrowth_epochs"] == 0
@@ -117,13 +126,20 @@ def test_a_saved_recipe_takes_another_optimizer_lr_or_exact_target(tmp_path):
     saved.write_text(dump(saved_form(load_recipe(SMOKE, ["optimizer.lr_end=null"]))))
     recipe = load_recipe(saved, ["optimizer.lr=0.3"])
     assert recipe["optimizer"]["lr"] == 0.3 and recipe["dense"]["lr"] is None
-    assert recipe["optimizer"]["lr_end"] == pytest.approx(0.01)
+    assert recipe["optimizer"]["lr_end"] is None and lr_end(recipe["optimizer"]) == pytest.approx(0.01)
     paper = ["hyperflux.exact_target=false", "hyperflux.target_sparsity=null", "hyperflux.pressure=0.5"]
     assert load_recipe(saved, paper)["method"] == "hyperflux-paper"
     kept = load_recipe(saved, [])  # and unchanged, it resolves to what was saved
     assert kept == load_recipe(SMOKE, ["optimizer.lr_end=null"])
-    given = saved_form(load_recipe(SMOKE))  # a given lr_end, not lr / 30, is saved as given
-    assert given["optimizer"]["lr_end"] == 1e-3 and given["method"] is None
+    given = saved_form(load_recipe(SMOKE, ["optimizer.lr=0.3", "optimizer.lr_end=0.01"]))
+    assert given["optimizer"]["lr_end"] == 0.01 and given["method"] is None  # 0.3 / 30, but given
+    # a run saved when lr_end was stored as lr / 30 resumes under the recipe that derives it
+    derived = load_recipe(SMOKE, ["optimizer.lr_end=null"])
+    stored = {**derived, "optimizer": {**derived["optimizer"], "lr_end": derived["optimizer"]["lr"] / 30}}
+    assert changes_since(stored, derived) == []
+    assert changes_since({**stored, "optimizer": {**stored["optimizer"], "lr_end": 1e-4}}, derived) == [
+        "optimizer.lr_end"
+    ]
 
 
 def test_required_keys_and_cross_checks():

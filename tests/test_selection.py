@@ -171,6 +171,14 @@ def test_hook_computed_weights_and_sparse_embeddings_are_refused_before_any_laye
         Hyperflux(hooked, 0.5, pruning_epochs=2)
     assert not torch.nn.utils.parametrize.is_parametrized(hooked[0])  # refused before the first was masked
     assert names_of(Hyperflux(hooked, 0.5, pruning_epochs=2, ignore="1")) == ["0.weight"]
+    frozen = nn.Linear(4, 4)
+    weight = frozen.weight.detach()
+    del frozen.weight
+    frozen.register_buffer("weight", weight)  # a weight kept as a buffer is masked as before
+    assert names_of(Hyperflux(nn.Sequential(frozen, nn.Linear(4, 2)), 0.5, pruning_epochs=2)) == [
+        "0.weight",
+        "1.weight",
+    ]
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"0\.weight belongs to an embedding with sparse=True"):
         Hyperflux(model, 0.5, pruning_epochs=2, modules=[nn.Embedding, nn.Linear])

@@ -371,6 +371,14 @@ def test_transformer_layers_keep_their_feed_forward_dense_for_their_fused_eval_p
     x = torch.randn(3, 5, 32)
     with torch.no_grad():
         close(fast(x), model(x))
+    # no fused path: a decoder layer, and an encoder layer with sequence-first inputs, convert as before
+    for layer in (
+        nn.TransformerDecoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True),
+        nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64),
+    ):
+        other = prune(layer, 0.98).eval()
+        plan = every_layer_sparse(other)
+        assert [choice.name for choice in plan] == ["linear1", "linear2"]
 
 
 def test_a_model_with_its_masks_is_refused():

@@ -164,6 +164,11 @@ def test_a_resumed_run_clears_the_exports_and_report_of_the_epoch_it_stopped_at(
         (tmp_path / name).write_bytes(b"made from the stopped run")
     run_recipe(recipe(), tmp_path, quiet=True, resume=True, stop_after=2)
     assert not any((tmp_path / name).exists() for name in derived)
+    run_recipe(recipe(), tmp_path, quiet=True, resume=True)
+    for name in derived:
+        (tmp_path / name).write_bytes(b"made from the finished run")
+    run_recipe(recipe(), tmp_path, quiet=True, resume=True)  # retrains nothing: what was made from it holds
+    assert all((tmp_path / name).exists() for name in derived)
 
 
 def test_amp_asked_for_on_the_cpu_is_said_to_train_in_float32(tmp_path):

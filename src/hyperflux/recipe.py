@@ -425,8 +425,6 @@ def _resolve(recipe: dict[str, Any], default_name: str, exact_given: bool) -> di
             "recipe key 'hyperflux.exact_target': needs hyperflux.target_sparsity; set it false with a "
             "fixed pressure"
         )
-    if opt["lr_end"] is None:
-        opt["lr_end"] = opt["lr"] / 30  # the authors' ratio (0.1 -> 0.1/30); keep `saved_form` in step
     dense = recipe["dense"]
     if dense["epochs"] is None:
         # a recipe saved before dense.lr was left unset there holds the optimiser's lr, which is no choice
@@ -501,15 +499,17 @@ def load_recipe(path: str | Path, assignments: Sequence[str] = ()) -> dict[str, 
     return validate(apply_overrides(raw, assignments), default_name=Path(path).stem)
 
 
+def lr_end(optimizer: Mapping[str, Any]) -> float:
+    """The optimiser's final pruning lr: as given, else the authors' ratio (0.1 -> 0.1/30). Derived where it is
+    used, not stored, so that a saved recipe given another lr derives it again."""
+    return optimizer["lr"] / 30 if optimizer["lr_end"] is None else optimizer["lr_end"]
+
+
 def saved_form(recipe: Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved recipe as a run folder saves it: the values validation derives from others
-    (`optimizer.lr_end` from `optimizer.lr`, `method` from `hyperflux.exact_target`) left unset where they
-    equal the derivation, so that a saved recipe reused with `--set optimizer.lr=...` or another exact_target
-    derives them again instead of carrying stale ones (an lr_end given equal to lr / 30 is saved as derived)."""
+    """The resolved recipe as a run folder saves it: `method`, which validation derives from
+    `hyperflux.exact_target`, left unset where it equals that derivation, so that a saved recipe reused with
+    another exact_target derives it again instead of contradicting it."""
     saved = copy.deepcopy(dict(recipe))
-    optimizer = saved["optimizer"]
-    if optimizer["lr_end"] == optimizer["lr"] / 30:
-        optimizer["lr_end"] = None
     if saved["method"] == ("hyperflux" if saved["hyperflux"]["exact_target"] else "hyperflux-paper"):
         saved["method"] = None
     return saved
@@ -527,7 +527,16 @@ def changes_since(saved: Any, recipe: Mapping[str, Any]) -> list[str]:
         return ["the saved recipe (not a mapping)"]
     with contextlib.suppress(RecipeError):
         saved = validate(copy.deepcopy(dict(saved)), default_name=recipe["name"])
-    return differences(saved, recipe)
+    return differences(_effective(saved), _effective(recipe))
+
+
+def _effective(recipe: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`recipe` with the values used for those left to derive (a run saved before lr_end was derived at use
+    holds lr / 30 there)."""
+    optimizer = recipe.get("optimizer")
+    if not isinstance(optimizer, Mapping) or optimizer.get("lr_end") is not None or "lr" not in optimizer:
+        return recipe
+    return {**recipe, "optimizer": {**optimizer, "lr_end": lr_end(optimizer)}}
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -77,7 +77,7 @@ def _refusal(module: nn.Module, param_name: str, name: str, weight: torch.Tensor
             f"{name} is already parametrized ({', '.join(kinds)}); hyperflux masks plain weights: remove that "
             f"parametrization first (torch.nn.utils.parametrize.remove_parametrizations) or leave {name} out"
         )
-    if weight is not None and param_name not in module._parameters:
+    if weight is not None and param_name not in module._parameters and param_name not in module._buffers:
         return (
             f"{name} is not a parameter but a tensor a hook computes from others (torch.nn.utils.weight_norm or "
             "spectral_norm, say), which a mask cannot reach: remove that hook (torch.nn.utils.remove_weight_norm, "

@@ -319,13 +319,13 @@ def _sparse_module(module: nn.Module, min_batch: int = 1) -> nn.Module:
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Plain Linear and Conv2d layers (exact types: subclasses such as attention's out_proj are read by their
-    owner's code, which a swapped module would break), outside torch's transformer layers, whose fused eval
-    path reads their feed-forward weights directly."""
+    owner's code, which a swapped module would break), outside batch-first transformer encoder layers, whose
+    fused eval path reads their feed-forward weights directly."""
     found = []
     fused = {
         id(child)
         for owner in model.modules()
-        if isinstance(owner, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer)
+        if isinstance(owner, nn.TransformerEncoderLayer) and owner.self_attn.batch_first
         for child in owner.children()
     }
     for name, module in model.named_modules():

@@ -32,7 +32,7 @@ from hyperflux.baselines import Baseline
 from hyperflux.kernels import flush_denormals
 from hyperflux.macs import MacCount, count_macs
 from hyperflux.modes import eval_mode
-from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, load_recipe
+from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, load_recipe, lr_end
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
 from hyperflux.selection import select_targets
@@ -405,7 +405,10 @@ class Trainer:
         self.net = self._wrap()
         # only now, the recipe having built: a recipe that fails leaves an old run untouched
         if resume:
-            self.files.clear_derived()
+            if (
+                self.epoch < self.epochs
+            ):  # a finished run resumed retrains nothing: what was made from it holds
+                self.files.clear_derived()
         else:
             self.files.start(recipe)
 
@@ -534,7 +537,7 @@ class Trainer:
             self.recipe["hyperflux"]["regrowth_epochs"],
         )
         if progress < pruning or regrowth == 0:
-            return cosine(opt["lr"], opt["lr_end"], progress / pruning)
+            return cosine(opt["lr"], lr_end(opt), progress / pruning)
         return cosine(opt["lr_reset"], opt["lr_final"], (progress - pruning) / regrowth)
 
     # ------------------------------------------------------------- one batch
