@@ -224,7 +224,7 @@ def test_export_says_larger_when_the_sparse_file_is(tmp_path, capsys):
     assert re.search(r"\d\.\d\dx larger\)$", capsys.readouterr().out.strip())
 
 
-def test_an_interrupt_says_how_to_go_on_before_and_after_the_first_checkpoint(monkeypatch, capsys):
+def test_an_interrupt_says_resume_goes_on_only_from_a_saved_checkpoint(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
