@@ -50,6 +50,10 @@ def lightning_module(configure_optimizers):
             x, y = batch
             return F.cross_entropy(self.net(x), y)
 
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self.net(x), y))
+
         def configure_optimizers(self):
             return configure_optimizers(self)
 
@@ -134,6 +138,13 @@ def test_lightning_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
         return callback
 
     whole = fit(6, tmp_path / "whole").hf
+    # a fresh module with the callback validates from the masked checkpoint, without fitting first
+    fresh = HyperfluxCallback(0.8, pruning_epochs=4, regrowth_epochs=2, mask_lr=0.05)
+    loader = torch.utils.data.DataLoader(TensorDataset(*toy_data()), batch_size=16)
+    validator = lightning_trainer([fresh], logger=False, default_root_dir=tmp_path / "whole")
+    validator.validate(lightning_module(lambda m: None), loader, ckpt_path=tmp_path / "whole" / "last.ckpt")
+    for a, b in zip(fresh.hf.gates, whole.gates, strict=True):
+        assert torch.equal(a.mask(), b.mask())
     first = fit(3, tmp_path / "parts")
     assert first.hf.period == 3 and not first.hf.frozen
     resumed = fit(6, tmp_path / "parts", ckpt_path=tmp_path / "parts" / "last.ckpt").hf
@@ -345,6 +356,38 @@ def test_transformers_resume_from_a_best_model_checkpoint(tmp_path):
 
     train(2)
     assert train(3, resume=True).hf.period == 3
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
+    reason="transformers or accelerate not installed (extra `hf`)",
+)
+def test_transformers_refuses_a_model_init_and_warns_of_loading_the_best_model(tmp_path):
+    from transformers import Trainer
+
+    from hyperflux.integrations.transformers import HyperfluxTrainerCallback
+
+    callback = HyperfluxTrainerCallback(0.8, pruning_epochs=1)
+    args = training_arguments(tmp_path, num_train_epochs=1, save_strategy="no")
+    trainer = Trainer(model_init=TinyClassifier, args=args, train_dataset=DictSet(), callbacks=[callback])
+    with pytest.raises(ValueError, match="model_init builds a new one in train"):
+        trainer.train()
+    callback = HyperfluxTrainerCallback(0.8, pruning_epochs=1)
+    best = training_arguments(
+        tmp_path,
+        num_train_epochs=1,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+    )
+    data = DictSet()
+    trainer = Trainer(
+        model=TinyClassifier(), args=best, train_dataset=data, eval_dataset=data, callbacks=[callback]
+    )
+    with pytest.warns(
+        UserWarning, match="load_best_model_at_end=True: the Trainer ends on its best checkpoint"
+    ):
+        trainer.train()
 
 
 def test_only_a_restored_schedule_catches_up_with_the_hosts_epochs():

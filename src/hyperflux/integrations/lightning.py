@@ -27,8 +27,8 @@ class HyperfluxCallback(DrivenCallback, pl.Callback):
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.driver.build(pl_module)
+        # every stage: validate/test/predict with a ckpt_path load a checkpoint of a masked module
+        self.driver.build(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.driver.take_over(trainer.optimizers)
