@@ -355,10 +355,11 @@ def test_image_folder_shards_keep_every_rank_in_step_when_the_last_batch_is_smal
     write_image_folder(tmp_path)
     train = data.load("imagefolder", root=tmp_path, image_size=16).loader("train", batch_size=4, seed=1)
     # 6 images in global batches of 4 and 2 over 4 ranks: ranks 2 and 3 get nothing of the last batch
-    shards = [[(x.shape, y.shape) for x, y in train.shard(rank, 4)] for rank in range(4)]
+    shards = [[(x.shape, y.shape, x.dtype) for x, y in train.shard(rank, 4)] for rank in range(4)]
     assert [len(batches) for batches in shards] == [2, 2, 2, 2]
     assert [batches[-1][0][0] for batches in shards] == [1, 1, 0, 0]
-    assert shards[3][-1] == (torch.Size([0, 3, 16, 16]), torch.Size([0]))
+    # an empty share is what the model takes, as every other batch: normalised floats
+    assert shards[3][-1] == (torch.Size([0, 3, 16, 16]), torch.Size([0]), torch.float32)
     everything = torch.cat([y for rank in range(4) for _, y in train.shard(rank, 4)])
     assert sorted(everything.tolist()) == [0, 0, 0, 1, 1, 1]
 

@@ -160,6 +160,23 @@ def test_drop_path_is_random_in_training_only() -> None:
     assert torch.equal(model(images), model(images))
 
 
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("lenet300", {"hidden": (128, 64, 32)}, "hidden takes two widths, got [128, 64, 32]"),
+        ("lenet300", {"hidden": (128,)}, "hidden takes two widths, got [128]"),
+        ("lenet5", {"image_size": 15}, "LeNet-5 needs images of at least 16x16, got 15"),
+        ("vgg19", {"image_size": 8}, "VGG-19 needs images of at least 16x16, got 8"),
+    ],
+)
+def test_a_model_its_arguments_cannot_build_says_why(name: str, options: dict, message: str) -> None:
+    arguments = {"num_classes": 10, "in_channels": 3, "image_size": 32} | options
+    with pytest.raises(ValueError, match=re.escape(message)):
+        models.build(name, **arguments)
+    fixed = {"image_size": 16} if "image_size" in options else {"hidden": (8, 4)}
+    models.build(name, **(arguments | fixed))  # and the smallest valid form builds
+
+
 def test_patch_size_must_divide_the_image() -> None:
     with pytest.raises(ValueError, match="multiple of patch size"):
         models.build("deit_tiny", 10, 3, 30, patch_size=4)

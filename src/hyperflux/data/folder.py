@@ -177,7 +177,7 @@ class FolderLoader(GlobalBatches):
                 else:  # a last global batch smaller than the world: this rank's share is empty, as in memory
                     image, label = self.dataset[0]
                     yield (
-                        image.new_empty((0, *image.shape)),
+                        normalize(image.new_empty((0, *image.shape))),
                         torch.empty(0, dtype=torch.as_tensor(label).dtype),
                     )
         except DataError as error:

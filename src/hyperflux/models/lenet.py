@@ -19,6 +19,10 @@ class LeNet300(nn.Module):
         hidden: tuple[int, int] = (300, 100),
     ) -> None:
         super().__init__()
+        if len(hidden) != 2:
+            raise ValueError(
+                f"LeNet-300-100 has two hidden layers: hidden takes two widths, got {list(hidden)}"
+            )
         self.fc1 = nn.Linear(in_channels * image_size * image_size, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.fc3 = nn.Linear(hidden[1], num_classes)
@@ -37,9 +41,9 @@ class LeNet5(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 20, kernel_size=5)
         self.conv2 = nn.Conv2d(20, 50, kernel_size=5)
+        if image_size < 16:  # two 5x5 convs and two 2x2 pools leave no pixel below 16
+            raise ValueError(f"LeNet-5 needs images of at least 16x16, got {image_size}")
         side = ((image_size - 4) // 2 - 4) // 2
-        if side < 1:
-            raise ValueError(f"LeNet-5 needs images of at least 12x12, got {image_size}")
         self.fc1 = nn.Linear(50 * side * side, 500)
         self.fc2 = nn.Linear(500, num_classes)
 

@@ -17,6 +17,8 @@ class VGG19BN(nn.Module):
         self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: float = 1.0
     ) -> None:
         super().__init__()
+        if image_size < 16:  # four 2x2 max-pools
+            raise ValueError(f"VGG-19 needs images of at least 16x16, got {image_size}")
         layers: list[nn.Module] = []
         channels = in_channels
         for stage, widths in enumerate(VGG19_STAGES):
