@@ -145,6 +145,8 @@ def test_lightning_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
     validator.validate(lightning_module(lambda m: None), loader, ckpt_path=tmp_path / "whole" / "last.ckpt")
     for a, b in zip(fresh.hf.gates, whole.gates, strict=True):
         assert torch.equal(a.mask(), b.mask())
+    with pytest.raises(ValueError, match="give another module a new HyperfluxCallback"):
+        validator.validate(lightning_module(lambda m: None), loader)  # the callback masks its first module
     first = fit(3, tmp_path / "parts")
     assert first.hf.period == 3 and not first.hf.frozen
     resumed = fit(6, tmp_path / "parts", ckpt_path=tmp_path / "parts" / "last.ckpt").hf

@@ -409,3 +409,9 @@ def test_loading_a_run_repeats_none_of_its_training_time_warnings(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_run(tmp_path).hf is not None
+
+
+def test_the_summary_records_the_lr_end_a_run_derived(tmp_path):
+    summary = run_recipe(recipe("optimizer.lr_end=null", "optimizer.lr=0.003"), tmp_path, quiet=True)
+    assert summary["recipe"]["optimizer"]["lr_end"] == pytest.approx(1e-4)
+    assert yaml.safe_load((tmp_path / "recipe.yaml").read_text())["optimizer"]["lr_end"] is None

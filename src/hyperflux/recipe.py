@@ -527,12 +527,12 @@ def changes_since(saved: Any, recipe: Mapping[str, Any]) -> list[str]:
         return ["the saved recipe (not a mapping)"]
     with contextlib.suppress(RecipeError):
         saved = validate(copy.deepcopy(dict(saved)), default_name=recipe["name"])
-    return differences(_effective(saved), _effective(recipe))
+    return differences(effective(saved), effective(recipe))
 
 
-def _effective(recipe: Mapping[str, Any]) -> Mapping[str, Any]:
-    """`recipe` with the values used for those left to derive (a run saved before lr_end was derived at use
-    holds lr / 30 there)."""
+def effective(recipe: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`recipe` with the values used for those left to derive: what a run's summary records, and what a resume
+    compares (a run saved before lr_end was derived at use holds lr / 30 there)."""
     optimizer = recipe.get("optimizer")
     if not isinstance(optimizer, Mapping) or optimizer.get("lr_end") is not None or "lr" not in optimizer:
         return recipe

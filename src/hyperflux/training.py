@@ -32,7 +32,7 @@ from hyperflux.baselines import Baseline
 from hyperflux.kernels import flush_denormals
 from hyperflux.macs import MacCount, count_macs
 from hyperflux.modes import eval_mode
-from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, load_recipe, lr_end
+from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, effective, load_recipe, lr_end
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
 from hyperflux.selection import select_targets
@@ -802,7 +802,7 @@ class Trainer:
             "data": self.recipe["data"]["name"],
             "device": str(self.device),
             "world_size": self.world,
-            "recipe": self.recipe,
+            "recipe": effective(self.recipe),  # the lr_end it used, derived or not
         }
         self.files.write_summary(summary)
         distributed.barrier()
