@@ -379,6 +379,10 @@ def test_transformer_layers_keep_their_feed_forward_dense_for_their_fused_eval_p
         other = prune(layer, 0.98).eval()
         plan = every_layer_sparse(other)
         assert [choice.name for choice in plan] == ["linear1", "linear2"]
+        converted = to_sparse_inference(other, plan=plan)
+        inputs = (x, x) if isinstance(layer, nn.TransformerDecoderLayer) else (x,)  # target and memory
+        with torch.no_grad():
+            close(converted(*inputs), other(*inputs))
 
 
 def test_a_model_with_its_masks_is_refused():
