@@ -399,6 +399,10 @@ def test_image_folder_errors(tmp_path: Path, workers: int) -> None:
     with pytest.raises(data.DataError) as error:
         list(data.load("imagefolder", root=tmp_path, image_size=16).loader("test", 4, num_workers=workers))
     assert_one_line(error, "0.png", "not a readable image")
+    (tmp_path / "train" / "eel").mkdir()
+    with pytest.raises(data.DataError, match=r"class folders \['eel'\] hold no images"):
+        data.load("imagefolder", root=tmp_path)
+    (tmp_path / "train" / "eel").rmdir()
     shutil.rmtree(tmp_path / "val")
     with pytest.raises(data.DataError, match="no val/"):
         data.load("imagefolder", root=tmp_path)

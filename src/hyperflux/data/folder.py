@@ -198,7 +198,10 @@ def load_image_folder(root: Path, image_size: int, augment: bool = True) -> tupl
     unknown = sorted(set(list_classes(test_folder)) - set(classes))
     if unknown:
         raise DataError(f"{test_folder}: classes {unknown[:3]} are not in {root / 'train'} ({LAYOUT_HINT})")
-    return (
-        FolderSet(root / "train", classes, image_size, augment=augment),
-        FolderSet(test_folder, classes, image_size, augment=False),
-    )
+    train = FolderSet(root / "train", classes, image_size, augment=augment)
+    empty = [name for label, name in enumerate(classes) if not bool((train.labels == label).any())]
+    if empty:  # a class no training image shows would still be an output the model can never learn
+        raise DataError(
+            f"{root / 'train'}: class folders {empty[:3]} hold no images; add images or remove them ({LAYOUT_HINT})"
+        )
+    return train, FolderSet(test_folder, classes, image_size, augment=False)
