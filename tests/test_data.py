@@ -392,6 +392,19 @@ def test_image_folder_shards_every_global_batch_across_ranks(tmp_path: Path) -> 
         assert torch.equal(torch.cat([per_rank[r][index][1] for r in range(2)]), y)
 
 
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    write_image_folder(tmp_path)
+    ramp = np.linspace(0, 65535, 40 * 40).reshape(40, 40).astype(np.uint16)  # mean 32768: 128 in 8 bits
+    for split in ("train", "val"):
+        Image.fromarray(ramp).save(tmp_path / split / "cat" / "0.png")
+    test = data.load("imagefolder", root=tmp_path, image_size=16).test
+    image, _ = test[test.samples.index((tmp_path / "val" / "cat" / "0.png", 0))]
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+    assert image.float().mean().item() == pytest.approx(127.5, abs=12)  # clipped, nearly all would read 255
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_image_folder_errors(tmp_path: Path, workers: int) -> None:
     write_image_folder(tmp_path)

@@ -97,7 +97,10 @@ class FolderSet(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as opened:
-                image = opened.convert("RGB")
+                image = opened
+                if image.mode.startswith("I"):  # 16-bit (PNG, TIFF): scaled to 8 bits, which convert() clips
+                    image = image.convert("I").point(lambda value: value / 256).convert("L")
+                image = image.convert("RGB")
         except (UnidentifiedImageError, OSError) as error:
             raise DataError(f"{path}: not a readable image ({error}); replace or remove it") from error
         size = self.image_size
