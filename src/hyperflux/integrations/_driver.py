@@ -42,11 +42,18 @@ class MaskDriver:
         self.pending: dict[str, Any] | None = None  # a checkpoint's state, applied once the optimiser exists
         self.restored = False  # whether the schedule came from a checkpoint (not started over)
 
-    def build(self, model: nn.Module) -> Hyperflux:
+    def build(
+        self,
+        model: nn.Module,
+        another: str = "this callback masks the model it was first given; give another model a new callback",
+    ) -> Hyperflux:
         """Mask the model, once: before the host builds its optimiser or wraps the model in DDP, so DDP
-        registers (and all-reduces) the logits too."""
+        registers (and all-reduces) the logits too. A host that hands over another model later gets the
+        ValueError `another`, which says how to use the host: the masks stay on the first."""
         if self.hf is None:
             self.hf = Hyperflux(model, **self.settings)
+        elif model is not self.hf.model:
+            raise ValueError(another)
         return self.hf
 
     def take_over(self, host_optimizers: Iterable[torch.optim.Optimizer], hide: bool = True) -> None:

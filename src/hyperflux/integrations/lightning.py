@@ -28,13 +28,11 @@ class HyperfluxCallback(DrivenCallback, pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # every stage: validate/test/predict with a ckpt_path load a checkpoint of a masked module
-        hf = self.driver.hf
-        if hf is not None and hf.model is not pl_module:
-            raise ValueError(
-                "this HyperfluxCallback masks the module it was first set up with; give another module a new "
-                "HyperfluxCallback (and a new Trainer)"
-            )
-        self.driver.build(pl_module)
+        self.driver.build(
+            pl_module,
+            another="this HyperfluxCallback masks the module it was first set up with; give another module a "
+            "new HyperfluxCallback (and a new Trainer)",
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.driver.take_over(trainer.optimizers)

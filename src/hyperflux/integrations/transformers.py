@@ -24,6 +24,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from hyperflux.integrations._driver import DrivenCallback
 
 STATE_FILE = "hyperflux.pt"  # the callback's state, beside the Trainer's in each checkpoint folder
+ANOTHER_MODEL = (
+    "the Trainer trains another model than the one HyperfluxTrainerCallback masked when the Trainer was built "
+    "(model_init builds a new one in train()); give the Trainer model= instead"
+)
 
 
 class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
@@ -45,7 +49,7 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
         model: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        self.driver.build(model)
+        self.driver.build(model, ANOTHER_MODEL)
 
     def on_train_begin(
         self,
@@ -56,19 +60,14 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
         optimizer: torch.optim.Optimizer | None = None,
         **kwargs: Any,
     ) -> None:
-        hf = self.driver.hf
-        if hf is not None and model is not None and model is not hf.model:
-            raise ValueError(
-                "the Trainer trains another model than the one HyperfluxTrainerCallback masked when the Trainer "
-                "was built (model_init builds a new one in train()); give the Trainer model= instead"
-            )
         if args.load_best_model_at_end:
             warnings.warn(
                 "load_best_model_at_end=True: the Trainer ends on its best checkpoint, which may be from "
                 "before the masks reached the target sparsity; check callback.hf's sparsity, or leave it off",
                 stacklevel=2,
             )
-        self.driver.build(model)  # a no-op unless the callback was added after the Trainer was built
+        # a no-op unless the callback was added after the Trainer was built
+        self.driver.build(model, ANOTHER_MODEL)
         if state.global_step > 0:  # resumed: the checkpoint the Trainer restored holds the schedule
             self._load(args, state)
         # the logits stay in the host optimiser's groups, so that the optimiser state a checkpoint saves always
