@@ -403,14 +403,12 @@ class Trainer:
             self._restore(self.checkpoint)
             self.files.truncate_metrics(self.epoch)
         self.net = self._wrap()
-        # only now, the recipe having built: a recipe that fails leaves an old run untouched
-        if resume:
-            if (
-                self.epoch < self.epochs
-            ):  # a finished run resumed retrains nothing: what was made from it holds
-                self.files.clear_derived()
-        else:
+        # only now, the recipe having built: a recipe that fails leaves an old run untouched; a finished run
+        # resumed retrains nothing, so what was made from it holds
+        if not resume:
             self.files.start(recipe)
+        elif self.epoch < self.epochs:
+            self.files.clear_derived()
 
     # ------------------------------------------------------------- setup
     def _check_resumable(self, checkpoint: dict[str, Any]) -> None:
