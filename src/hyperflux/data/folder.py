@@ -202,7 +202,8 @@ def load_image_folder(root: Path, image_size: int, augment: bool = True) -> tupl
     if unknown:
         raise DataError(f"{test_folder}: classes {unknown[:3]} are not in {root / 'train'} ({LAYOUT_HINT})")
     train = FolderSet(root / "train", classes, image_size, augment=augment)
-    empty = [name for label, name in enumerate(classes) if not bool((train.labels == label).any())]
+    counts = torch.bincount(train.labels, minlength=len(classes)).tolist()
+    empty = [name for name, count in zip(classes, counts, strict=True) if not count]
     if empty:  # a class no training image shows would still be an output the model can never learn
         raise DataError(
             f"{root / 'train'}: class folders {empty[:3]} hold no images; add images or remove them ({LAYOUT_HINT})"
