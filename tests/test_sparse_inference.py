@@ -396,6 +396,19 @@ def test_a_model_with_its_masks_is_refused():
         close(to_sparse_inference(squashed, plan=every_layer_sparse(squashed))(x), squashed(x))
 
 
+def test_a_layer_under_another_parametrization_stays_dense_and_is_not_taken_for_masks():
+    from torch.nn.utils.parametrizations import weight_norm  # torch's own parametrization, not a mask
+
+    model = nn.Sequential(prune(nn.Linear(32, 16), 0.9), nn.ReLU(), weight_norm(nn.Linear(16, 4))).eval()
+    plan = every_layer_sparse(model)
+    assert [choice.name for choice in plan] == ["0"]
+    converted = to_sparse_inference(model, plan=plan)
+    assert isinstance(converted[0], SparseLinear) and not isinstance(converted[2], SparseLinear)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        close(converted(x), model(x))
+
+
 def test_timing_samples_alternate_and_tell_a_slow_call_from_a_fast_one():
     import time
 

@@ -217,6 +217,14 @@ class HardGate(nn.Module):
         return f"shape={tuple(self.logits.shape)}, scale={self.scale}"
 
 
+def has_masks(module: nn.Module) -> bool:
+    """Whether hyperflux's gates parametrize one of `module`'s own tensors (torch's weight_norm and other
+    parametrizations do not count)."""
+    return parametrize.is_parametrized(module) and any(
+        isinstance(p, HardGate) for ps in module.parametrizations.values() for p in ps
+    )
+
+
 def register_gate(module: nn.Module, name: str, gate: HardGate) -> None:
     """`parametrize.register_parametrization(module, name, gate)`, with `module.<name>` then read by a shorter
     path than torch's.

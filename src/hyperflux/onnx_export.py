@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from hyperflux.gate import HardGate
+from hyperflux.gate import has_masks
 from hyperflux.modes import eval_mode
 
 
@@ -28,9 +27,7 @@ def export_onnx(
     difference from the model's output (ValueError above `atol`); None when it was not checked.
     """
     for name, module in model.named_modules():
-        if parametrize.is_parametrized(module) and any(
-            isinstance(p, HardGate) for ps in module.parametrizations.values() for p in ps
-        ):
+        if has_masks(module):
             raise ValueError(
                 f"{name or 'the model'} still has its masks, which trace as constants; export the squashed "
                 "model (hf.squash())"

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
+from hyperflux.gate import has_masks
 from hyperflux.kernels import sparse_linear_op
 from hyperflux.modes import eval_mode
 
@@ -329,7 +329,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for child in owner.children()
     }
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.Conv2d) and parametrize.is_parametrized(module):
+        if has_masks(module):
             raise ValueError(
                 f"{name or 'the model'} still has its masks; convert the squashed model (hf.squash())"
             )
