@@ -261,6 +261,37 @@ def test_transformers_callback_prunes_and_logs(tmp_path):
     importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
     reason="transformers or accelerate not installed (extra `hf`)",
 )
+def test_transformers_logs_each_epochs_period_at_that_epochs_last_step(tmp_path):
+    """With `logging_steps` dividing the epoch, the Trainer logs the epoch's last step before its epoch end:
+    the period closes at that step, so the log there carries it (before, the next log did)."""
+    from transformers import Trainer
+
+    from hyperflux.integrations.transformers import HyperfluxTrainerCallback
+
+    torch.manual_seed(0)
+    callback = HyperfluxTrainerCallback(0.8, pruning_epochs=3, mask_lr=0.05)
+    args = training_arguments(tmp_path, num_train_epochs=3, logging_steps=8, save_strategy="no")
+    trainer = Trainer(model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[callback])
+    trainer.train()
+
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [8 * k for k in range(1, 7)]  # 16 steps an epoch
+    periods = {entry["step"]: entry.get("hyperflux/period") for entry in logged}
+    assert periods == {8: None, 16: 1.0, 24: None, 32: 2.0, 40: None, 48: 3.0}
+    assert callback.hf.period == 3 and callback.hf.frozen
+    assert callback.hf.sparsity() == pytest.approx(0.8, abs=1 / callback.hf.total)
+
+    # an epoch that max_steps cuts short closes its period at its end, once
+    cut = HyperfluxTrainerCallback(0.8, pruning_epochs=3, mask_lr=0.05)
+    args = training_arguments(tmp_path / "cut", max_steps=20, logging_steps=8, save_strategy="no")
+    Trainer(model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[cut]).train()
+    assert cut.hf.period == 2
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
+    reason="transformers or accelerate not installed (extra `hf`)",
+)
 def test_transformers_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
     from transformers import Trainer
 

@@ -40,6 +40,7 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pending: dict[str, float] = {}
+        self.closed_at: int | None = None  # the optimiser step at which an epoch's period last closed
 
     def on_init_end(
         self,
@@ -95,13 +96,19 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.driver.every_n_steps is not None and self.driver.due(state.global_step):
+        if self.driver.every_n_steps is not None:
+            if self.driver.due(state.global_step):
+                self._close(control)
+        elif float(state.epoch).is_integer():
+            # the epoch's last step (the Trainer sets epoch + batches done / batches in it): the period closes
+            # here, not at the epoch's end, so that a log or checkpoint the Trainer makes at this step has it
             self._close(control)
+            self.closed_at = state.global_step
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.driver.every_n_steps is None:
+        if self.driver.every_n_steps is None and self.closed_at != state.global_step:  # an epoch cut short
             self._close(control)
 
     def on_save(
