@@ -55,6 +55,24 @@ def test_ignore_list_and_model_default_ignore():
     assert "head.weight" in names_of(Hyperflux(net, 0.9, pruning_epochs=2, ignore=[]))  # explicit overrides
 
 
+def test_a_submodules_own_ignore_holds_inside_a_wrapper():
+    """A ViT's patch embedding and head stay dense when the ViT is a wrapper's submodule (a LightningModule's
+    `self.model`, DataParallel's `module`), its patterns read relative to it."""
+    from hyperflux.models.vit import VisionTransformer
+
+    def vit() -> VisionTransformer:
+        return VisionTransformer(4, 3, 8, dim=16, num_heads=2, patch_size=4, depth=1)
+
+    alone = names_of(Hyperflux(vit(), 0.9, pruning_epochs=2))
+    assert alone and not any(name.startswith(("patch_embed", "head")) for name in alone)
+    wrapper = nn.Module()
+    wrapper.model = vit()
+    wrapper.head = nn.Linear(4, 2)  # the wrapper's own head: the ViT's patterns do not reach it
+    assert names_of(Hyperflux(wrapper, 0.9, pruning_epochs=2)) == [f"model.{name}" for name in alone] + [
+        "head.weight"
+    ]
+
+
 def test_overrides_and_minimum_density():
     hf = Hyperflux(
         Net(),

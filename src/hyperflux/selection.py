@@ -52,6 +52,18 @@ def _matches(pattern: str, target: Target) -> bool:
     )
 
 
+def _own_ignores(model: nn.Module) -> list[str]:
+    """The `hyperflux_ignore` patterns the model and each of its submodules carry, a submodule's prefixed with
+    its name: a ViT keeps its patch embedding dense inside a wrapper (a LightningModule's `self.model`,
+    `torch.compile`, DataParallel) too."""
+    found = []
+    for module_name, module in model.named_modules():
+        patterns = _compile_all(getattr(module, "hyperflux_ignore", ()), "hyperflux_ignore")
+        prefix = re.escape(f"{module_name}.") if module_name else ""
+        found += [f"{prefix}(?:{pattern})" for pattern in patterns]
+    return found
+
+
 def _compile_all(patterns: Iterable[str], what: str) -> list[str]:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     for pattern in patterns:
@@ -156,8 +168,8 @@ def select_targets(
     weights), filtered by names and ignore patterns.
 
     Patterns are regular expressions matched in full against the tensor name (`"fc1.weight"`) or the module
-    name (`"fc1"`), so an exact name is a pattern too. When `ignore` is None the model's own
-    `hyperflux_ignore` attribute (if any) is used, e.g. a ViT's patch embedding and head.
+    name (`"fc1"`), so an exact name is a pattern too. When `ignore` is None the `hyperflux_ignore` attributes
+    of the model and of its submodules (if any) are used, e.g. a ViT's patch embedding and head.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -193,7 +205,7 @@ def select_targets(
         selected = [t for t in candidates if any(_matches(p, t) for p in patterns)]
 
     if ignore is None:
-        for pattern in _compile_all(getattr(model, "hyperflux_ignore", ()), "hyperflux_ignore"):
+        for pattern in _own_ignores(model):
             selected = [t for t in selected if not _matches(pattern, t)]
     else:
         for pattern in _compile_all(ignore, "ignore"):
