@@ -42,6 +42,16 @@ def test_onnxruntime_gives_the_model_outputs_at_any_batch(tmp_path, name):
     torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
 
 
+def test_batch_first_attention_exports_through_its_unfused_path(tmp_path):
+    """In eval mode a batch-first encoder layer runs torch's fused kernel, which the exporter cannot trace."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(random_prune(layer, 0.9), nn.Flatten(), nn.Linear(5 * 16, 3))
+    x = torch.randn(2, 5, 16)
+    assert export_onnx(model, x, tmp_path / "m.onnx") <= 1e-4
+    assert torch.backends.mha.get_fastpath_enabled()  # as it was
+
+
 def test_cli_export_onnx(tmp_path, capsys):
     shutil.copy(RECIPES / "smoke-digits.yaml", tmp_path / "recipe.yaml")
     torch.manual_seed(0)

@@ -7,8 +7,10 @@ ONNX is required; for size use `save_sparse`, for speed on CPU `to_sparse_infere
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,7 +55,7 @@ def export_onnx(
 
 def _export_checked(model: nn.Module, example: torch.Tensor, path: Path, check: bool) -> float | None:
     """Write the file; with `check` and onnxruntime importable, the largest difference of its output."""
-    with eval_mode(model), warnings.catch_warnings(), torch.no_grad():
+    with eval_mode(model), warnings.catch_warnings(), torch.no_grad(), _no_attention_fastpath():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             model,
@@ -74,3 +76,15 @@ def _export_checked(model: nn.Module, example: torch.Tensor, path: Path, check: 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (output,) = session.run(["output"], {"input": example.detach().cpu().numpy()})
     return float((torch.from_numpy(output) - expected.cpu()).abs().max())
+
+
+@contextlib.contextmanager
+def _no_attention_fastpath() -> Iterator[None]:
+    """Batch-first attention and transformer layers in eval mode run torch's fused kernels, which the exporter
+    cannot trace; their unfused path computes the same."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
