@@ -903,7 +903,8 @@ class Hyperflux:
         """Bake the masks into the weights (zeros), remove the parametrizations, and return the model.
 
         Its `state_dict()` has the original keys and its outputs equal the masked model's (to float rounding
-        where torch's matmul picks its kernel by whether the weight needs a gradient: README, "State, checkpoints and export").
+        where torch's matmul picks its kernel by whether the weight needs a gradient: README, "State,
+        checkpoints and export").
         """
         self._check_live()
         for hook in self._hooks:
