@@ -204,6 +204,11 @@ def test_controller_every_counts_periods_but_phases_keep_their_epochs(tmp_path):
     trainer = Trainer(recipe("train.controller_every=20"), tmp_path, quiet=True)
     assert trainer.batches == 45 and trainer.periods == 3
     assert trainer.hf.pruning_epochs == 9 and trainer.hf.regrowth_epochs == 6
+    assert trainer.hf.freeze_after == 3  # exact mode's default, half the 2 regrowth epochs, in periods
+    # the defaults count epochs, converted to periods: the paper's 50 epochs, 3 regrowth epochs' 1
+    for settings, periods in (("hyperflux.exact_target=false", 150), ("hyperflux.regrowth_epochs=3", 3)):
+        other = Trainer(recipe("train.controller_every=20", settings), tmp_path / settings, quiet=True)
+        assert other.hf.freeze_after == periods, settings
     trainer.stop_after = 1
     trainer.run()
     assert trainer.hf.period == 3  # stepped every 15 batches

@@ -126,6 +126,12 @@ def _quantile(
     return float(torch.cat([part.to(parts[0].device) for part in parts]).kthvalue(k - below).values)
 
 
+def default_freeze_after(regrowth_epochs: int, exact_target: bool) -> int:
+    """Regrowth periods before the masks freeze: the paper's 50, or in exact mode, which trims at the freeze,
+    half the regrowth (at most 50), leaving the other half to fine-tune the trimmed mask."""
+    return min(50, regrowth_epochs // 2) if exact_target else 50
+
+
 class _AttachedStep:
     """Step pre- and post-hook of an attached optimiser. Before the step, each layer's P / N is added to its
     logits' gradients in place, in one call; with `flush`, and while the masks are on the CPU, the step runs with
@@ -320,8 +326,7 @@ class Hyperflux:
         self._regrowth_mask_lr_given = regrowth_mask_lr is not None
         self.regrowth_decay = float(regrowth_decay)
         if freeze_after is None:
-            # exact mode trims at the freeze: leave half the regrowth to fine-tune the trimmed mask
-            freeze_after = min(50, self.regrowth_epochs // 2) if self.exact_target else 50
+            freeze_after = default_freeze_after(self.regrowth_epochs, self.exact_target)
         self.freeze_after = int(freeze_after)
 
         self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)
@@ -502,7 +507,8 @@ class Hyperflux:
     ) -> list[dict[str, Any]]:
         """Two optimiser groups: the model's weights, and the mask logits with their own lr and no decay.
 
-        `mask_lr` replaces the constructor's, so that the schedule (`self.mask_lr`, the regrowth reset unless
+        `weight_decay` goes to the weights' group, so the optimiser decays pruned weights' stored values too (the
+        authors' behaviour); `decay_present_weights` decays present weights only. `mask_lr` replaces the constructor's, so that the schedule (`self.mask_lr`, the regrowth reset unless
         `regrowth_mask_lr` was given) goes on from the lr the group starts with.
         """
         if mask_lr is not None:

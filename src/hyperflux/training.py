@@ -36,7 +36,7 @@ from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, effec
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
 from hyperflux.selection import select_targets
-from hyperflux.sparsifier import Hyperflux
+from hyperflux.sparsifier import Hyperflux, default_freeze_after
 from hyperflux.table import text_table
 
 # Keys of the recipe that may change between a run and its resume: where it runs, not what it computes.
@@ -189,6 +189,9 @@ def build_sparsifier(recipe: dict[str, Any], model: nn.Module, periods_per_epoch
         scheduler = PressureScheduler.constant(spec["pressure"])
     elif spec["pressure_schedule"] is not None:
         scheduler = PressureScheduler.from_schedule(spec["pressure_schedule"])
+    freeze_after = spec["freeze_after"]
+    if freeze_after is None:  # the default counts epochs here, not periods
+        freeze_after = default_freeze_after(spec["regrowth_epochs"], spec["exact_target"])
     return Hyperflux(
         model,
         spec["target_sparsity"],
@@ -206,7 +209,7 @@ def build_sparsifier(recipe: dict[str, Any], model: nn.Module, periods_per_epoch
         mask_lr=spec["mask_lr"],
         regrowth_mask_lr=spec["regrowth_mask_lr"],
         regrowth_decay=spec["regrowth_decay"] ** (1 / periods_per_epoch),
-        freeze_after=None if spec["freeze_after"] is None else spec["freeze_after"] * periods_per_epoch,
+        freeze_after=freeze_after * periods_per_epoch,
         flux_every=spec["flux_every"],
     )
 
