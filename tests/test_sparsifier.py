@@ -417,6 +417,37 @@ def test_squash_bakes_zeros_keeps_original_keys_and_outputs():
         hf.step()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_get_float32_logits_that_move_by_the_mask_lr(dtype):
+    """In bf16 a logit of 0.2-0.5 moves in steps of 2**-9: Adam's first step of 1e-3 would round to 0 or to
+    twice its size. The logits are float32 whatever the weights are."""
+    model = mlp().to(dtype)
+    hf = Hyperflux(model, 0.5, pruning_epochs=3, mask_lr=1e-3)
+    assert all(g.logits.dtype is torch.float32 for g in hf.gates)
+    # the masks' group alone, whose first step is +-lr exactly with this eps (in float16 it would be 0)
+    optimizer = torch.optim.Adam(hf.param_groups()[1:], eps=1e-12)
+    hf.attach(optimizer)
+    before = [g.logits.detach().clone() for g in hf.gates]
+    loss = F.cross_entropy(model(torch.randn(32, 8, dtype=dtype)).float(), torch.randint(0, 4, (32,)))
+    loss.backward()
+    assert all(g.logits.grad.dtype is torch.float32 for g in hf.gates)
+    optimizer.step()
+    for gate, old in zip(hf.gates, before, strict=True):
+        torch.testing.assert_close((gate.logits - old).abs(), torch.full_like(old, 1e-3), atol=1e-6, rtol=0)
+    state = hf.state_dict()
+    other_model = mlp(1).to(dtype)
+    other = Hyperflux(other_model, 0.5, pruning_epochs=3)
+    other_model.load_state_dict(model.state_dict())
+    other.load_state_dict(state)
+    x = torch.randn(5, 8, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(other_model(x), model(x))
+        masked = model(x)
+    squashed = hf.squash()
+    assert squashed[0].weight.dtype is dtype
+    assert torch.equal(squashed(x), masked)
+
+
 @pytest.mark.parametrize("kdim", [None, 4], ids=["packed", "separate"])
 def test_attention_input_projections_are_masked_trained_and_squashed(kdim):
     """nn.MultiheadAttention reads its input projections as attributes at every call, so their gates reach its

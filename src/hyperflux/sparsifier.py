@@ -344,7 +344,10 @@ class Hyperflux:
         self._param_order = [list(t.module._parameters) for t in self.targets]
         for target in self.targets:
             weight = getattr(target.module, target.param_name)
-            logits = torch.empty_like(weight, requires_grad=False)
+            # half-precision weights get float32 logits: Adam's steps of about mask_lr would round away (or to
+            # a whole bf16 step) on logits of 0.2-0.5, and P / N would underflow in float16
+            low = weight.dtype in (torch.float16, torch.bfloat16)
+            logits = torch.empty_like(weight, dtype=torch.float32 if low else None, requires_grad=False)
             with torch.no_grad():
                 logits.uniform_(self.init_logit, 2.5 * self.init_logit)
             gate = HardGate(logits, self.grad_scale, self.meter)
