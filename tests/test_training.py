@@ -88,6 +88,35 @@ def test_resume_refuses_a_changed_recipe_and_a_fresh_run_refuses_a_used_folder(t
     assert (model_only / "model.safetensors").read_bytes() == b"weights"
 
 
+def test_a_checkpoint_with_damaged_bytes_is_refused_not_loaded(tmp_path):
+    import struct
+    import zipfile
+
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    path = tmp_path / "checkpoint.pt"
+    with zipfile.ZipFile(path) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.file_size)  # a tensor's bytes
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack(
+        "<HH", data[largest.header_offset + 26 : largest.header_offset + 30]
+    )
+    data[largest.header_offset + 30 + name_length + extra_length + largest.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunError, match="damaged checkpoint"):
+        Trainer(recipe(), tmp_path, resume=True, quiet=True)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_without_resume(tmp_path):
+    """Killed after its first metrics row but before the checkpoint: nothing to resume, so the same command
+    runs again (the interrupt message says so) instead of each error pointing at the other."""
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(RunError, match="starts again without --resume"):
+        Trainer(recipe(), tmp_path, resume=True, quiet=True)
+    run_recipe(recipe(), tmp_path, quiet=True)
+    assert [r["epoch"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5]
+
+
 def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     expected = run_recipe(recipe(), tmp_path / "whole", quiet=True)
     parts = tmp_path / "parts"

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,13 @@ class RunFolder:
         recipe has built)."""
         if resume:
             if not self.has_checkpoint():
-                raise RunError(f"{self.path}: no {CHECKPOINT} to resume from")
+                raise RunError(
+                    f"{self.path}: no {CHECKPOINT} to resume from; a run stopped before its first checkpoint "
+                    "starts again without --resume"
+                )
             return
-        used = [name for name in (CHECKPOINT, METRICS_JSONL, SUMMARY, MODEL) if self.file(name).exists()]
+        # metrics alone are a run stopped before its first checkpoint: nothing to resume, so it starts over
+        used = [name for name in (CHECKPOINT, SUMMARY, MODEL) if self.file(name).exists()]
         if used and not overwrite:
             raise RunError(
                 f"{self.path} already holds a run; pass --resume to continue it, --overwrite to replace it, "
@@ -213,9 +218,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.exists():
         raise RunError(f"{path}: no such checkpoint")
     try:
+        # torch.load does not check the zip's CRCs: damaged bytes inside would load as changed tensors
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a truncated or foreign file: torch raises many kinds
         raise RunError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    if damaged is not None:
+        raise RunError(f"{path}: damaged checkpoint ({damaged} fails its checksum)")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path}: not a hyperflux run checkpoint")
     return state
