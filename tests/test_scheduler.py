@@ -85,6 +85,13 @@ def test_state_dict_round_trip():
     steeper = PressureScheduler(0.95, 20, aggressivity=8.0)  # its s0 ends another trajectory at the target
     with pytest.raises(ValueError, match=r"aggressivity 6\.0, this one for 8\.0"):
         steeper.load_state_dict(a.state_dict())
+    # a state's settings no longer replace this scheduler's silently
+    with pytest.raises(ValueError, match=r"exponent 1\.5, this one for 2\.0"):
+        PressureScheduler(0.95, 20, exponent=2.0).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"delta 0\.3, this one for 0\.5"):
+        PressureScheduler(0.95, 20, delta=0.5).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"constant 0\.5, this one for 0\.8"):
+        PressureScheduler.constant(0.8).load_state_dict(PressureScheduler.constant(0.5).state_dict())
 
 
 @pytest.mark.parametrize(

@@ -377,6 +377,18 @@ def test_state_dict_rejects_another_configuration():
     wrong_names = Hyperflux(nn.Sequential(nn.Linear(8, 16)), 0.6, pruning_epochs=4, regrowth_epochs=3)
     with pytest.raises(ValueError, match="tensors"):
         wrong_names.load_state_dict(hf.state_dict())
+    # the same names on tensors of other shapes: refused here, not at the next step() inside a kernel
+    wider = Hyperflux(
+        nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)), 0.6, pruning_epochs=4, regrowth_epochs=3
+    )
+    with pytest.raises(ValueError, match=r"snapshot for 0\.weight has shape \(16, 8\), the tensor \(32, 8\)"):
+        wider.load_state_dict(hf.state_dict())
+    partial = {k: v for k, v in hf.state_dict().items() if k != "snapshot"}
+    with pytest.raises(ValueError, match="lacks snapshot"):
+        Hyperflux(mlp(), 0.6, pruning_epochs=4, regrowth_epochs=3).load_state_dict(partial)
+    hf.squash()
+    with pytest.raises(RuntimeError, match="squashed"):
+        hf.state_dict()
 
 
 def test_a_resumed_run_keeps_its_own_pressure_scales_and_the_saved_release_of_a_floor():

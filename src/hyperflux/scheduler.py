@@ -85,6 +85,9 @@ class PressureScheduler:
         if given != 1:
             raise ValueError("give exactly one of target_sparsity (with epochs), pressure, or schedule")
         self.delta = _check_number("delta", delta)
+        self.base_delta = (
+            self.delta
+        )  # `delta` is the gain now (the exact mode's regrowth lowers it), this the given
         self.exponent = _check_number("exponent", exponent)
         self.aggressivity = _check_number("aggressivity", aggressivity)
         self.target_sparsity: float | None = None
@@ -217,6 +220,16 @@ class PressureScheduler:
             raise ValueError(  # the trajectory's s0 is solved for this scheduler's aggressivity
                 f"scheduler state is for aggressivity {state.get('aggressivity')}, this one for {self.aggressivity}"
             )
+        # this scheduler's settings hold; the state's must match them (a state of the exact mode's regrowth
+        # carries the regrowth gain, which the sparsifier checks)
+        settings = {"exponent": self.exponent}
+        if self._constant is not None:
+            settings["constant"] = self._constant
+        if self.s0 is not None and int(state["epoch"]) < self.epochs:  # the controller's gain while pruning
+            settings["delta"] = self.base_delta
+        for key, value in settings.items():
+            if float(state[key]) != value:
+                raise ValueError(f"scheduler state is for {key} {state[key]}, this one for {value}")
         self.epoch = int(state["epoch"])
         self.gamma = float(state["gamma"])
         self.boost_up = float(state["boost_up"])

@@ -20,6 +20,12 @@ from hyperflux.selection import DEFAULT_MODULES, Target, select_targets
 from hyperflux.table import text_table
 
 STATE_FORMAT = 1
+STATE_KEYS = frozenset(
+    (
+        "format", "names", "target_sparsity", "pruning_epochs", "regrowth_epochs", "exact_target", "period",
+        "frozen", "layer_scales", "meter_batches", "scheduler", "snapshot", "flux_sum", "flux_batches",
+    )
+)  # fmt: skip
 _TRIM_LOGIT = 1e-3
 
 # Bin edges of `stats()["flux_hist"]`, in pressure units: 0 and +-10^k for k = -6, -5.5, ..., 3 (half-decade
@@ -852,6 +858,7 @@ class Hyperflux:
     # ----------------------------------------------------------------- state and export
     def state_dict(self) -> dict[str, Any]:
         """Everything the sparsifier adds to a run; with the model's and optimisers' state it resumes exactly."""
+        self._check_live()  # squashed, the masks are gone: a state taken now would describe a model no longer there
         return {
             "format": STATE_FORMAT,
             "names": [t.name for t in self.targets],
@@ -875,6 +882,9 @@ class Hyperflux:
             raise ValueError(
                 f"unknown Hyperflux state format {state.get('format')!r}; expected {STATE_FORMAT}"
             )
+        missing = sorted(STATE_KEYS - set(state))
+        if missing:
+            raise ValueError(f"the Hyperflux state lacks {', '.join(missing)}: not a Hyperflux.state_dict()")
         names = [t.name for t in self.targets]
         if list(state["names"]) != names:
             raise ValueError(
@@ -885,6 +895,19 @@ class Hyperflux:
                 raise ValueError(
                     f"the state has {key}={state[key]!r}, this sparsifier {getattr(self, key)!r}"
                 )
+        for key in ("snapshot", "flux_sum"):
+            for target, gate, saved in zip(self.targets, self.gates, state[key], strict=True):
+                if tuple(saved.shape) != tuple(gate.logits.shape):
+                    raise ValueError(
+                        f"the state's {key} for {target.name} has shape {tuple(saved.shape)}, the tensor "
+                        f"{tuple(gate.logits.shape)}"
+                    )
+        regrowing = self.exact_target and int(state["period"]) >= self.pruning_epochs
+        if regrowing and float(state["scheduler"]["delta"]) != self.regrowth_delta:
+            raise ValueError(
+                f"the state's regrowth runs at delta {state['scheduler']['delta']}, this sparsifier's at "
+                f"{self.regrowth_delta}"
+            )
         self.scheduler.load_state_dict(state["scheduler"])
         self.period = int(state["period"])
         # this run's overrides hold; only a floor's release of the pressure (a saved 0) is the run's own state
