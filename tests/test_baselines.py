@@ -384,8 +384,14 @@ def test_erk_counts_sum_exactly_and_cap_small_layers_at_dense():
 def test_method_key_resolves_against_exact_target():
     assert load_recipe(SMOKE)["method"] == "hyperflux"
     assert load_recipe(SMOKE, ["hyperflux.exact_target=false"])["method"] == "hyperflux-paper"
-    with pytest.raises(RecipeError, match="method hyperflux-paper means exact_target false"):
-        load_recipe(SMOKE, ["method=hyperflux-paper"])
+    # a method set on the command line decides over the file's exact_target; set both, they must agree
+    paper = load_recipe(SMOKE, ["method=hyperflux-paper"])
+    assert paper["method"] == "hyperflux-paper" and paper["hyperflux"]["exact_target"] is False
+    with pytest.raises(
+        RecipeError,
+        match=r"method hyperflux-paper means exact_target false.*--set hyperflux\.exact_target=false",
+    ):
+        load_recipe(SMOKE, ["method=hyperflux-paper", "hyperflux.exact_target=true"])
     with pytest.raises(RecipeError, match="'method': expected one of"):
         load_recipe(SMOKE, ["method=obd"])
     with pytest.raises(RecipeError, match=r"'baseline\.prune_epoch': 40 is past the budget of 30 epochs"):

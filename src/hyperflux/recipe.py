@@ -372,7 +372,8 @@ def _resolve_method(recipe: dict[str, Any], exact_given: bool) -> None:
         if exact_given and hf["exact_target"] != exact:
             raise RecipeError(
                 f"recipe key 'hyperflux.exact_target': method {method} means exact_target "
-                f"{str(exact).lower()}; leave it out"
+                f"{str(exact).lower()}; leave it out of the recipe or set it to match "
+                f"(--set hyperflux.exact_target={str(exact).lower()})"
             )
         hf["exact_target"] = exact
         return
@@ -470,6 +471,9 @@ def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str
                 raise RecipeError(f"recipe key '{'.'.join(parts[: depth + 1])}': is not a section")
             node = child
         node[parts[-1]] = value
+    keys = {assignment.partition("=")[0] for assignment in assignments}
+    if "method" in keys and "hyperflux.exact_target" not in keys and isinstance(raw.get("hyperflux"), dict):
+        raw["hyperflux"].pop("exact_target", None)  # the method set here decides it, not the file's value
     return raw
 
 
