@@ -88,6 +88,18 @@ def test_eval_reads_checkpoint_folder_and_safetensors_alike(smoke_run, capsys):
         assert expected in out and sparsity in out, (target, out)
 
 
+def test_commands_on_an_unfinished_run_say_which_epoch_they_read(smoke_run, tmp_path, capsys):
+    assert main(["eval", str(smoke_run), "--device", "cpu"]) == 0
+    assert "stopped at" not in capsys.readouterr().err  # a finished run: nothing to say
+    part = tmp_path / "part"
+    assert main(["prune", SMOKE, *SHORT, "--out", str(part), "--quiet", "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    for command in (["eval", str(part)], ["summary", str(part)], ["export", str(part), "--format", "sparse"]):
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert f"hyperflux {command[0]}: note: {part} stopped at epoch 2 of 5" in err, (command, err)
+
+
 def test_summary_prints_the_per_layer_table_and_macs(smoke_run, capsys):
     for target in (smoke_run, smoke_run / "model.safetensors"):
         assert main(["summary", str(target)]) == 0

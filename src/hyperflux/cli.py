@@ -278,9 +278,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hyperflux.training import evaluate, evaluation_split, load_data, load_run
+    from hyperflux.training import evaluate, evaluation_split, load_data
 
-    run = load_run(args.checkpoint, args.recipe, device=args.device)
+    run = _load_run(args, device=args.device)
     bundle, split = run.bundle, evaluation_split(run.recipe)
     if args.test_split and split != "test":
         # the run was judged on a holdout: its data as it trained on them, the test split served
@@ -296,9 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from hyperflux.training import load_run
-
-    run = load_run(args.checkpoint, args.recipe)
+    run = _load_run(args)
     print(run.table())
     print()
     print(run.macs().table())
@@ -326,11 +324,25 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _squashed_run(args: argparse.Namespace) -> tuple[Any, Path]:
-    """The run's model with its masks baked in, and the folder its outputs go to by default."""
+def _load_run(args: argparse.Namespace, device: str = "cpu") -> Any:
+    """`load_run` of the command's checkpoint, saying on stderr when its run has not finished: eval, export,
+    bench and summary then describe the model of that epoch, not the pruned one."""
     from hyperflux.training import load_run
 
-    run = load_run(args.checkpoint, args.recipe)
+    run = load_run(args.checkpoint, args.recipe, device=device)
+    if run.stopped_at is not None:
+        epoch, epochs = run.stopped_at
+        print(
+            f"hyperflux {args.command}: note: {args.checkpoint} stopped at epoch {epoch} of {epochs}; this is "
+            "its model at that epoch (continue the run with --resume)",
+            file=sys.stderr,
+        )
+    return run
+
+
+def _squashed_run(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The run's model with its masks baked in, and the folder its outputs go to by default."""
+    run = _load_run(args)
     if run.hf is not None:
         run.hf.squash()
     run.model.eval()

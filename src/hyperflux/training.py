@@ -391,13 +391,8 @@ class Trainer:
         # what masks the model, whichever method: masks, counts, stats and the squashed model
         self.pruner: Hyperflux | Baseline | None = self.hf if self.hf is not None else self.baseline
         self._build_optimizers()
-        hf_spec, dense_spec = recipe["hyperflux"], recipe["dense"]
-        self.own_dense_schedule = dense and dense_spec["epochs"] is not None
-        self.epochs = (
-            dense_spec["epochs"]
-            if self.own_dense_schedule
-            else hf_spec["pruning_epochs"] + hf_spec["regrowth_epochs"]
-        )
+        self.own_dense_schedule = dense and recipe["dense"]["epochs"] is not None
+        self.epochs = epoch_budget(recipe, dense)
 
         self.epoch = 0
         self.elapsed = 0.0
@@ -879,6 +874,7 @@ class LoadedRun:
     hf: Hyperflux | None
     bundle: data.DataBundle
     device: torch.device
+    stopped_at: tuple[int, int] | None = None  # (epoch, epochs) of a checkpoint whose run has not finished
 
     def counts(self) -> tuple[int, int]:
         """(kept, total) over the masked tensors: open gates, or non-zero weights of a plain model."""
@@ -909,6 +905,13 @@ class LoadedRun:
         kept, total = self.counts()
         rows.append(("total", "", f"{kept:,}", f"{total:,}", f"{100 * kept / total:.2f}%"))
         return text_table(("layer", "shape", "kept", "total", "density"), rows, left=2)
+
+
+def epoch_budget(recipe: dict[str, Any], dense: bool) -> int:
+    """The epochs a run trains for: a dense run's own `dense.epochs`, else pruning + regrowth."""
+    if dense and recipe["dense"]["epochs"] is not None:
+        return recipe["dense"]["epochs"]
+    return recipe["hyperflux"]["pruning_epochs"] + recipe["hyperflux"]["regrowth_epochs"]
 
 
 def load_run(path: str | Path, recipe_path: str | Path | None = None, device: str = "cpu") -> LoadedRun:
@@ -946,4 +949,6 @@ def load_run(path: str | Path, recipe_path: str | Path | None = None, device: st
     model.load_state_dict(state["model"])
     if hf is not None:
         hf.load_state_dict(state["hyperflux"])
-    return LoadedRun(recipe, model, hf, bundle, target)
+    epochs = epoch_budget(recipe, dense=state["kind"] == "train")
+    stopped = (int(state["epoch"]), epochs) if int(state["epoch"]) < epochs else None
+    return LoadedRun(recipe, model, hf, bundle, target, stopped)
