@@ -172,6 +172,15 @@ def test_cli_export_sparse_writes_a_file_load_sparse_reads(digits_run, capsys):
     assert all(torch.equal(loaded[k], v) for k, v in dense.items())
 
 
+def test_cli_export_makes_a_missing_folder_and_refuses_a_folder_as_the_file(digits_run, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "m.safetensors"
+    assert main(["export", str(digits_run), "--format", "sparse", "--out", str(out)]) == 0
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    assert main(["export", str(digits_run), "--format", "sparse", "--out", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} is a folder; give the file to write" in err and "Traceback" not in err
+
+
 def test_cli_bench_prints_one_table(digits_run, capsys):
     assert main(["bench", str(digits_run), "--batch", "32", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out

@@ -359,9 +359,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hyperflux.export import file_sizes, save_sparse
     from hyperflux.runfiles import ONNX_MODEL, SPARSE_MODEL
 
+    if args.out is not None and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the file to write")
     run, folder = _squashed_run(args)
+    out = Path(args.out) if args.out else folder / (SPARSE_MODEL if args.format == "sparse" else ONNX_MODEL)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.format == "sparse":
-        out = Path(args.out) if args.out else folder / SPARSE_MODEL
         save_sparse(run.model, out)
         dense, _ = file_sizes(run.model)
         size = out.stat().st_size
@@ -370,7 +373,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     from hyperflux.onnx_export import export_onnx
 
-    out = Path(args.out) if args.out else folder / ONNX_MODEL
     error = export_onnx(run.model, _test_images(run, 8), out)
     check = (
         "onnxruntime not installed, not checked" if error is None else f"onnxruntime max |diff| {error:.2g}"
@@ -422,6 +424,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     macs = count_macs(run.model, images[:1])  # the arithmetic a sparse kernel could save, at most
     rows.append(("MACs per sample", f"{macs.dense:,}", f"{macs.sparse:,}", f"{macs.reduction:.1f}x"))
     print(text_table(("", "dense", "sparse", "ratio"), rows))
+    print(
+        "latency and throughput ratios: the median of dense / sparse over alternating rounds, which a burst of "
+        "load elsewhere moves less than the quotient of the two medians shown"
+    )
     print(f"threads {torch.get_num_threads()}; sparse kernels: {kernels.describe()}; layers:")
     for choice in plan:
         shape = "x".join(map(str, choice.shape))

@@ -927,6 +927,8 @@ def load_run(path: str | Path, recipe_path: str | Path | None = None, device: st
         raise RunError(f"{path}: no such file")
     target = resolve_device(device, what="device")
     if path.suffix == ".safetensors":
+        if recipe_path and not Path(recipe_path).exists():
+            raise RunError(f"{recipe_path}: no such recipe file")
         recipe_file = Path(recipe_path) if recipe_path else path.parent / RECIPE
         if not recipe_file.exists():
             raise RunError(f"{path}: a model file needs its recipe; pass --recipe (no {recipe_file})")
