@@ -218,7 +218,7 @@ def test_path_mistakes_are_one_line_errors(tmp_path, smoke_run, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(["prune", SMOKE, *SHORT, "--out", str(afile), "--quiet"]) == 2
-    one_line_error(capsys)
+    assert f"{afile} is a file, not a run folder" in one_line_error(capsys)
     assert main(["export", str(smoke_run), "--format", "sparse", "--out", str(tmp_path)]) == 2  # a folder
     one_line_error(capsys)
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind

@@ -95,6 +95,8 @@ class RunFolder:
     def check(self, *, resume: bool, overwrite: bool) -> None:
         """Refuse to mix a new run into an old one by accident; writes nothing (`start` does, once the run's
         recipe has built)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} is a file, not a run folder; give --out a folder")
         if resume:
             if not self.has_checkpoint():
                 raise RunError(
