@@ -88,6 +88,13 @@ def test_eval_reads_checkpoint_folder_and_safetensors_alike(smoke_run, capsys):
         assert expected in out and sparsity in out, (target, out)
 
 
+def test_a_method_set_on_the_command_line_gets_its_own_default_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", SMOKE, *SHORT, "--set", "method=random", "--quiet", "--no-report"]) == 0
+    assert (tmp_path / "runs" / "smoke-digits-random" / "summary.json").is_file()
+    assert not (tmp_path / "runs" / "smoke-digits").exists()
+
+
 def test_a_missing_recipe_file_is_named_as_missing(smoke_run, tmp_path, capsys):
     missing = tmp_path / "nothere.yaml"
     assert main(["eval", str(smoke_run / "model.safetensors"), "--recipe", str(missing)]) != 0

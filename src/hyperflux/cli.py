@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser(
         "prune", help="prune a model as a recipe says", description="Prune a model as a recipe says."
     )
-    _recipe_arguments(prune, "runs/<recipe name>")
+    _recipe_arguments(prune, "runs/<recipe name>, or runs/<recipe name>-<method> with --set method=...")
     prune.add_argument("--no-report", action="store_true", help="skip the report at the end")
     prune.set_defaults(func=cmd_prune, dense=False)
 
@@ -244,7 +244,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from hyperflux.training import run_recipe
 
     recipe = load_recipe(args.recipe, args.assignments)
-    out = Path(args.out) if args.out else Path("runs") / (recipe["name"] + ("-dense" if args.dense else ""))
+    # a method chosen with --set gets its own folder, so that comparing methods on one recipe needs no --out
+    chosen = any(assignment.partition("=")[0] == "method" for assignment in args.assignments)
+    suffix = "-dense" if args.dense else f"-{recipe['method']}" if chosen else ""
+    out = Path(args.out) if args.out else Path("runs") / (recipe["name"] + suffix)
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be at least 1, got {args.stop_after}")
     summary = run_recipe(
