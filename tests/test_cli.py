@@ -255,3 +255,23 @@ def test_an_interrupt_says_resume_goes_on_only_from_a_saved_checkpoint(monkeypat
     assert main(["prune", SMOKE]) == cli.EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert "--resume once it has saved a checkpoint" in err and "run the same command again" in err
+
+
+def test_an_interrupted_prune_prints_the_command_that_continues_it(tmp_path, monkeypatch, capsys):
+    from hyperflux import training
+
+    original = training.Trainer._train_epoch
+    epochs = []
+
+    def interrupted_in_the_second_epoch(self, *args, **kwargs):
+        epochs.append(self.epoch)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.Trainer, "_train_epoch", interrupted_in_the_second_epoch)
+    out = tmp_path / "run"
+    assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet"]) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hyperflux prune: interrupted; continue with: hyperflux prune ")
+    assert shlex.split(err.split("continue with: ")[1])[3:] == [*SHORT, "--out", str(out), "--resume"]

@@ -250,23 +250,35 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / (recipe["name"] + suffix)
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be at least 1, got {args.stop_after}")
-    summary = run_recipe(
-        recipe,
-        out,
-        dense=args.dense,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-        stop_after=args.stop_after,
-        after=None if args.no_report else write_report,
-    )
     command = "train" if args.dense else "prune"
+    sets = "".join(f" --set {shlex.quote(assignment)}" for assignment in args.assignments)
+    resume = (
+        f"hyperflux {command} {shlex.quote(str(args.recipe))}{sets} --out {shlex.quote(str(out))} --resume"
+    )
+    try:
+        summary = run_recipe(
+            recipe,
+            out,
+            dense=args.dense,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            stop_after=args.stop_after,
+            after=None if args.no_report else write_report,
+        )
+    except KeyboardInterrupt:
+        if distributed.is_main():
+            saved = (out / "checkpoint.pt").exists()
+            print(
+                f"hyperflux {command}: interrupted; "
+                + (f"continue with: {resume}" if saved else "no checkpoint yet: run the same command again"),
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
     if not distributed.is_main():
         return 0
     if summary is None:
-        sets = "".join(f" --set {shlex.quote(assignment)}" for assignment in args.assignments)
-        recipe, folder = shlex.quote(str(args.recipe)), shlex.quote(str(out))
-        print(f"stopped; continue with: hyperflux {command} {recipe}{sets} --out {folder} --resume")
+        print(f"stopped; continue with: {resume}")
         return 0
     print(
         f"final {summary['evaluated_on']} accuracy {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%  "
