@@ -95,6 +95,17 @@ def test_a_method_set_on_the_command_line_gets_its_own_default_folder(tmp_path, 
     assert not (tmp_path / "runs" / "smoke-digits").exists()
 
 
+def test_warnings_read_as_one_cli_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(["prune", SMOKE, *SHORT, "--set", "amp=bf16", "--out", str(out), "--quiet", "--stop-after", "1"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "hyperflux prune: warning: amp: bf16 runs on CUDA only" in err
+    assert "UserWarning" not in err and ".py:" not in err
+
+
 def test_a_missing_recipe_file_is_named_as_missing(smoke_run, tmp_path, capsys):
     missing = tmp_path / "nothere.yaml"
     assert main(["eval", str(smoke_run / "model.safetensors"), "--recipe", str(missing)]) != 0

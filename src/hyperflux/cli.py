@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -562,6 +564,16 @@ def _exit_status(error: BaseException) -> int | None:
     return None
 
 
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """Warnings as the CLI's other messages read (`hyperflux prune: warning: ...`), not as Python's file, line
+    number and source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"hyperflux {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args: Any = parser.parse_args(argv)
@@ -569,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_INPUT
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores Python's own format for whoever called main()
+            warnings.showwarning = _one_line_warning(args.command)
+            return args.func(args)
     except KeyboardInterrupt:
         print(
             "hyperflux: interrupted (a run continues with --resume once it has saved a checkpoint; before "
