@@ -106,6 +106,13 @@ def test_warnings_read_as_one_cli_line(tmp_path, capsys):
     assert "UserWarning" not in err and ".py:" not in err
 
 
+def test_resume_and_overwrite_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", SMOKE, "--resume", "--overwrite"])
+    assert exit_.value.code == 2
+    assert "not allowed with argument --resume" in capsys.readouterr().err
+
+
 def test_a_missing_recipe_file_is_named_as_missing(smoke_run, tmp_path, capsys):
     missing = tmp_path / "nothere.yaml"
     assert main(["eval", str(smoke_run / "model.safetensors"), "--recipe", str(missing)]) != 0

@@ -42,10 +42,11 @@ def _recipe_arguments(parser: argparse.ArgumentParser, default_out: str) -> None
         parser, "override a recipe key, e.g. --set optimizer.lr=0.01 (repeatable; value parsed as YAML)"
     )
     parser.add_argument("--out", metavar="DIR", help=f"run folder (default: {default_out})")
-    parser.add_argument(
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume", action="store_true", help="continue the run in the folder from its checkpoint"
     )
-    parser.add_argument(
+    start.add_argument(
         "--overwrite", action="store_true", help="replace a finished or stopped run in the folder"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch, for logs")
