@@ -275,6 +275,19 @@ def test_an_interrupt_says_resume_goes_on_only_from_a_saved_checkpoint(monkeypat
     assert "--resume once it has saved a checkpoint" in err and "run the same command again" in err
 
 
+def test_a_closed_output_pipe_ends_quietly(monkeypatch, capsys):
+    """`hyperflux bench ... | head`: the reader closing the pipe is no error."""
+
+    def piped(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_kernels", piped)
+    dropped = []
+    monkeypatch.setattr(cli, "_drop_stdout", lambda: dropped.append(True))  # pytest's captured stdout stays
+    assert main(["kernels"]) == 0
+    assert capsys.readouterr().err == "" and dropped == [True]
+
+
 def test_an_interrupted_prune_prints_the_command_that_continues_it(tmp_path, monkeypatch, capsys):
     from hyperflux import training
 

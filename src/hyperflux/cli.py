@@ -8,6 +8,7 @@ and exit status 2 (bad input) or 1 (the run could not go on); never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import warnings
@@ -565,6 +566,11 @@ def _exit_status(error: BaseException) -> int | None:
     return None
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: Python would report the closed pipe again when it flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _one_line_warning(command: str) -> Callable[..., None]:
     """Warnings as the CLI's other messages read (`hyperflux prune: warning: ...`), not as Python's file, line
     number and source line."""
@@ -592,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into `head` that has read enough: not an error of the user's
+        _drop_stdout()
+        return 0
     except Exception as error:
         status = _exit_status(error)
         if status is None:
