@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     law = commands.add_parser(
         "law",
         help="fit the pressure scaling law or the Neural Pruning Law on runs",
-        description="Fit the laws of method.md section 5 on finished runs.",
+        description="Fit the laws of docs/method.md section 5 on finished runs.",
     )
     law_commands = law.add_subparsers(dest="law_command", metavar="LAW", parser_class=Parser, required=True)
     pressure = law_commands.add_parser(
