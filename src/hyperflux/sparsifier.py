@@ -248,7 +248,7 @@ class Hyperflux:
 
     `exact_target=True` (default) keeps the controller on at a lower gain during regrowth and, when the masks
     freeze, trims (or refills) by mask logit to exactly the requested count. `exact_target=False` is the
-    paper's form: pressure released at regrowth, the final density ends a little above the target.
+    paper's form: pressure released at regrowth, the final density ends near the target, not on it.
     """
 
     def __init__(
@@ -538,6 +538,7 @@ class Hyperflux:
 
     # ----------------------------------------------------------------- measurement
     def kept(self) -> int:
+        """How many selected weights have their gate open."""
         return int(sum(int(g.mask().sum()) for g in self.gates))
 
     def density(self) -> float:
