@@ -210,6 +210,17 @@ def test_rigl_keeps_the_mask_of_a_layer_no_batch_reached():
     assert not torch.equal(pruner.masks()["0.weight"], before["0.weight"])  # the layers that ran moved
 
 
+def test_a_state_of_another_model_is_refused_by_name():
+    state = baselines.build("gmp", tiny(), TARGET, EPOCHS - 1, 1, BATCHES, seed=0).state_dict()
+    wider = nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 4))
+    other = baselines.build("gmp", wider, TARGET, EPOCHS - 1, 1, BATCHES, seed=0)
+    with pytest.raises(ValueError, match=r"mask for 0\.weight has shape \(24, 12\), the weight \(48, 12\)"):
+        other.load_state_dict(state)
+    deeper = nn.Sequential(*tiny(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="holds 3 masks, this model 4"):
+        baselines.build("gmp", deeper, TARGET, EPOCHS - 1, 1, BATCHES, seed=0).load_state_dict(state)
+
+
 def test_imp_rewinds_batchnorm_statistics_with_the_weights():
     """As the reference implementation restores the whole state: running means and variances too."""
     torch.manual_seed(0)

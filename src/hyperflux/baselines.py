@@ -275,9 +275,18 @@ class Baseline:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT or state.get("method") != self.name:
             raise ValueError(f"the state is not a {self.name} state")
+        masks = list(state["masks"])
+        if len(masks) != len(self.mask):
+            raise ValueError(f"the {self.name} state holds {len(masks)} masks, this model {len(self.mask)}")
+        for (name, own), mask in zip(self.mask.items(), masks, strict=True):
+            if tuple(mask.shape) != tuple(own.shape):
+                raise ValueError(
+                    f"the {self.name} state's mask for {name} has shape {tuple(mask.shape)}, the weight "
+                    f"{tuple(own.shape)}"
+                )
         self.steps = int(state["steps"])
         self._reset_counts()  # a checkpoint is taken right after `stats()` reset them
-        for name, mask in zip(self.mask, state["masks"], strict=True):
+        for name, mask in zip(self.mask, masks, strict=True):
             self.mask[name] = mask.to(self.mask[name].device).bool().clone()
         self.load_extra_state(state)
 
