@@ -106,6 +106,26 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_not_loaded(tmp_path):
         Trainer(recipe(), tmp_path, resume=True, quiet=True)
 
 
+def test_a_checkpoint_that_reads_but_does_not_fit_is_a_run_error(tmp_path):
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    path = tmp_path / "checkpoint.pt"
+    good = torch.load(path, weights_only=True)
+    fc1 = next(key for key in good["model"] if key.endswith("original"))
+    for broken, message in (
+        ({k: v for k, v in good.items() if k != "rng"}, "missing 'rng'"),
+        ({**good, "hyperflux": None}, "cannot resume from its files"),
+        ({**good, "model": {**good["model"], fc1: torch.zeros(3, 3)}}, "size mismatch"),
+        ({**good, "epoch": 99}, "the checkpoint is at epoch 99 of 5"),
+    ):
+        torch.save(broken, path)
+        with pytest.raises(RunError, match=message):
+            Trainer(recipe(), tmp_path, resume=True, quiet=True)
+    torch.save(good, path)
+    (tmp_path / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+    with pytest.raises(RunError, match="cannot resume from its files \\(missing 'epoch'\\)"):
+        Trainer(recipe(), tmp_path, resume=True, quiet=True)
+
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_without_resume(tmp_path):
     """Killed after its first metrics row but before the checkpoint: nothing to resume, so the same command
     runs again (the interrupt message says so) instead of each error pointing at the other."""

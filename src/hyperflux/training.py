@@ -8,13 +8,14 @@ and the checkpoint holds every other source of state, RNGs included.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -348,7 +349,8 @@ class Trainer:
         self.files = RunFolder(out, writer=self.main)
         self.checkpoint = self.files.load_checkpoint() if resume and self.files.has_checkpoint() else None
         if self.checkpoint is not None:
-            self._check_resumable(self.checkpoint)
+            with self._unusable_checkpoint():
+                self._check_resumable(self.checkpoint)
         self.files.check(resume=resume, overwrite=overwrite)
 
         amp = recipe["amp"] if self.device.type == "cuda" else "off"
@@ -398,8 +400,9 @@ class Trainer:
         self.elapsed = 0.0
         self.last_eval: tuple[float, float] | None = None
         if self.checkpoint is not None:
-            self._restore(self.checkpoint)
-            self.files.truncate_metrics(self.epoch)
+            with self._unusable_checkpoint():
+                self._restore(self.checkpoint)
+                self.files.truncate_metrics(self.epoch)
         self.net = self._wrap()
         # only now, the recipe having built: a recipe that fails leaves an old run untouched; a finished run
         # resumed retrains nothing, so what was made from it holds
@@ -409,6 +412,18 @@ class Trainer:
             self.files.clear_derived()
 
     # ------------------------------------------------------------- setup
+    @contextlib.contextmanager
+    def _unusable_checkpoint(self) -> Iterator[None]:
+        """A checkpoint or metrics file that reads but does not fit this run (keys missing, tensors of other
+        shapes, rows that are not rows) is a `RunError` naming the folder, not a traceback from deep inside."""
+        try:
+            yield
+        except RunError:
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as error:
+            detail = f"missing {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
+            raise RunError(f"{self.files.path}: cannot resume from its files ({detail})") from None
+
     def _check_resumable(self, checkpoint: dict[str, Any]) -> None:
         kind = "train" if self.dense else "prune"
         if checkpoint["kind"] != kind:
@@ -498,6 +513,8 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        if not 0 <= int(state["epoch"]) <= self.epochs:
+            raise RunError(f"{self.files.path}: the checkpoint is at epoch {state['epoch']} of {self.epochs}")
         self.epoch = int(state["epoch"])
         self.elapsed = float(state["elapsed_s"])
         self.last_eval = tuple(state["last_eval"]) if state["last_eval"] is not None else None
