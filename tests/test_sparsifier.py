@@ -101,6 +101,10 @@ def test_stats_count_pruned_and_regrown_on_a_scripted_mask_sequence():
     s = hf.step()
     assert (s["pruned"], s["regrown"], s["kept"]) == (10, 0, hf.total - 10)
     assert s["layers"][0]["pruned"] == 10 and s["layers"][1]["pruned"] == 0
+    closed, now = hf.summary(s).splitlines(), hf.summary().splitlines()
+    assert closed[-1].strip() == "pruned, regrown and flux: in the period this record's step() closed"
+    assert now[-1].strip() == "pruned, regrown and flux: since the last step()"
+    assert closed[2].split()[5] == "10" and now[2].split()[5] == "0"  # the first layer's pruned column
     first.view(-1)[:4] = 1.0  # regrow 4
     second.view(-1)[:7] = -1.0  # prune 7
     set_logits(hf, [first, second])

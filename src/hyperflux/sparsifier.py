@@ -657,9 +657,11 @@ class Hyperflux:
             "layers": layers,
         }
 
-    def summary(self) -> str:
-        """A readable per-layer table of `stats()`."""
-        s = self.stats()
+    def summary(self, stats: Mapping[str, Any] | None = None) -> str:
+        """A readable per-layer table of `stats()`, or of a record `step()` returned (`hf.summary(hf.step())`):
+        flips and flux are counted since the last `step()`, so right after one they are those of the period
+        it closed only in its record."""
+        s = self.stats() if stats is None else stats
 
         def num(value: float | None) -> str:
             return "-" if value is None else f"{value:.3g}"
@@ -688,6 +690,8 @@ class Hyperflux:
         rows = [cells(row["name"], "x".join(map(str, row["shape"])), row) for row in s["layers"]]
         rows.append(cells("total", "", s))
         lines.append(text_table(header, rows, left=2))
+        since = "since the last step()" if stats is None else "in the period this record's step() closed"
+        lines.append(f"  pruned, regrown and flux: {since}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
