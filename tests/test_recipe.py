@@ -83,6 +83,7 @@ def test_numbers_written_without_a_dot_are_numbers():
         ("optimizer.name=lion", "recipe key 'optimizer.name': expected one of sgd, adam, adamw, got 'lion'"),
         ("data.name=imagenet2", "recipe key 'data.name': expected one of"),
         ("model.hiden=[8,8]", "recipe key 'model.hiden': unknown key (did you mean 'hidden'?)"),
+        ("model.name=lenet5", "recipe key 'model.hidden': lenet5 takes no hidden (its keys: name,"),
         ("model.num_classes=3", "recipe key 'model.num_classes': set by the data set"),
         (
             "hyperflux.modules=[Linear,Dense]",

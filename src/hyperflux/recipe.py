@@ -356,7 +356,13 @@ def _check_model_args(model: dict[str, Any]) -> None:
         if key in DATA_DERIVED_ARGS:
             raise RecipeError(f"recipe key 'model.{key}': set by the data set, not the recipe")
         if key not in accepted and not open_ended:  # open-ended builders are checked when they build
-            raise _unknown(f"model.{key}", key, ["name", "init_checkpoint", *accepted])
+            if difflib.get_close_matches(key, accepted, n=1):  # a typo
+                raise _unknown(f"model.{key}", key, ["name", "init_checkpoint", *accepted])
+            raise RecipeError(
+                f"recipe key 'model.{key}': {model['name']} takes no {key} (its keys: "
+                f"{', '.join(['name', 'init_checkpoint', *accepted])}); remove it, for instance when the "
+                "recipe was written for another model"
+            )
 
 
 def _resolve_method(recipe: dict[str, Any], exact_given: bool) -> None:
