@@ -219,6 +219,10 @@ def test_law_nplh_prints_exponents_and_writes_the_plot(tmp_path, capsys):
     assert "pressure: k 0.5000  R^2 1.0000" in printed and "flux_min: k 0.5000" in printed
     assert "flux_p01: not fitted" in printed and "12 non-positive left out" in printed
     assert (tmp_path / "nplh.png").read_bytes().startswith(PNG_MAGIC)
+    # a folder that is no run fails before anything is printed: the error is the one line
+    assert main(["law", "nplh", str(run), str(tmp_path / "nowhere"), "--out", str(tmp_path)]) != 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "not a run folder" in captured.err
 
 
 @pytest.mark.parametrize(

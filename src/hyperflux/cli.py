@@ -526,9 +526,9 @@ def cmd_law_nplh(args: argparse.Namespace) -> int:
     if not 0 <= args.lo < args.hi <= 1:
         raise ValueError(f"need 0 <= --lo < --hi <= 1, got {args.lo:g} and {args.hi:g}")
     fitted = []
+    runs = [(run_dir, laws.read_run(run_dir)[1]) for run_dir in args.run_dirs]  # a bad folder fails first
     print(f"ln S = ln c - k ln I on {args.lo:g} < S <= {args.hi:g}:")
-    for run_dir in args.run_dirs:
-        _, rows = laws.read_run(run_dir)
+    for run_dir, rows in runs:
         for name, series in laws.nplh_series(rows).items():
             label = f"{run_dir} {name}"
             left_out = f", {series.left_out} non-positive left out" if series.left_out else ""
