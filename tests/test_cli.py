@@ -113,6 +113,14 @@ def test_resume_and_overwrite_exclude_each_other(capsys):
     assert "not allowed with argument --resume" in capsys.readouterr().err
 
 
+def test_resuming_a_finished_run_says_it_had_finished(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert "had finished already" not in capsys.readouterr().out
+    assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet", "--no-report", "--resume"]) == 0
+    assert f"{out} had finished already: nothing was trained" in capsys.readouterr().out
+
+
 def test_a_missing_recipe_file_is_named_as_missing(smoke_run, tmp_path, capsys):
     missing = tmp_path / "nothere.yaml"
     assert main(["eval", str(smoke_run / "model.safetensors"), "--recipe", str(missing)]) != 0

@@ -259,6 +259,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     resume = (
         f"hyperflux {command} {shlex.quote(str(args.recipe))}{sets} --out {shlex.quote(str(out))} --resume"
     )
+    finished = args.resume and (out / "summary.json").is_file()
     try:
         summary = run_recipe(
             recipe,
@@ -284,6 +285,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if summary is None:
         print(f"stopped; continue with: {resume}")
         return 0
+    if finished:
+        print(f"{out} had finished already: nothing was trained")
     print(
         f"final {summary['evaluated_on']} accuracy {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%  "
         f"({summary['kept']:,} of {summary['total']:,} weights kept)  {summary['wall_time_s']:.1f}s  -> {out}"
