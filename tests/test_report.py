@@ -67,6 +67,26 @@ def test_report_of_a_finished_run(tmp_path):
         assert layer["name"] in page
 
 
+def test_a_holdout_run_is_captioned_and_plotted_as_holdout(tmp_path, monkeypatch):
+    from hyperflux import report
+
+    labels = []
+    original = report.plot_accuracy
+    monkeypatch.setattr(
+        report,
+        "plot_accuracy",
+        lambda rows, path, split="test": labels.append(split) or original(rows, path, split),
+    )
+    holdout = load_recipe(
+        SMOKE, ["hyperflux.pruning_epochs=3", "hyperflux.regrowth_epochs=1", "data.holdout=300"]
+    )
+    run_recipe(holdout, tmp_path, quiet=True, stop_after=2)  # still going: the recipe says
+    assert "holdout accuracy and the running train accuracy" in write_report(tmp_path).read_text()
+    run_recipe(holdout, tmp_path, quiet=True, resume=True)  # finished: the summary says
+    assert "holdout accuracy and the running train accuracy" in write_report(tmp_path).read_text()
+    assert labels == ["holdout", "holdout"]
+
+
 def test_report_of_a_run_still_going(tmp_path):
     run_recipe(short_recipe(), tmp_path, quiet=True, stop_after=2)
     flux_plot = ("flux_vs_pressure",) if positive_flux_and_pressure(read_rows(tmp_path)) else ()

@@ -300,7 +300,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hyperflux.training import evaluate, evaluation_split, load_data
+    from hyperflux.recipe import evaluation_split
+    from hyperflux.training import evaluate, load_data
 
     run = _load_run(args, device=args.device)
     bundle, split = run.bundle, evaluation_split(run.recipe)

@@ -341,6 +341,11 @@ def _validate(raw: Mapping[str, Any], schema: Mapping[str, Any], prefix: str, op
     return out
 
 
+def evaluation_split(recipe: Mapping[str, Any]) -> str:
+    """What a run's accuracy is measured on: "holdout" (training samples set aside) or "test"."""
+    return "holdout" if recipe["data"]["holdout"] else "test"
+
+
 def _check_model_args(model: dict[str, Any]) -> None:
     """The model section's extra keys must be arguments of the model's constructor."""
     parameters = inspect.signature(models.REGISTRY[model["name"]]).parameters

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from hyperflux.runfiles import REPORT, RunError, RunFolder, atomic_write
+from hyperflux.runfiles import RECIPE, REPORT, RunError, RunFolder, atomic_write
 
 PLOTS = {
     "density": "density.png",
@@ -96,9 +96,11 @@ def plot_pressure(rows: list[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_accuracy(rows: list[dict[str, Any]], path: Path, split: str = "test") -> None:
+    """The evaluated accuracy (`split`: "test", or "holdout" for a run that set training samples aside; the
+    metrics call it test_accuracy either way) and the running train accuracy, per epoch."""
     fig, ax = _figure("Accuracy", "epoch", "accuracy (%)")
-    for key, label in (("test_accuracy", "test"), ("train_accuracy", "train (running, masked)")):
+    for key, label in (("test_accuracy", split), ("train_accuracy", "train (running, masked)")):
         epochs, values = _series(rows, key)
         if values:
             ax.plot(epochs, values, marker=".", label=label)
@@ -300,6 +302,17 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...] | None = None) -
     return f"<table>{head}{body}</table>"
 
 
+def _evaluated_on(folder: RunFolder, summary: dict[str, Any] | None) -> str:
+    """The split the run's accuracy was measured on: the summary says; a run still going has its recipe."""
+    if summary is not None and "evaluated_on" in summary:
+        return summary["evaluated_on"]
+    if folder.file(RECIPE).is_file():
+        from hyperflux.recipe import evaluation_split, load_recipe
+
+        return evaluation_split(load_recipe(folder.file(RECIPE)))
+    return "test"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Draw the plots and `report.html` into `run_dir`; returns the HTML's path."""
     folder = RunFolder(run_dir)
@@ -307,9 +320,10 @@ def write_report(run_dir: str | Path) -> Path:
     if not rows:
         raise RunError(f"{folder.path}: no metrics.jsonl with any epoch; is this a run folder?")
     summary = folder.read_summary()
+    split = _evaluated_on(folder, summary)
     plot_density(rows, folder.file(PLOTS["density"]))
     plot_pressure(rows, folder.file(PLOTS["pressure"]))
-    plot_accuracy(rows, folder.file(PLOTS["accuracy"]))
+    plot_accuracy(rows, folder.file(PLOTS["accuracy"]), split)
     layers = _final_layers(folder, rows)
     plot_layers(layers, folder.file(PLOTS["layers"]))
     drawn = PLOTS | draw_telemetry(rows, folder)
@@ -324,8 +338,9 @@ def write_report(run_dir: str | Path) -> Path:
         for layer in layers
     ]
     title = f"hyperflux run: {folder.path.resolve().name}"
+    captions = CAPTIONS | {"accuracy": CAPTIONS["accuracy"].replace("test", split, 1)}
     images = "".join(
-        f'<figure><img src="{name}" alt="{key}"><figcaption>{html.escape(CAPTIONS[key])}</figcaption></figure>'
+        f'<figure><img src="{name}" alt="{key}"><figcaption>{html.escape(captions[key])}</figcaption></figure>'
         for key, name in drawn.items()
     )
     page = f"""<!doctype html>

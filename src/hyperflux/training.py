@@ -33,7 +33,15 @@ from hyperflux.baselines import Baseline
 from hyperflux.kernels import flush_denormals
 from hyperflux.macs import MacCount, count_macs
 from hyperflux.modes import eval_mode
-from hyperflux.recipe import BASELINE_METHODS, RecipeError, changes_since, effective, load_recipe, lr_end
+from hyperflux.recipe import (
+    BASELINE_METHODS,
+    RecipeError,
+    changes_since,
+    effective,
+    evaluation_split,
+    load_recipe,
+    lr_end,
+)
 from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
 from hyperflux.selection import select_targets
@@ -250,11 +258,6 @@ def build_baseline(recipe: dict[str, Any], model: nn.Module, batches: int) -> Ba
         **spec,
         **recipe["baseline"],
     )
-
-
-def evaluation_split(recipe: dict[str, Any]) -> str:
-    """What a run's accuracy is measured on: "holdout" (training samples set aside) or "test"."""
-    return "holdout" if recipe["data"]["holdout"] else "test"
 
 
 def use_channels_last(setting: str, model: nn.Module, device: torch.device) -> bool:
