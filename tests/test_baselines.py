@@ -403,6 +403,9 @@ def test_method_key_resolves_against_exact_target():
         match=r"method hyperflux-paper means exact_target false.*--set hyperflux\.exact_target=false",
     ):
         load_recipe(SMOKE, ["method=hyperflux-paper", "hyperflux.exact_target=true"])
+    # no method set (null) leaves the file's exact_target deciding, as before
+    paper_file = load_recipe(SMOKE.parent / "resnet50-cifar10.yaml", ["method=null"])
+    assert paper_file["method"] == "hyperflux-paper" and paper_file["hyperflux"]["exact_target"] is False
     with pytest.raises(RecipeError, match="'method': expected one of"):
         load_recipe(SMOKE, ["method=obd"])
     with pytest.raises(RecipeError, match=r"'baseline\.prune_epoch': 40 is past the budget of 30 epochs"):

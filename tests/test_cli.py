@@ -93,6 +93,11 @@ def test_a_method_set_on_the_command_line_gets_its_own_default_folder(tmp_path, 
     assert main(["prune", SMOKE, *SHORT, "--set", "method=random", "--quiet", "--no-report"]) == 0
     assert (tmp_path / "runs" / "smoke-digits-random" / "summary.json").is_file()
     assert not (tmp_path / "runs" / "smoke-digits").exists()
+    assert (
+        main(["prune", SMOKE, *SHORT, "--set", "method=null", "--quiet", "--no-report", "--stop-after", "1"])
+        == 0
+    )
+    assert (tmp_path / "runs" / "smoke-digits" / "checkpoint.pt").is_file()  # no method chosen: the recipe's
 
 
 def test_warnings_read_as_one_cli_line(tmp_path, capsys):

@@ -243,13 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------- commands
 def cmd_prune(args: argparse.Namespace) -> int:
+    import yaml
+
     from hyperflux.recipe import load_recipe
     from hyperflux.report import write_report
     from hyperflux.training import run_recipe
 
     recipe = load_recipe(args.recipe, args.assignments)
     # a method chosen with --set gets its own folder, so that comparing methods on one recipe needs no --out
-    chosen = any(assignment.partition("=")[0] == "method" for assignment in args.assignments)
+    chosen = any(
+        key == "method" and yaml.safe_load(value or "null") is not None
+        for key, _, value in (assignment.partition("=") for assignment in args.assignments)
+    )
     suffix = "-dense" if args.dense else f"-{recipe['method']}" if chosen else ""
     out = Path(args.out) if args.out else Path("runs") / (recipe["name"] + suffix)
     if args.stop_after is not None and args.stop_after < 1:

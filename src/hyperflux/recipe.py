@@ -483,8 +483,12 @@ def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str
             node = child
         node[parts[-1]] = value
     keys = {assignment.partition("=")[0] for assignment in assignments}
-    if "method" in keys and "hyperflux.exact_target" not in keys and isinstance(raw.get("hyperflux"), dict):
-        raw["hyperflux"].pop("exact_target", None)  # the method set here decides it, not the file's value
+    # a hyperflux method set here decides exact_target over the file's value, unless exact_target (or the
+    # whole section) is set here too, where the two must agree
+    section = raw.get("hyperflux")
+    chosen = raw.get("method") in HYPERFLUX_METHODS and "method" in keys
+    if chosen and isinstance(section, dict) and not keys & {"hyperflux", "hyperflux.exact_target"}:
+        section.pop("exact_target", None)
     return raw
 
 
