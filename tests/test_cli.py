@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shlex
@@ -288,17 +289,23 @@ def test_an_interrupt_says_resume_goes_on_only_from_a_saved_checkpoint(monkeypat
     assert "--resume once it has saved a checkpoint" in err and "run the same command again" in err
 
 
-def test_a_closed_output_pipe_ends_quietly(monkeypatch, capsys):
-    """`hyperflux bench ... | head`: the reader closing the pipe is no error."""
+def test_a_closed_output_pipe_ends_quietly_and_another_broken_pipe_is_an_error(monkeypatch, capsys):
+    """`hyperflux bench ... | head`: the reader closing stdout's pipe is no error; a broken pipe of a worker or
+    socket is one."""
 
     def piped(args):
         raise BrokenPipeError(32, "Broken pipe")
 
+    class ClosedPipe(io.StringIO):
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
     monkeypatch.setattr(cli, "cmd_kernels", piped)
-    dropped = []
-    monkeypatch.setattr(cli, "_drop_stdout", lambda: dropped.append(True))  # pytest's captured stdout stays
+    assert main(["kernels"]) == cli.EXIT_INPUT  # stdout still open: the error is someone else's
+    assert "Broken pipe" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())  # no file descriptor to point at /dev/null either
     assert main(["kernels"]) == 0
-    assert capsys.readouterr().err == "" and dropped == [True]
+    assert capsys.readouterr().err == ""
 
 
 def test_an_interrupted_prune_prints_the_command_that_continues_it(tmp_path, monkeypatch, capsys):

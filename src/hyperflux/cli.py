@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import shlex
 import sys
 import warnings
@@ -575,9 +576,26 @@ def _exit_status(error: BaseException) -> int | None:
     return None
 
 
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null: Python would report the closed pipe again when it flushes stdout at exit."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def _stdout_closed() -> bool:
+    """Whether the pipe stdout writes to has lost its reader; if so, point stdout at /dev/null, or Python would
+    report the closed pipe again when it flushes stdout at exit. A broken pipe elsewhere (a worker, a socket) is
+    an error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file descriptor (a redirected or captured stdout)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return True
+        return False
+    if not hasattr(select, "poll"):  # Windows: cannot tell, so it stays an error
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poll.poll(0)):  # a pipe without reader polls as error
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
 
 
 def _one_line_warning(command: str) -> Callable[..., None]:
@@ -607,10 +625,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # output piped into `head` that has read enough: not an error of the user's
-        _drop_stdout()
-        return 0
     except Exception as error:
+        if isinstance(error, BrokenPipeError) and _stdout_closed():
+            return 0  # output piped into `head` that has read enough: not an error of the user's
         status = _exit_status(error)
         if status is None:
             raise
