@@ -186,7 +186,7 @@ def test_train_and_a_stopped_run(tmp_path, capsys):
             2,
             "recipe key 'optimizer.lr': expected a positive number",
         ),
-        (["prune", SMOKE, "--set", "model.widht=2"], 2, "recipe key 'model.widht': unknown key"),
+        (["prune", SMOKE, "--set", "model.widht=2"], 2, "recipe key 'model.widht': lenet300 takes no widht"),
         (["prune", SMOKE, "--set", "data.name=mnist", "--set", "data.root=/nonexistent"], 1, "/nonexistent"),
         (["prune", SMOKE, "--set", "hyperflux.names=conv.*"], 2, "matches no prunable tensor"),
         (["eval", "/nonexistent/run"], 2, "no such file"),
@@ -326,3 +326,9 @@ def test_an_interrupted_prune_prints_the_command_that_continues_it(tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith("hyperflux prune: interrupted; continue with: hyperflux prune ")
     assert shlex.split(err.split("continue with: ")[1])[3:] == [*SHORT, "--out", str(out), "--resume"]
+    # replacing that run and interrupted in its first epoch: the checkpoint there is the old run's
+    epochs[:] = [0]
+    assert main(["prune", SMOKE, *SHORT, "--out", str(out), "--quiet", "--overwrite"]) == cli.EXIT_INTERRUPTED
+    assert (
+        capsys.readouterr().err.strip().endswith("interrupted; no checkpoint yet: run the same command again")
+    )

@@ -266,6 +266,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"hyperflux {command} {shlex.quote(str(args.recipe))}{sets} --out {shlex.quote(str(out))} --resume"
     )
     finished = args.resume and (out / "summary.json").is_file()
+    checkpoint = out / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None  # an old run's, with --overwrite
     try:
         summary = run_recipe(
             recipe,
@@ -279,7 +281,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         if distributed.is_main():
-            saved = (out / "checkpoint.pt").exists()
+            saved = checkpoint.is_file() and not (args.overwrite and checkpoint.stat().st_mtime_ns == before)
             print(
                 f"hyperflux {command}: interrupted; "
                 + (f"continue with: {resume}" if saved else "no checkpoint yet: run the same command again"),

@@ -421,7 +421,7 @@ class Trainer:
         shapes, rows that are not rows) is a `RunError` naming the folder, not a traceback from deep inside."""
         try:
             yield
-        except RunError:
+        except (RunError, torch.cuda.OutOfMemoryError):
             raise
         except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as error:
             detail = f"missing {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
