@@ -102,7 +102,7 @@ def test_stats_count_pruned_and_regrown_on_a_scripted_mask_sequence():
     assert (s["pruned"], s["regrown"], s["kept"]) == (10, 0, hf.total - 10)
     assert s["layers"][0]["pruned"] == 10 and s["layers"][1]["pruned"] == 0
     closed, now = hf.summary(s).splitlines(), hf.summary().splitlines()
-    assert closed[-1].strip() == "pruned, regrown and flux: in the period this record's step() closed"
+    assert closed[-1].strip() == "pruned, regrown and flux: as the record given counts them"
     assert now[-1].strip() == "pruned, regrown and flux: since the last step()"
     assert closed[2].split()[5] == "10" and now[2].split()[5] == "0"  # the first layer's pruned column
     first.view(-1)[:4] = 1.0  # regrow 4
@@ -387,6 +387,13 @@ def test_state_dict_rejects_another_configuration():
     )
     with pytest.raises(ValueError, match=r"snapshot for 0\.weight has shape \(16, 8\), the tensor \(32, 8\)"):
         wider.load_state_dict(hf.state_dict())
+    # a state from exact mode's regrowth carries the regrowth gain: another one is refused
+    regrowing = Hyperflux(mlp(), 0.6, pruning_epochs=1, regrowth_epochs=3)
+    regrowing.step()
+    with pytest.raises(ValueError, match=r"regrowth runs at delta 0\.0999+\d*, this sparsifier's at 0\.05"):
+        Hyperflux(mlp(), 0.6, pruning_epochs=1, regrowth_epochs=3, regrowth_delta=0.05).load_state_dict(
+            regrowing.state_dict()
+        )
     partial = {k: v for k, v in hf.state_dict().items() if k != "snapshot"}
     with pytest.raises(ValueError, match="lacks snapshot"):
         Hyperflux(mlp(), 0.6, pruning_epochs=4, regrowth_epochs=3).load_state_dict(partial)

@@ -690,7 +690,7 @@ class Hyperflux:
         rows = [cells(row["name"], "x".join(map(str, row["shape"])), row) for row in s["layers"]]
         rows.append(cells("total", "", s))
         lines.append(text_table(header, rows, left=2))
-        since = "since the last step()" if stats is None else "in the period this record's step() closed"
+        since = "since the last step()" if stats is None else "as the record given counts them"
         lines.append(f"  pruned, regrown and flux: {since}")
         return "\n".join(lines)
 
