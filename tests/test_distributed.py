@@ -104,6 +104,22 @@ def test_two_ranks_keep_identical_masks_and_match_one_process(tmp_path, single):
     for ours, theirs in zip(rows, metrics(single), strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
         assert ours["density"] == pytest.approx(theirs["density"], abs=1e-3)
+        # the flux of the ranks' halves of each sampled batch, averaged: the single process's figures
+        assert ours["flux_batches"] == theirs["flux_batches"]
+        if theirs["flux_mean"] is None:
+            assert ours["flux_mean"] is None
+        else:
+            assert ours["flux_mean"] == pytest.approx(theirs["flux_mean"], rel=1e-3, abs=1e-6)
+
+
+def test_a_rank_whose_first_eval_share_is_empty_finishes(tmp_path):
+    """An eval batch of one, split over two ranks, leaves rank 1 an empty share: the MAC count at the end takes
+    the test split's first sample on every rank instead of failing there after training."""
+    out = tmp_path / "run"
+    quick = ["--set", "hyperflux.pruning_epochs=1", "--set", "hyperflux.regrowth_epochs=1"]
+    torchrun(out, "--no-report", "--set", "train.eval_batch_size=1", *quick)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["macs"]["dense_macs_per_sample"] > summary["macs"]["sparse_macs_per_sample"] > 0
 
 
 def test_a_run_resumes_on_another_world_size(tmp_path, single):

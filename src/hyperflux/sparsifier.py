@@ -556,11 +556,21 @@ class Hyperflux:
         """Average the sampled flux over DDP ranks, so every rank reports and decides the same."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        for gate in self.gates:
-            flux = gate.mean_flux().contiguous()
+        world = dist.get_world_size()
+        # each rank samples the same batches (its share of them): the ranks' sums over their summed counts is the
+        # mean of their means, and a period no rank sampled stays without flux, as in one process
+        counts = torch.tensor([g.flux_batches for g in self.gates], device=self.gates[0].logits.device)
+        dist.all_reduce(counts)
+        for gate, total in zip(self.gates, counts.tolist(), strict=True):
+            if total == 0:
+                continue
+            flux_sum = (
+                gate.flux_sum if gate.flux_sum is not None else gate.mean_flux()
+            )  # zeros where unsampled
+            flux = flux_sum.contiguous()
             dist.all_reduce(flux)
-            flux /= dist.get_world_size()
-            gate.flux_sum, gate.flux_batches = flux, 1
+            gate.flux_batches = max(1, round(total / world))
+            gate.flux_sum = flux * (gate.flux_batches / total)
 
     def stats(self) -> dict[str, Any]:
         """Global and per-layer counts, pressure and flux since the last `step()`, as a plain dict.

@@ -786,7 +786,10 @@ class Trainer:
             self.last_eval = evaluate(
                 self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last
             )
-        macs = count_macs(self.model, first_sample(self.test_loader, self.device, self.channels_last))
+        # the test split's first sample on every rank: a rank's own share of it may be empty
+        macs = count_macs(
+            self.model, first_sample(self.bundle.loader("test", 1), self.device, self.channels_last)
+        )
         if self.pruner is not None:
             stats = self.pruner.stats()
             layers = [
