@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from hyperflux.recipe import load_recipe
-from hyperflux.runfiles import CHECKPOINT
+from hyperflux.runfiles import CHECKPOINT, atomic_write
 from hyperflux.training import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,9 +288,7 @@ def _write(path: Path, results: dict[str, Any], command: str, commands: dict[str
         f"{FINE_EVERY} batches, the better on the same holdout (schedule_choice); --quick: the recipe's",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(results, indent=2) + "\n")
 
 
 def run_cell(recipe: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -488,7 +486,7 @@ def write_reports(results: dict[str, Any], json_path: Path) -> None:
         return
     print_table(records)
     md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
-    md_path.write_text(markdown(results) + "\n")
+    atomic_write(md_path, markdown(results) + "\n")
     try:
         plot(records, png_path)
         print(f"wrote {json_path}, {md_path}, {png_path}")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import hyperflux
 from hyperflux.models import build
+from hyperflux.runfiles import atomic_write
 
 BATCH = 128
 MODELS = {"lenet5": {"in_channels": 3}, "resnet18": {"in_channels": 3, "width": 0.25}}  # the shipped recipes
@@ -119,7 +120,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rounded = [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in records]
-    args.out.write_text(json.dumps({"meta": meta, "records": rounded}, indent=2) + "\n")
+    atomic_write(args.out, json.dumps({"meta": meta, "records": rounded}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

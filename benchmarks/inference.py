@@ -26,6 +26,7 @@ from torch import nn
 
 from hyperflux import kernels, models
 from hyperflux.export import file_sizes
+from hyperflux.runfiles import atomic_write
 from hyperflux.sparse_inference import compare_ms, plan_sparse_inference, to_sparse_inference
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"
@@ -139,7 +140,7 @@ def main() -> None:
         "kernels": kernels.describe(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"environment": environment, "records": records}, indent=1) + "\n")
+    atomic_write(args.out, json.dumps({"environment": environment, "records": records}, indent=1) + "\n")
     print(
         f"{'model':<9} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'sparse ms':>9} {'ratio':>6} {'file':>6}  sparse layers"
     )

@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 
 from hyperflux import laws, report
 from hyperflux.recipe import load_recipe
-from hyperflux.runfiles import CHECKPOINT, SUMMARY
+from hyperflux.runfiles import CHECKPOINT, SUMMARY, atomic_write
 from hyperflux.training import Trainer, evaluate, run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,10 +349,10 @@ def main() -> int:
         "regrowth_and_order": regrowth_and_order(args.runs),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write(args.out, json.dumps(results, indent=1) + "\n")
     plots(args.out.parent / "laws", args.runs, converged, fit, authors, series, nplh_fits)
     text = markdown(results)
-    args.out.with_suffix(".md").write_text(text)
+    atomic_write(args.out.with_suffix(".md"), text)
     print(text)
     print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.parent / 'laws'}/*.png")
     return 0

@@ -31,6 +31,7 @@ from torch import nn
 
 import hyperflux
 from hyperflux import models
+from hyperflux.runfiles import atomic_write
 
 BATCH = 128
 ARMS = ("dense", "hyperflux", "gates", "mask_optimizer")
@@ -236,7 +237,7 @@ def write(out: Path, records: list[dict], command: str, device: torch.device | N
         "command": command,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+    atomic_write(out, json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hyperflux.runfiles import atomic_write
 from hyperflux.sparse_inference import median_ms
 
 RESULTS = Path(__file__).parent / "results" / "sparse_routes.json"
@@ -66,7 +67,7 @@ def main() -> None:
         "routes_ms": dict(zip(routes, times, strict=True)),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write(args.out, json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -11,9 +11,9 @@ import io
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import save
@@ -36,8 +36,12 @@ class RunError(Exception):
     """A run folder that cannot be used as asked (missing, already used, unreadable)."""
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename: a kill leaves old or new."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object] | str) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename: a kill leaves old or new.
+    `write` writes the content to the open file, or is the text itself."""
+    if isinstance(write, str):
+        data = write.encode()
+        write = lambda handle: handle.write(data)  # noqa: E731
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -121,7 +125,7 @@ class RunFolder:
         for name in (CHECKPOINT, METRICS_JSONL, METRICS_CSV, SUMMARY, MODEL):
             self.file(name).unlink(missing_ok=True)
         self.clear_derived()
-        atomic_write(self.file(RECIPE), lambda h: h.write(recipes.dump(recipes.saved_form(recipe)).encode()))
+        atomic_write(self.file(RECIPE), recipes.dump(recipes.saved_form(recipe)))
 
     def clear_derived(self) -> None:
         """Remove what commands made from the run's outputs (report, plots, exports): a new run, or one that
@@ -180,8 +184,8 @@ class RunFolder:
         jsonl = "".join(_jsonl(row) for row in rows)
         if (path.read_text() if path.exists() else "") == jsonl:
             return
-        atomic_write(self.file(METRICS_CSV), lambda h: h.write(_csv_rows(rows, None).encode()))
-        atomic_write(path, lambda h: h.write(jsonl.encode()))
+        atomic_write(self.file(METRICS_CSV), _csv_rows(rows, None))
+        atomic_write(path, jsonl)
 
     # ------------------------------------------------------------- checkpoint and outputs
     def save_checkpoint(self, state: dict[str, Any]) -> None:
@@ -208,7 +212,7 @@ class RunFolder:
         if not self.writer:
             return
         text = json.dumps(summary, indent=2, default=_json_default) + "\n"
-        atomic_write(self.file(SUMMARY), lambda h: h.write(text.encode()))
+        atomic_write(self.file(SUMMARY), text)
 
     def read_summary(self) -> dict[str, Any] | None:
         path = self.file(SUMMARY)
