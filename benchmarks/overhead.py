@@ -153,9 +153,10 @@ class Run:
 
 
 def training_memory(run: Run) -> int:
-    """Bytes held at the peak of a training step: parameters, gradients, optimiser state, the masks' flux
-    accumulators and kept gate memory, and every tensor autograd saves for the backward pass (counted once per
-    storage).
+    """Bytes a training step holds at once, counted after its backward pass: parameters, gradients, optimiser
+    state, the masks' flux accumulators and kept gate memory, and every tensor autograd saved for that backward
+    pass (counted once per storage). The JSON keys say "peak" for this sum; transient buffers inside an operator
+    are not in it.
 
     Counted exactly rather than read from the process's resident size, which on CPU is too coarse and
     too dependent on allocator reuse to compare two small models.
