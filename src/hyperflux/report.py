@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from hyperflux.runfiles import RECIPE, REPORT, RunError, RunFolder, atomic_write
 
@@ -59,6 +60,8 @@ def _figure(title: str, xlabel: str, ylabel: str):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
+    if xlabel == "epoch":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no ticks at half epochs in a short run
     return fig, ax
 
 
