@@ -127,6 +127,22 @@ def test_resuming_a_finished_run_says_it_had_finished(tmp_path, capsys):
     assert f"{out} had finished already: nothing was trained" in capsys.readouterr().out
 
 
+def test_under_torchrun_rank_0_alone_warns_and_each_error_names_its_rank(tmp_path, monkeypatch, capsys):
+    from hyperflux import distributed
+
+    launch = {"LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for name, value in {**launch, "RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.launched_by_torchrun()
+    cli._one_line_warning("prune")("a warning", UserWarning, "f.py", 1)
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2  # fails before any process group is joined
+    err = capsys.readouterr().err
+    assert "warning" not in err and "hyperflux eval: error (rank 1): " in err
+    monkeypatch.setenv("RANK", "0")
+    cli._one_line_warning("prune")("a warning", UserWarning, "f.py", 1)
+    assert capsys.readouterr().err == "hyperflux prune: warning: a warning\n"
+
+
 def test_a_missing_recipe_file_is_named_as_missing(smoke_run, tmp_path, capsys):
     missing = tmp_path / "nothere.yaml"
     assert main(["eval", str(smoke_run / "model.safetensors"), "--recipe", str(missing)]) != 0
