@@ -29,6 +29,7 @@ SHORT = [
     "hyperflux.freeze_after=1",
 ]
 RANK0_FILES = {
+    ".lock",  # rank 0 holds the folder while it trains
     "recipe.yaml",
     "metrics.jsonl",
     "metrics.csv",

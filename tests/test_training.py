@@ -126,6 +126,35 @@ def test_a_checkpoint_that_reads_but_does_not_fit_is_a_run_error(tmp_path):
         Trainer(recipe(), tmp_path, resume=True, quiet=True)
 
 
+def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path):
+    """Two runs into one folder would interleave metrics and checkpoints: the second fails at once, and the
+    folder is free again when the first process ends."""
+    import subprocess
+    import sys
+    import textwrap
+
+    holder = textwrap.dedent(
+        f"""
+        import sys, time
+        from hyperflux.runfiles import exclusive
+        with exclusive({str(tmp_path)!r}):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match="another hyperflux process is running in this folder"):
+            run_recipe(recipe(), tmp_path, quiet=True)
+        assert not (tmp_path / "metrics.jsonl").exists()  # nothing written
+    finally:
+        process.communicate("\n", timeout=30)
+    assert run_recipe(recipe(), tmp_path, quiet=True, stop_after=1) is None  # free again
+
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_without_resume(tmp_path):
     """Killed after its first metrics row but before the checkpoint: nothing to resume, so the same command
     runs again (the interrupt message says so) instead of each error pointing at the other."""

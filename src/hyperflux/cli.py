@@ -605,15 +605,10 @@ def _one_line_warning(command: str) -> Callable[..., None]:
     number and source line."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if _launch_rank() in (None, 0):  # every rank warns alike: rank 0 speaks for them
+        if distributed.launch_rank() in (None, 0):  # every rank warns alike: rank 0 speaks for them
             print(f"hyperflux {command}: warning: {message}", file=file or sys.stderr)
 
     return show
-
-
-def _launch_rank() -> int | None:
-    """This process's rank in a multi-process torchrun launch, else None."""
-    return int(os.environ["RANK"]) if distributed.launched_by_torchrun() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -640,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         if status is None:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        rank = _launch_rank()
+        rank = distributed.launch_rank()
         where = "" if rank is None else f" (rank {rank})"  # each rank says its own; they may differ
         print(f"hyperflux {args.command}: error{where}: {message}", file=sys.stderr)
         return status

@@ -24,6 +24,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def launch_rank() -> int | None:
+    """This process's rank in a multi-process torchrun launch, else None; known before any group is joined."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else None
+
+
 def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> bool:
     """Join torchrun's process group (NCCL for CUDA, gloo otherwise); True when this call created it.
 

@@ -6,16 +6,22 @@ scalar columns), `checkpoint.pt`, and at the end `model.safetensors`, `summary.j
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from safetensors.torch import save
 
 from hyperflux import recipe as recipes
@@ -24,6 +30,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 RECIPE = "recipe.yaml"
+LOCK = ".lock"  # held by the process training into the folder (`exclusive`)
 SUMMARY = "summary.json"
 MODEL = "model.safetensors"
 REPORT = "report.html"
@@ -80,6 +87,27 @@ def _csv_rows(rows: list[Mapping[str, Any]], header: list[str] | None) -> str:
             writer.writeheader()
         writer.writerows(scalars)
     return text.getvalue()
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path) -> Iterator[None]:
+    """Hold the run folder `path` for this process while the block runs: a second process training into it
+    would interleave its metrics and checkpoints with this one's. An advisory lock (`.lock` in the folder),
+    released by the system when the process ends however it ends; none where fcntl is missing (Windows)."""
+    path = Path(path)
+    if fcntl is None or (path.exists() and not path.is_dir()):  # a file: RunFolder.check says so
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"{path}: another hyperflux process is running in this folder; wait for it to end or give "
+                "another --out"
+            ) from None
+        yield
 
 
 class RunFolder:

@@ -42,7 +42,7 @@ from hyperflux.recipe import (
     load_recipe,
     lr_end,
 )
-from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, read_checkpoint
+from hyperflux.runfiles import CHECKPOINT, MODEL, RECIPE, RunError, RunFolder, exclusive, read_checkpoint
 from hyperflux.scheduler import PressureScheduler
 from hyperflux.selection import select_targets
 from hyperflux.sparsifier import Hyperflux, default_freeze_after
@@ -867,22 +867,25 @@ def run_recipe(
     after: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any] | None:
     """Prune (or, dense=True, train) as `recipe` says into `out`; `after(out)` runs when the run completes
-    (on rank 0 alone in a distributed run)."""
-    trainer = Trainer(
-        recipe,
-        out,
-        dense=dense,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=quiet,
-        stop_after=stop_after,
-        log=log,
-    )
-    try:
-        summary = trainer.run()
-    finally:
-        if trainer.owns_group:
-            distributed.close()
+    (on rank 0 alone in a distributed run). The folder is this process's until it returns (rank 0's, under
+    torchrun): another run into it fails at once."""
+    writer = distributed.launch_rank() in (None, 0)
+    with exclusive(out) if writer else contextlib.nullcontext():
+        trainer = Trainer(
+            recipe,
+            out,
+            dense=dense,
+            resume=resume,
+            overwrite=overwrite,
+            quiet=quiet,
+            stop_after=stop_after,
+            log=log,
+        )
+        try:
+            summary = trainer.run()
+        finally:
+            if trainer.owns_group:
+                distributed.close()
     if summary is not None and after is not None and trainer.main:
         after(Path(out))
     return summary
