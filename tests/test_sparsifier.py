@@ -160,6 +160,17 @@ def stats_path(request, monkeypatch):
     return request.param
 
 
+def test_the_compiled_stats_of_an_empty_tensor_keep_their_flux_part():
+    """An empty tensor's data pointer may be null; the flux part is there whenever a flux is given."""
+    gate_stats, _ = kernels.stats_ops()
+    empty = torch.empty(0, 5)
+    edges = [float(e) for e in FLUX_HIST_EDGES]
+    with_flux = gate_stats(empty, empty.bool(), empty.clone(), 1, 1.0, edges)
+    assert with_flux is not None and len(with_flux) == 6 + 2 * (len(edges) + 1)
+    assert with_flux[:3].tolist() == [0.0, 0.0, 0.0] and with_flux[6:].sum() == 0
+    assert len(gate_stats(empty, empty.bool(), None, 1, 1.0, edges)) == 3
+
+
 def set_flux(gate, flux, batches=2):
     """Make `gate.mean_flux() * c * N` equal `flux` (pressure units), as if `batches` batches were sampled."""
     gate.flux_sum = (flux * batches / (gate.scale * FLUX_TOTAL)).float()

@@ -265,7 +265,7 @@ void gate_grads(const float* __restrict__ w, const float* __restrict__ m, float*
                 float* __restrict__ gw, float* __restrict__ gm, float* __restrict__ f, float scale, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float gi = g[i];
-    if constexpr (Logits) gm[i] = scale * w[i] * gi;
+    if constexpr (Logits) gm[i] = 0.0f + scale * w[i] * gi;  // + 0: a zero as the Python gate's addcmul signs it
     if constexpr (Flux) f[i] -= w[i] * gi;
     if constexpr (Weight) (InPlace ? g : gw)[i] = gi * (m[i] >= 0.0f ? 1.0f : 0.0f);
   }
@@ -365,14 +365,14 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
     at::Tensor grad = grads[0];
     const bool want_weight = ctx->needs_input_grad(0), want_logits = ctx->needs_input_grad(1);
     // ATen ops: on other devices and dtypes, and under create_graph, whose gradients must be differentiable in
-    // turn; dL/dm as (c * W) * g, the Python gate's rounding
+    // turn; dL/dm as the Python gate's addcmul computes it (for half types in float, rounded once)
     if (!loops || at::GradMode::is_enabled()) {
       if (flux.defined()) {
         at::NoGradGuard no_grad;
         flux.addcmul_(weight, grad, -1);
       }
       const at::Tensor open = loops ? logits.ge(0).to(grad.scalar_type()) : logits;
-      return {want_weight ? grad * open : at::Tensor(), want_logits ? at::mul(weight, scale).mul_(grad) : at::Tensor(),
+      return {want_weight ? grad * open : at::Tensor(), want_logits ? at::addcmul(at::zeros({}, grad.options()), weight, grad, scale) : at::Tensor(),
               at::Tensor(), at::Tensor(), at::Tensor()};
     }
     // an upstream gradient of another layout (an expanded scalar, say) is copied into the weight's
@@ -454,7 +454,8 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
   for (int64_t e = 0; e < kHistEdges; ++e) edge[e] = static_cast<float>(edges[e]);
   const float* m = logits.data_ptr<float>();
   const bool* b = before.data_ptr<bool>();
-  const float* f = flux.defined() ? flux.data_ptr<float>() : nullptr;
+  const bool with_flux = flux.defined();  // an empty tensor's data pointer may be null: not a test of this
+  const float* f = with_flux ? flux.data_ptr<float>() : nullptr;
   const PressureUnits to_units(batches, units);
   std::vector<StatsPart> parts(at::get_num_threads());
   at::parallel_for(0, logits.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
@@ -472,7 +473,7 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
         part.pruned += was && !alive;
         part.regrown += !was && alive;
       }
-      if (f == nullptr) continue;
+      if (!with_flux) continue;
       for (int64_t i = 0; i < len; ++i) value[i] = to_units(f[start + i]);
       for (int64_t i = 0; i < len; ++i) {  // branch-free: the edges at or below the value, vectorised
         int32_t count = 0;
@@ -502,10 +503,10 @@ std::optional<at::Tensor> gate_stats(const at::Tensor& logits, const at::Tensor&
     total.dead_sum += part.dead_sum;
     for (int64_t i = 0; i < 2 * kHistBins; ++i) total.hist[i] += part.hist[i];
   }
-  at::Tensor out = at::empty({f ? 6 + 2 * kHistBins : 3}, at::kDouble);
+  at::Tensor out = at::empty({with_flux ? 6 + 2 * kHistBins : 3}, at::kDouble);
   double* o = out.data_ptr<double>();
   o[0] = total.kept, o[1] = total.pruned, o[2] = total.regrown;
-  if (f != nullptr) {
+  if (with_flux) {
     o[3] = total.alive_min, o[4] = total.alive_sum, o[5] = total.dead_sum;
     for (int64_t i = 0; i < 2 * kHistBins; ++i) o[6 + i] = static_cast<double>(total.hist[i]);
   }
