@@ -155,6 +155,18 @@ def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path):
     assert run_recipe(recipe(), tmp_path, quiet=True, stop_after=1) is None  # free again
 
 
+def test_a_file_system_without_locks_trains_unguarded(tmp_path, monkeypatch):
+    import errno
+
+    from hyperflux import runfiles
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runfiles.fcntl, "flock", no_locks)
+    assert run_recipe(recipe(), tmp_path, quiet=True, stop_after=1) is None
+
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_without_resume(tmp_path):
     """Killed after its first metrics row but before the checkpoint: nothing to resume, so the same command
     runs again (the interrupt message says so) instead of each error pointing at the other."""

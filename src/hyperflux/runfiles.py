@@ -107,6 +107,8 @@ def exclusive(path: str | Path) -> Iterator[None]:
                 f"{path}: another hyperflux process is running in this folder; wait for it to end or give "
                 "another --out"
             ) from None
+        except OSError:  # a file system without locks (some network mounts): run unguarded, as before
+            pass
         yield
 
 
