@@ -158,6 +158,76 @@ def test_shards_of_a_global_batch_are_the_single_process_batch():
         whole.shard(3, 3)
 
 
+SKIPPED_LAYER = """
+import json, os, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+import hyperflux
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, skip):
+        h = self.first(x).relu()
+        return h if skip else self.last(h)
+
+
+def flux(rank, attach):
+    torch.manual_seed(0)
+    net = Net()
+    hf = hyperflux.Hyperflux(net, 0.5, pruning_epochs=2, flux_every=1)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(hf.param_groups(lr=0.0), lr=0.0)
+    if attach:
+        hf.attach(optimizer)
+    torch.manual_seed(1 + rank)
+    for _ in range(4):
+        loss = ddp(torch.randn(8, 4), rank == 1).pow(2).mean()  # rank 1 skips the last layer
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    hf._sync_flux()
+    return [g.flux_batches for g in hf.gates], hf.gates[1].mean_flux().flatten().tolist()
+
+
+def worker(rank, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results = {str(attach): flux(rank, attach) for attach in (True, False)}
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump(results, handle)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+"""
+
+
+def test_the_flux_of_a_layer_one_rank_skips_is_averaged_as_ddp_averages_its_gradient(tmp_path):
+    """Without attach() each rank's flux comes from its own backward pass; a rank that skipped the layer adds
+    zeros, as DDP averages its gradient in, so both forms report the same flux and keep the batch count."""
+    script, out = tmp_path / "skip.py", tmp_path / "out.json"
+    script.write_text(SKIPPED_LAYER)
+    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_ENV}
+    done = subprocess.run(
+        [sys.executable, str(script), str(free_port()), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    (attached_counts, attached), (own_counts, own) = results["True"], results["False"]
+    assert attached_counts == own_counts == [4, 4]
+    assert torch.allclose(torch.tensor(own), torch.tensor(attached), rtol=1e-5, atol=1e-9)
+
+
 def test_helpers_are_no_ops_without_a_process_group(monkeypatch):
     for name in distributed.TORCHRUN_ENV:
         monkeypatch.delenv(name, raising=False)

@@ -168,8 +168,9 @@ def test_report_needs_a_run_folder(tmp_path):
 def test_epoch_axes_tick_whole_epochs_only():
     from hyperflux import report
 
-    fig, ax = report._figure("a short run", "epoch", "accuracy (%)")
-    ax.plot([1, 2, 3], [50.0, 60.0, 70.0])
-    fig.canvas.draw()  # the ticks are placed when drawn
-    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
-    assert ticks and all(float(t).is_integer() for t in ticks)
+    for epochs in ([1], [1, 2, 3]):
+        fig, ax = report._figure("a short run", "epoch", "accuracy (%)")
+        ax.plot(epochs, [50.0] * len(epochs))
+        fig.canvas.draw()  # the ticks are placed when drawn
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= epochs[-1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (epochs, list(ax.get_xticks()))

@@ -155,6 +155,30 @@ def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path):
     assert run_recipe(recipe(), tmp_path, quiet=True, stop_after=1) is None  # free again
 
 
+def test_the_folder_is_held_through_the_report_and_a_failed_start_leaves_none(tmp_path):
+    from hyperflux.runfiles import exclusive
+
+    held = []
+
+    def after(folder):
+        try:
+            with exclusive(folder):
+                held.append(False)
+        except RunError:
+            held.append(True)
+
+    run_recipe(
+        recipe("hyperflux.pruning_epochs=1", "hyperflux.regrowth_epochs=0"),
+        tmp_path / "run",
+        quiet=True,
+        after=after,
+    )
+    assert held == [True]
+    with pytest.raises(RunError, match=re.escape("no checkpoint.pt to resume from")):
+        run_recipe(recipe(), tmp_path / "typo", quiet=True, resume=True)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_file_system_without_locks_trains_unguarded(tmp_path, monkeypatch):
     import errno
 

@@ -61,7 +61,7 @@ def _figure(title: str, xlabel: str, ylabel: str):
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if xlabel == "epoch":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no ticks at half epochs in a short run
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no half epochs, even at one
     return fig, ax
 
 

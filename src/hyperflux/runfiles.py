@@ -98,18 +98,24 @@ def exclusive(path: str | Path) -> Iterator[None]:
     if fcntl is None or (path.exists() and not path.is_dir()):  # a file: RunFolder.check says so
         yield
         return
+    made = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(
-                f"{path}: another hyperflux process is running in this folder; wait for it to end or give "
-                "another --out"
-            ) from None
-        except OSError:  # a file system without locks (some network mounts): run unguarded, as before
-            pass
-        yield
+    try:
+        with open(path / LOCK, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(
+                    f"{path}: another hyperflux process is running in this folder; wait for it to end or give "
+                    "another --out"
+                ) from None
+            except OSError:  # a file system without locks (some network mounts): run unguarded, as before
+                pass
+            yield
+    finally:
+        if made and [p.name for p in path.iterdir()] == [LOCK]:  # a run that failed to start leaves no folder
+            (path / LOCK).unlink()
+            path.rmdir()
 
 
 class RunFolder:

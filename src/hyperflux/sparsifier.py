@@ -557,20 +557,18 @@ class Hyperflux:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         world = dist.get_world_size()
-        # each rank samples the same batches (its share of them): the ranks' sums over their summed counts is the
-        # mean of their means, and a period no rank sampled stays without flux, as in one process
+        # the ranks sample the same batches, each its share of them; a rank whose forward passes skipped a layer
+        # counts none for it and adds zeros, as DDP averages its gradient in: the mean is the ranks' summed flux
+        # over world * the batches sampled, and a period no rank sampled stays without flux, as in one process
         counts = torch.tensor([g.flux_batches for g in self.gates], device=self.gates[0].logits.device)
-        dist.all_reduce(counts)
-        for gate, total in zip(self.gates, counts.tolist(), strict=True):
-            if total == 0:
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        for gate, batches in zip(self.gates, counts.tolist(), strict=True):
+            if batches == 0:
                 continue
-            flux_sum = (
-                gate.flux_sum if gate.flux_sum is not None else gate.mean_flux()
-            )  # zeros where unsampled
-            flux = flux_sum.contiguous()
+            unsampled = gate.flux_sum is None  # this rank skipped the layer: zeros
+            flux = (gate.mean_flux() if unsampled else gate.flux_sum).contiguous()
             dist.all_reduce(flux)
-            gate.flux_batches = max(1, round(total / world))
-            gate.flux_sum = flux * (gate.flux_batches / total)
+            gate.flux_sum, gate.flux_batches = flux / world, batches
 
     def stats(self) -> dict[str, Any]:
         """Global and per-layer counts, pressure and flux since the last `step()`, as a plain dict.

@@ -886,8 +886,8 @@ def run_recipe(
         finally:
             if trainer.owns_group:
                 distributed.close()
-    if summary is not None and after is not None and trainer.main:
-        after(Path(out))
+        if summary is not None and after is not None and trainer.main:
+            after(Path(out))  # the report, written while the folder is still held
     return summary
 
 
