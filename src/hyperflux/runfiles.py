@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from safetensors.torch import save
+
+from hyperflux import recipe as recipes
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-from safetensors.torch import save
-
-from hyperflux import recipe as recipes
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_JSONL = "metrics.jsonl"

@@ -85,9 +85,8 @@ class PressureScheduler:
         if given != 1:
             raise ValueError("give exactly one of target_sparsity (with epochs), pressure, or schedule")
         self.delta = _check_number("delta", delta)
-        self.base_delta = (
-            self.delta
-        )  # `delta` is the gain now (the exact mode's regrowth lowers it), this the given
+        # `delta` is the gain now (the exact mode's regrowth lowers it); `base_delta` the one given
+        self.base_delta = self.delta
         self.exponent = _check_number("exponent", exponent)
         self.aggressivity = _check_number("aggressivity", aggressivity)
         self.target_sparsity: float | None = None

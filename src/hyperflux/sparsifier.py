@@ -517,8 +517,9 @@ class Hyperflux:
         """Two optimiser groups: the model's weights, and the mask logits with their own lr and no decay.
 
         `weight_decay` goes to the weights' group, so the optimiser decays pruned weights' stored values too (the
-        authors' behaviour); `decay_present_weights` decays present weights only. `mask_lr` replaces the constructor's, so that the schedule (`self.mask_lr`, the regrowth reset unless
-        `regrowth_mask_lr` was given) goes on from the lr the group starts with.
+        authors' behaviour); `decay_present_weights` decays present weights only. `mask_lr` replaces the
+        constructor's, so that the schedule (`self.mask_lr`, the regrowth reset unless `regrowth_mask_lr` was
+        given) goes on from the lr the group starts with.
         """
         if mask_lr is not None:
             self.base_mask_lr = float(mask_lr)
