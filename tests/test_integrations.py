@@ -118,6 +118,32 @@ def test_lightning_callback_prunes_and_logs(tmp_path):
 @pytest.mark.skipif(
     importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
 )
+def test_lightning_logs_each_period_of_every_n_steps_once_at_its_step(tmp_path):
+    """From a batch hook Lightning logged the values again at every logging step until the epoch ended."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from hyperflux.integrations.lightning import HyperfluxCallback
+
+    torch.manual_seed(0)
+    callback = HyperfluxCallback(0.8, pruning_epochs=4, regrowth_epochs=2, every_n_steps=5, mask_lr=0.05)
+    trainer = lightning_trainer(
+        [callback], max_epochs=2, logger=CSVLogger(tmp_path), enable_checkpointing=False, log_every_n_steps=1
+    )
+    loader = torch.utils.data.DataLoader(TensorDataset(*toy_data()), batch_size=16)  # 16 steps an epoch
+    trainer.fit(lightning_module(adamw_with_steps), loader)
+    with open(trainer.logger.experiment.metrics_file_path) as handle:
+        rows = [
+            (int(r["step"]), float(r["hyperflux/period"]))
+            for r in csv.DictReader(handle)
+            if r.get("hyperflux/period")
+        ]
+    assert rows == [(5 * k, float(k)) for k in range(1, 7)]
+    assert trainer.callback_metrics["hyperflux/period"] == 6.0  # for monitors and the progress bar
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
+)
 def test_lightning_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -5,8 +5,9 @@ The callback masks the module in `setup` (before `configure_optimizers` and the 
 from the host's optimisers to their own Adam in `on_fit_start`, steps that Adam in `on_before_optimizer_step`
 (after AMP's unscale of the host's gradients, once per step under accumulation), closes a period every epoch
 or every `every_n_steps` optimiser steps, and logs `hyperflux/density`, `/sparsity`, `/pressure` and
-`/period` with `pl_module.log_dict`. Under the DDP strategy use `strategy="ddp_find_unused_parameters_true"`:
-the freeze turns the logits' gradients off, which a plain DDP wrapper would wait for.
+`/period` once per period (`pl_module.log_dict` at an epoch's end; the loggers directly at a step's). Under
+the DDP strategy use `strategy="ddp_find_unused_parameters_true"`: the freeze turns the logits' gradients off,
+which a plain DDP wrapper would wait for.
 """
 
 from __future__ import annotations
@@ -51,17 +52,17 @@ class HyperfluxCallback(DrivenCallback, pl.Callback):
         # a run resumed from a checkpoint of an epoch's last batch goes on in the next epoch without the
         # start-of-epoch hook, and without the end of the epoch whose period it closes
         for _ in range(self.driver.periods_missing(trainer.current_epoch)):
-            self._close(pl_module)
+            self._close(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.driver.every_n_steps is not None and self.driver.due(trainer.global_step):
-            self._close(pl_module)
+            self._close(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.driver.every_n_steps is None:
-            self._close(pl_module)
+            self._close(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         """Saved by Lightning in its checkpoints, so `fit(ckpt_path=...)` resumes the schedule too."""
@@ -70,7 +71,15 @@ class HyperfluxCallback(DrivenCallback, pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.driver.load_state_dict(state_dict)
 
-    def _close(self, pl_module: pl.LightningModule) -> None:
+    def _close(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = self.driver.close_period()
-        if metrics is not None:
-            pl_module.log_dict(metrics)
+        if metrics is None:
+            return
+        if self.driver.every_n_steps is None:
+            pl_module.log_dict(metrics)  # from an epoch-end hook: once, at the epoch
+            return
+        # logged from a batch hook, Lightning would log the values again at every logging step until the epoch
+        # ends: to the loggers once, at the step that closed the period, and for monitors and the progress bar
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
