@@ -40,7 +40,7 @@ def main() -> None:
     x = torch.tensor(digits.data, dtype=torch.float32) / 16
     y = torch.tensor(digits.target)
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-    # 45 batches per epoch: a mask lr 10x the default lets the masks follow the pressure in so few steps
+    # 57 batches per epoch: a mask lr 10x the default lets the masks follow the pressure in so few steps
     callback = HyperfluxCallback(0.9, pruning_epochs=20, regrowth_epochs=10, mask_lr=1e-2)
     trainer = pl.Trainer(
         max_epochs=30, accelerator="cpu", callbacks=[callback], enable_checkpointing=False, logger=False

@@ -347,6 +347,18 @@ def test_transformers_resume_from_a_checkpoint_continues_the_schedule(tmp_path):
         assert torch.equal(a.mask(), b.mask())
         torch.testing.assert_close(a.logits, b.logits)
     assert never_stepped_by_the_host(resumed.driver.host_optimizers[0], hf)
+    # from a checkpoint outside output_dir, whose path the Trainer does not hand its callbacks
+    elsewhere = str(tmp_path / "parts" / "checkpoint-48")
+    torch.manual_seed(0)
+    callback = HyperfluxTrainerCallback(
+        0.8, pruning_epochs=4, regrowth_epochs=2, mask_lr=0.05, resume_from=elsewhere
+    )
+    args = training_arguments(
+        tmp_path / "other", num_train_epochs=6, lr_scheduler_type="constant", save_strategy="no"
+    )
+    trainer = Trainer(model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=elsewhere)
+    assert callback.hf.scheduler.state_dict() == whole.scheduler.state_dict()
 
 
 @pytest.mark.skipif(

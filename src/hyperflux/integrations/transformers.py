@@ -34,11 +34,14 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
     """Hyperflux for a transformers run: `Trainer(..., callbacks=[HyperfluxTrainerCallback(0.9, 10)])`.
 
     Pass it to the Trainer's constructor, not `add_callback` afterwards: the masks must exist before the
-    model is wrapped for distributed training. Arguments as `DrivenCallback`'s.
+    model is wrapped for distributed training. Arguments as `DrivenCallback`'s; `resume_from` is the checkpoint
+    folder a `train(resume_from_checkpoint=PATH)` outside `output_dir` resumes from, whose path the Trainer
+    does not hand its callbacks.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, resume_from: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.resume_from = None if resume_from is None else Path(resume_from)
         self.pending: dict[str, float] = {}
         self.closed_at: int | None = None  # the optimiser step at which an epoch's period last closed
 
@@ -121,14 +124,17 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
         return Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
     def _load(self, args: TrainingArguments, state: TrainerState) -> None:
-        candidates = [self._checkpoint(args, state) / STATE_FILE]
+        folders = [self._checkpoint(args, state)]
         if isinstance(args.resume_from_checkpoint, str):
-            candidates.insert(0, Path(args.resume_from_checkpoint) / STATE_FILE)
-        found = next((path for path in candidates if path.is_file()), None)
+            folders.insert(0, Path(args.resume_from_checkpoint))
+        if self.resume_from is not None:
+            folders.insert(0, self.resume_from)
+        found = next((folder / STATE_FILE for folder in folders if (folder / STATE_FILE).is_file()), None)
         if found is None:
             warnings.warn(
                 f"resuming at step {state.global_step} without {STATE_FILE} (looked in "
-                f"{', '.join(str(p.parent) for p in candidates)}): the hyperflux schedule starts over",
+                f"{', '.join(map(str, folders))}): the hyperflux schedule starts over; for a checkpoint outside "
+                "output_dir, pass its folder as HyperfluxTrainerCallback(..., resume_from=...)",
                 stacklevel=2,
             )
             return
