@@ -230,7 +230,7 @@ def test_law_nplh_prints_exponents_and_writes_the_plot(tmp_path, capsys):
     [
         ("too few", "2 converged runs; the fit needs at least 3"),
         ("not constant", "not a run under a positive constant pressure"),
-        ("density zero", "density 0"),
+        ("density zero", "2 converged runs; the fit needs at least 3"),  # the zero run left out
         ("missing", "not a run folder"),
     ],
 )
@@ -245,6 +245,15 @@ def test_law_pressure_errors_are_one_line(tmp_path, capsys, case, message):
     assert main(["law", "pressure", *runs, "--out", str(tmp_path)]) == EXIT_INPUT
     assert message in one_line_error(capsys)
     assert not (tmp_path / "pressure_law.png").exists()
+
+
+def test_law_pressure_leaves_out_a_run_at_density_0_and_counts_a_folder_given_twice_once(tmp_path, capsys):
+    runs = sweep(tmp_path, [0.125, 1.0, 8.0])
+    empty = str(fabricate_run(tmp_path / "empty", 64.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    assert main(["law", "pressure", *runs, runs[0], empty, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{empty}: P 64, density 0, left out" in out
+    assert out.count(f"{runs[0]}: P 0.125") == 1 and "(3 points)" in out
 
 
 def test_law_nplh_error_when_nothing_can_be_fitted(tmp_path, capsys):
@@ -266,6 +275,7 @@ def test_sweep_recipe_is_the_paper_form_under_a_constant_pressure():
     assert (hf["pruning_epochs"], hf["regrowth_epochs"], hf["exact_target"]) == (7, 0, False)
     assert recipe["method"] == "hyperflux-paper" and recipe["optimizer"]["lr"] == 0.002
     assert recipe["name"] == "smoke-digits-P0.25"
+    assert laws.sweep_recipe(SMOKE, np.float64(0.25), 7)["hyperflux"]["pressure"] == 0.25  # numpy's repr
     with pytest.raises(ValueError, match="must be positive"):
         laws.sweep_recipe(SMOKE, 0.0, 7)
 

@@ -478,7 +478,9 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
             raise ValueError(f"--epochs must be at least 2, got {args.epochs}")
         if args.epochs < args.window:
             raise ValueError(f"--epochs ({args.epochs}) must be at least --window ({args.window})")
-        chosen = args.pressures or laws.DEFAULT_PRESSURES
+        chosen = list(
+            dict.fromkeys(args.pressures or laws.DEFAULT_PRESSURES)
+        )  # a pressure given twice counts once
         if len(chosen) < laws.MIN_POINTS:
             raise ValueError(f"a sweep needs at least {laws.MIN_POINTS} pressures, got {len(chosen)}")
         run_dirs += laws.run_sweep(
@@ -489,7 +491,10 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
     if not run_dirs:
         raise ValueError("give run folders, or --sweep RECIPE to make them")
     pressures, densities = [], []
-    for run_dir in run_dirs:
+    unique = {
+        Path(run_dir).resolve(): run_dir for run_dir in reversed(run_dirs)
+    }  # a folder given twice counts once
+    for run_dir in reversed(unique.values()):
         recipe, rows = laws.read_run(run_dir)
         pressure = laws.constant_pressure(recipe)
         if pressure is None or pressure <= 0:
@@ -501,9 +506,8 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
             )
             continue
         if density <= 0:
-            raise ValueError(
-                f"{run_dir}: density 0 at P {pressure:g}; a log-log fit needs positive densities"
-            )
+            print(f"{run_dir}: P {pressure:g}, density 0, left out (a log-log fit needs positive densities)")
+            continue
         print(f"{run_dir}: P {pressure:g}, converged density {100 * density:.3f}%")
         pressures.append(pressure)
         densities.append(density)

@@ -249,7 +249,7 @@ def sweep_recipe(
             "method=hyperflux-paper",
             "hyperflux.target_sparsity=null",
             "hyperflux.pressure_schedule=null",
-            f"hyperflux.pressure={pressure!r}",
+            f"hyperflux.pressure={float(pressure)!r}",  # a numpy scalar's repr is no YAML number
             "hyperflux.exact_target=false",
             f"hyperflux.pruning_epochs={epochs}",
             "hyperflux.regrowth_epochs=0",
