@@ -120,7 +120,7 @@ def save_sparse(
         "format_version": str(FORMAT_VERSION),
         "tensors": json.dumps(entries),
     }
-    atomic_write(path, lambda handle: handle.write(save(arrays, metadata=header)))
+    atomic_write(path, save(arrays, metadata=header))
     return path
 
 

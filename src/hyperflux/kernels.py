@@ -189,9 +189,9 @@ def add_to_grads(
 ) -> bool:
     """`grad += value` (times `scale`, when given) for each pair, in place, rounded as torch's `add_` rounds
     it (with `scale`, the value is `value * scale` rounded to float first, which can differ from torch's own
-    `add_(scale, alpha=value)` in the last bit): an optimiser step's pressure. With `flush`, denormals are flushed on every thread from here on (as in
-    `flush_denormals`), set in the same parallel pass; returns whether flushing was off before, that is whether
-    the caller turns it off again (`stop_flushing()`). Off the CPU, or without the compiled kernels: torch's
+    `add_(scale, alpha=value)` in the last bit): an optimiser step's pressure. With `flush`, denormals are
+    flushed on every thread from here on (as in `flush_denormals`), set in the same parallel pass; returns
+    whether flushing was off before, that is whether the caller turns it off again (`stop_flushing()`). Off the CPU, or without the compiled kernels: torch's
     foreach add (and, without the kernels, no flushing).
 
     `scale` is a one-element tensor by which the gradients are still multiplied: AMP's GradScaler leaves a fused

@@ -69,7 +69,7 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format=path.suffix[1:])  # a bare Figure renders with Agg: no pyplot, no global state
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    atomic_write(path, buffer.getvalue())
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -366,5 +366,5 @@ figcaption {{ font-size: 0.9em; color: #444; }}
 </body></html>
 """
     path = folder.file(REPORT)
-    atomic_write(path, lambda handle: handle.write(page.encode()))
+    atomic_write(path, page)
     return path

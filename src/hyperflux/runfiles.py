@@ -43,11 +43,11 @@ class RunError(Exception):
     """A run folder that cannot be used as asked (missing, already used, unreadable)."""
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object] | str) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object] | str | bytes) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename: a kill leaves old or new.
-    `write` writes the content to the open file, or is the text itself."""
-    if isinstance(write, str):
-        data = write.encode()
+    `write` writes the content to the open file, or is the content itself (text or bytes)."""
+    if isinstance(write, str | bytes):
+        data = write.encode() if isinstance(write, str) else write
         write = lambda handle: handle.write(data)  # noqa: E731
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -242,7 +242,7 @@ class RunFolder:
         if not self.writer:
             return
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        atomic_write(self.file(MODEL), lambda h: h.write(save(tensors, metadata={"format": "pt"})))
+        atomic_write(self.file(MODEL), save(tensors, metadata={"format": "pt"}))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         if not self.writer:
