@@ -215,20 +215,18 @@ class PressureScheduler:
             raise ValueError(
                 f"scheduler state is for {state.get('epochs')} epochs, this one for {self.epochs}"
             )
-        if self.s0 is not None and state.get("aggressivity") != self.aggressivity:
-            raise ValueError(  # the trajectory's s0 is solved for this scheduler's aggressivity
-                f"scheduler state is for aggressivity {state.get('aggressivity')}, this one for {self.aggressivity}"
-            )
         # this scheduler's settings hold; the state's must match them (a state of the exact mode's regrowth
         # carries the regrowth gain, which the sparsifier checks)
         settings = {"exponent": self.exponent}
         if self._constant is not None:
             settings["constant"] = self._constant
-        if self.s0 is not None and int(state["epoch"]) < self.epochs:  # the controller's gain while pruning
-            settings["delta"] = self.base_delta
+        if self.s0 is not None:
+            settings["aggressivity"] = self.aggressivity  # the trajectory's s0 is solved for it
+            if int(state["epoch"]) < self.epochs:  # the controller's gain while pruning
+                settings["delta"] = self.base_delta
         for key, value in settings.items():
-            if float(state[key]) != value:
-                raise ValueError(f"scheduler state is for {key} {state[key]}, this one for {value}")
+            if state.get(key) is None or float(state[key]) != value:
+                raise ValueError(f"scheduler state is for {key} {state.get(key)}, this one for {value}")
         self.epoch = int(state["epoch"])
         self.gamma = float(state["gamma"])
         self.boost_up = float(state["boost_up"])

@@ -372,8 +372,9 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
         flux.addcmul_(weight, grad, -1);
       }
       const at::Tensor open = loops ? logits.ge(0).to(grad.scalar_type()) : logits;
-      return {want_weight ? grad * open : at::Tensor(), want_logits ? at::addcmul(at::zeros({}, grad.options()), weight, grad, scale) : at::Tensor(),
-              at::Tensor(), at::Tensor(), at::Tensor()};
+      const at::Tensor grad_logits =
+          want_logits ? at::addcmul(at::zeros({}, grad.options()), weight, grad, scale) : at::Tensor();
+      return {want_weight ? grad * open : at::Tensor(), grad_logits, at::Tensor(), at::Tensor(), at::Tensor()};
     }
     // an upstream gradient of another layout (an expanded scalar, say) is copied into the weight's
     if (grad.strides() != weight.strides()) grad = at::empty_like(weight).copy_(grad);
