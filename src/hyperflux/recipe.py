@@ -370,13 +370,18 @@ def _check_model_args(model: dict[str, Any]) -> None:
             )
 
 
+def _hyperflux_method(exact_target: bool) -> str:
+    """The method an unset `method` is: hyperflux's, in the form `hyperflux.exact_target` chooses."""
+    return "hyperflux" if exact_target else "hyperflux-paper"
+
+
 def _resolve_method(recipe: dict[str, Any], exact_given: bool) -> None:
     """`method` and `hyperflux.exact_target` agree: each hyperflux method sets it, a contradiction fails;
     the baselines need a target sparsity and schedules inside the budget."""
     hf, spec = recipe["hyperflux"], recipe["baseline"]
     method = recipe["method"]
     if method is None:
-        recipe["method"] = "hyperflux" if hf["exact_target"] else "hyperflux-paper"
+        recipe["method"] = _hyperflux_method(hf["exact_target"])
         return
     if method in HYPERFLUX_METHODS:
         exact = method == "hyperflux"
@@ -529,7 +534,7 @@ def saved_form(recipe: Mapping[str, Any]) -> dict[str, Any]:
     `hyperflux.exact_target`, left unset where it equals that derivation, so that a saved recipe reused with
     another exact_target derives it again instead of contradicting it."""
     saved = copy.deepcopy(dict(recipe))
-    if saved["method"] == ("hyperflux" if saved["hyperflux"]["exact_target"] else "hyperflux-paper"):
+    if saved["method"] == _hyperflux_method(saved["hyperflux"]["exact_target"]):
         saved["method"] = None
     return saved
 
