@@ -14,14 +14,15 @@ multiplier with the best final holdout accuracy among the runs within 0.05 pp of
 recipe's own, 1); where no run is within 0.05 pp (the paper's form), the one closest to the target. The choice
 is stored in the JSON (`lr_choice`) and reused.
 
-Schedule granularity, chosen the same way right after the lr, for every method that updates its masks on a
-step interval: hyperflux and hyperflux-paper (`train.controller_every`: a controller period per epoch by
-default), GMP, Taylor and RigL (`baseline.update_every`: every min(100, batches per epoch) steps for GMP and
-RigL, per epoch for Taylor, by default). At the chosen lr, the default interval (its run is the lr choice's) is
-compared with every 40 batches (one more holdout run, same budget and rule; ties: the default) and the better
-is kept (`schedule_choice`). Magnitude, IMP and random have no such interval. Everything else (Adam, label
-smoothing 0.1, no weight decay, the baselines' other default schedules from `hyperflux.baselines`) is the
-recipe's.
+Schedule, chosen the same way right after the lr, for every method that has one to choose: the methods that
+update their masks on a step interval, hyperflux and hyperflux-paper (`train.controller_every`: a controller
+period per epoch by default), GMP, Taylor and RigL (`baseline.update_every`: every min(100, batches per epoch)
+steps for GMP and RigL, per epoch for Taylor, by default), try every 40 batches; IMP, whose rounds share the
+budget equally by default, tries giving the final mask half of it (`baseline.final_share=0.5`; the rounds
+before it share the other half). At the chosen lr, the default (its run is the lr choice's) is compared with
+the alternative (one more holdout run, same budget and rule; ties: the default) and the better is kept
+(`schedule_choice`). Magnitude and random have no schedule to choose. Everything else (Adam, label smoothing
+0.1, no weight decay, the baselines' other default schedules from `hyperflux.baselines`) is the recipe's.
 
 Tasks: LeNet-300-100 on MNIST (recipes/lenet300-mnist-*.yaml: 30 pruning + 15 regrowth epochs, Adam 5e-3)
 at 90, 95, 98, 99 and 99.5%; LeNet-5 on Fashion-MNIST served at 32x32 (recipes/lenet5-fashion-*.yaml with
@@ -48,7 +49,7 @@ import time
 import traceback
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -88,15 +89,27 @@ LR_MULTIPLIERS = (0.5, 1.0, 2.0)
 LR_KEYS = ("lr", "lr_end", "lr_reset", "lr_final")
 MASK_LR_KEYS = ("mask_lr", "regrowth_mask_lr")  # hyperflux's other optimiser group, scaled with the rest
 HYPERFLUX_METHODS = ("hyperflux", "hyperflux-paper")
-# the recipe key of each method's mask-update interval, and the finer interval the choice tries
-SCHEDULE_KEYS = {
-    "hyperflux": "train.controller_every",
-    "hyperflux-paper": "train.controller_every",
-    "gmp": "baseline.update_every",
-    "taylor": "baseline.update_every",
-    "rigl": "baseline.update_every",
+
+
+class Schedule(NamedTuple):
+    """A method's schedule setting that the choice tries one alternative of, against the recipe's default."""
+
+    key: str  # the recipe key
+    field: str  # its name in the records and in `schedule_choice`
+    alternative: float
+    label: str  # the alternative, in words
+    suffix: str  # run folders trained with the alternative end in f"-{suffix}{alternative:g}"
+
+
+EVERY_40 = ("update_every", 40, "every 40 batches", "every")
+SCHEDULES = {
+    "hyperflux": Schedule("train.controller_every", *EVERY_40),
+    "hyperflux-paper": Schedule("train.controller_every", *EVERY_40),
+    "gmp": Schedule("baseline.update_every", *EVERY_40),
+    "taylor": Schedule("baseline.update_every", *EVERY_40),
+    "rigl": Schedule("baseline.update_every", *EVERY_40),
+    "imp": Schedule("baseline.final_share", "final_share", 0.5, "final mask trains half the budget", "final"),
 }
-FINE_EVERY = 40
 CHOICES = ("lr_choice", "schedule_choice")
 CHOICE_EPOCHS = (6, 4)
 CHOICE_HOLDOUT = 10_000
@@ -115,7 +128,7 @@ def cell_recipe(
     quick: bool,
     lr_multiplier: float = 1.0,
     choosing: bool = False,
-    every: int | None = None,
+    schedule: float | None = None,
 ) -> dict[str, Any]:
     task = TASKS[model]
     path = ROOT / task["recipe"].format(target=target_label(target))
@@ -129,8 +142,8 @@ def cell_recipe(
         assignments += [f"hyperflux.pruning_epochs={epochs[0]}", f"hyperflux.regrowth_epochs={epochs[1]}"]
     if choosing:
         assignments.append(f"data.holdout={CHOICE_HOLDOUT}")
-    if every is not None:
-        assignments.append(f"{SCHEDULE_KEYS[method]}={every}")
+    if schedule is not None:
+        assignments.append(f"{SCHEDULES[method].key}={schedule}")
     if lr_multiplier != 1.0:
         base = load_recipe(path, assignments)
         scaled = [("optimizer", k) for k in LR_KEYS]
@@ -146,27 +159,31 @@ def cell_recipe(
     return recipe
 
 
-def run_label(method: str, multiplier: float, every: int | None) -> str:
-    """The run folder's suffix for a non-default lr or interval ("lrs": hyperflux's mask lrs scaled too, which
+def schedule_label(method: str, schedule: float | None) -> str:
+    """The run folder's suffix for a non-default schedule."""
+    return "" if schedule is None else f"-{SCHEDULES[method].suffix}{schedule:g}"
+
+
+def run_label(method: str, multiplier: float, schedule: float | None) -> str:
+    """The run folder's suffix for a non-default lr or schedule ("lrs": hyperflux's mask lrs scaled too, which
     folders from before that rule did not)."""
     lr = "lrs" if method in HYPERFLUX_METHODS else "lr"
-    return ("" if multiplier == 1.0 else f"-{lr}{multiplier:g}x") + (
-        "" if every is None else f"-every{every}"
-    )
+    return ("" if multiplier == 1.0 else f"-{lr}{multiplier:g}x") + schedule_label(method, schedule)
 
 
 def holdout_trial(
-    model: str, method: str, runs: Path, multiplier: float, every: int | None
+    model: str, method: str, runs: Path, multiplier: float, schedule: float | None
 ) -> dict[str, float]:
     """One choice run (seed 0, 6+4 epochs, on the holdout at the task's choice target)."""
     target = TASKS[model]["choice_target"]
-    name = f"x{multiplier:g}" + ("" if every is None else f"-every{every}")
+    name = f"x{multiplier:g}" + schedule_label(method, schedule)
     if multiplier != 1.0 and method in HYPERFLUX_METHODS:
         name += "-masklr"  # hyperflux's mask lrs scaled too, which folders from before that rule did not
     out = runs / "lr-choice" / model / method / name
-    print(f"choice: {model} {method} lr x{multiplier:g} every {every or 'default'} ...", end=" ", flush=True)
+    setting = "default" if schedule is None else f"{SCHEDULES[method].field} {schedule:g}"
+    print(f"choice: {model} {method} lr x{multiplier:g} schedule {setting} ...", end=" ", flush=True)
     summary = run_cell(
-        cell_recipe(model, method, target, 0, False, multiplier, choosing=True, every=every), out
+        cell_recipe(model, method, target, 0, False, multiplier, choosing=True, schedule=schedule), out
     )
     print(f"holdout {summary['final_accuracy']:.2f}%  sparsity {100 * summary['sparsity']:.3f}%")
     return {"holdout_accuracy": summary["final_accuracy"], "gap_pp": 100 * abs(summary["sparsity"] - target)}
@@ -211,22 +228,35 @@ def choose_schedules(
     json_path: Path,
     command: str,
     seeds: list[int] | None = None,
-) -> dict[str, int | None]:
-    """Each method's mask-update interval for `model` (None: its default), from the JSON or chosen now on the
+) -> dict[str, float | None]:
+    """Each method's schedule setting for `model` (None: its default), from the JSON or chosen now on the
     holdout at the method's chosen lr (see the module docstring)."""
     lr_trials = results["lr_choice"][model]
     chosen = results.setdefault("schedule_choice", {}).setdefault(model, {})
     for method, multiplier in multipliers.items():
-        if method in chosen or method not in SCHEDULE_KEYS:
+        if method in chosen or method not in SCHEDULES:
             continue
+        schedule = SCHEDULES[method]
         trials = {
             "default": lr_trials[method]["trials"][f"{multiplier:g}"],
-            f"{FINE_EVERY}": holdout_trial(model, method, runs, multiplier, FINE_EVERY),
+            f"{schedule.alternative:g}": holdout_trial(model, method, runs, multiplier, schedule.alternative),
         }
         best = best_trial(trials, "default")
-        chosen[method] = {"every": None if best == "default" else int(best), "trials": trials}
+        chosen[method] = {
+            schedule.field: None if best == "default" else schedule.alternative,
+            "trials": trials,
+        }
         save_results(json_path, results, command, [model], seeds)
-    return {method: chosen[method]["every"] if method in chosen else None for method in multipliers}
+    return {
+        method: chosen[method][SCHEDULES[method].field] if method in chosen else None
+        for method in multipliers
+    }
+
+
+def record_schedule(record: dict[str, Any]) -> float | None:
+    """The schedule setting a record was run with (None: the method's default)."""
+    schedule = SCHEDULES.get(record["method"])
+    return None if schedule is None else record.get(schedule.field)
 
 
 def budget_epochs(model: str, quick: bool) -> int:
@@ -284,8 +314,9 @@ def _write(path: Path, results: dict[str, Any], command: str, commands: dict[str
         "command": command,
         "commands": commands or {},  # per model, where processes ran the models side by side
         "lr_rule": "each method's lrs: the recipe's scaled by the multiplier in lr_choice (0.5, 1 or 2, "
-        "best final holdout accuracy on a 6+4 epoch budget); its mask-update interval: the default or every "
-        f"{FINE_EVERY} batches, the better on the same holdout (schedule_choice); --quick: the recipe's",
+        "best final holdout accuracy on a 6+4 epoch budget); its schedule: the default or the alternative in "
+        "schedule_choice (every 40 batches; IMP: the final mask trains half the budget), the better on the "
+        "same holdout; --quick: the recipe's",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(results, indent=2) + "\n")
@@ -383,18 +414,19 @@ def markdown(results: dict[str, Any]) -> str:
             cells = " | ".join("–" if a is None else f"{a:.2f}" for a in accs)
             lines.append(f"| {method} | {c['multiplier']:g}x | {cells} |")
         lines.append("")
-    intervals = results.get("schedule_choice", {})
-    for model, methods in sorted(intervals.items(), key=lambda item: list(TASKS).index(item[0])):
+    schedules = results.get("schedule_choice", {})
+    for model, methods in sorted(schedules.items(), key=lambda item: list(TASKS).index(item[0])):
         lines += [
-            f"Mask-update interval chosen for {names.get(model, model)} at the chosen lr (holdout accuracy %):",
+            f"Schedule chosen for {names.get(model, model)} at the chosen lr (holdout accuracy %):",
             "",
-            f"| method | chosen | default | every {FINE_EVERY} batches |",
-            "| --- | --- | --- | --- |",
+            "| method | alternative tried | chosen | default | alternative |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for method, c in sorted(methods.items(), key=lambda item: METHODS.index(item[0])):
-            accs = [c["trials"][k]["holdout_accuracy"] for k in ("default", f"{FINE_EVERY}")]
-            chosen_every = "default" if c["every"] is None else f"every {c['every']}"
-            lines.append(f"| {method} | {chosen_every} | {accs[0]:.2f} | {accs[1]:.2f} |")
+            schedule = SCHEDULES[method]
+            accs = [c["trials"][k]["holdout_accuracy"] for k in ("default", f"{schedule.alternative:g}")]
+            chosen = "default" if c[schedule.field] is None else "alternative"
+            lines.append(f"| {method} | {schedule.label} | {chosen} | {accs[0]:.2f} | {accs[1]:.2f} |")
         lines.append("")
     for model in models_in(records):
         targets = sorted({t for m, t, _ in table if m == model})
@@ -542,8 +574,8 @@ def main() -> int:
         write_reports(results, json_path)
         return 0
     default_threads = torch.get_num_threads()
-    # (model, method) -> (lr multiplier, mask-update interval or None for the method's default)
-    settings: dict[tuple[str, str], tuple[float, int | None]] = {}
+    # (model, method) -> (lr multiplier, schedule setting or None for the method's default)
+    settings: dict[tuple[str, str], tuple[float, float | None]] = {}
     for model in tasks:
         if args.quick:
             settings |= {(model, method): (1.0, None) for method in args.methods}
@@ -551,15 +583,15 @@ def main() -> int:
         torch.set_num_threads(default_threads)
         lrs = choose_lrs(results, model, list(args.methods), runs, json_path, command, args.seed)
         torch.set_num_threads(default_threads)
-        intervals = choose_schedules(results, model, lrs, runs, json_path, command, args.seed)
-        settings |= {(model, method): (lrs[method], intervals[method]) for method in args.methods}
+        chosen = choose_schedules(results, model, lrs, runs, json_path, command, args.seed)
+        settings |= {(model, method): (lrs[method], chosen[method]) for method in args.methods}
     # a record counts as done only if it was run with its method's chosen settings (older records: the recipe's)
     # and on this run's epoch budget
     budget = {model: budget_epochs(model, args.quick) for model in tasks}
     done = {
         key(r)
         for r in results["records"]
-        if (r.get("lr_multiplier", 1.0), r.get("update_every")) == settings.get((r["model"], r["method"]))
+        if (r.get("lr_multiplier", 1.0), record_schedule(r)) == settings.get((r["model"], r["method"]))
         and r["epochs"] == budget.get(r["model"], r["epochs"])
         # hyperflux records from before its mask lrs were scaled with the rest lack `mask_lr`
         and (r["method"] not in HYPERFLUX_METHODS or r.get("lr_multiplier", 1.0) == 1.0 or "mask_lr" in r)
@@ -575,15 +607,19 @@ def main() -> int:
     start = time.perf_counter()
     for i, (model, method, target, seed) in enumerate(todo, 1):
         torch.set_num_threads(default_threads)  # a recipe's `threads` must not leak into the next cell
-        multiplier, every = settings[(model, method)]
+        multiplier, schedule = settings[(model, method)]
         out = (
-            runs / model / method / target_label(target) / f"seed{seed}{run_label(method, multiplier, every)}"
+            runs
+            / model
+            / method
+            / target_label(target)
+            / f"seed{seed}{run_label(method, multiplier, schedule)}"
         )
         print(
             f"[{i}/{len(todo)}] {model} {method} {target_label(target)}% seed {seed} ...", end=" ", flush=True
         )
         try:
-            recipe = cell_recipe(model, method, target, seed, args.quick, multiplier, every=every)
+            recipe = cell_recipe(model, method, target, seed, args.quick, multiplier, schedule=schedule)
             summary = run_cell(recipe, out)
         except Exception as error:  # one failing cell must not cost the rest of a run of hours
             failed.append((model, method, target, seed, f"{type(error).__name__}: {error}"))
@@ -603,8 +639,9 @@ def main() -> int:
             "lr_multiplier": multiplier,
             "lr": recipe["optimizer"]["lr"],
             "mask_lr": recipe["hyperflux"]["mask_lr"],
-            "update_every": every,
         }
+        if method in SCHEDULES:
+            record[SCHEDULES[method].field] = schedule
         results["records"].append(record)
         save_results(json_path, results, command, list(tasks), args.seed)
         print(

@@ -187,6 +187,24 @@ def test_imp_prunes_a_fifth_of_what_remains_per_round_and_rewinds():
         assert torch.equal(weight.detach(), expected), name
 
 
+def test_imp_gives_the_final_mask_its_share_of_the_budget():
+    """With `final_share`, the last round trains for that share of the steps and the rounds before it split
+    the rest evenly; the masks still change at the rounds' ends only and end at the target."""
+    model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 5))
+    pruner = baselines.build("imp", model, 0.9, 30, 10, 10, seed=0, final_share=0.5)
+    rounds = len(pruner.counts) + 1
+    assert pruner.ends[-1] == 400 and pruner.ends[-2] == 200  # 40 epochs of 10 steps, half for the final mask
+    lengths = [b - a for a, b in zip([0, *pruner.ends[:-2]], pruner.ends[:-1], strict=True)]
+    assert len(lengths) == rounds - 1 and max(lengths) - min(lengths) <= 1 and sum(lengths) == 200
+    even = baselines.build("imp", copy.deepcopy(model), 0.9, 30, 10, 10, seed=0)
+    assert even.ends == [round((j + 1) * 400 / rounds) for j in range(rounds)]
+    pruner, history = train("imp", rewind_epoch=0, final_share=0.5)
+    assert pruner.ends[-2] == EPOCHS * BATCHES // 2 and change_steps(history) == pruner.ends[:-1]
+    assert history[-1]["kept"] == pruner.target_count
+    with pytest.raises(ValueError, match=r"only 20 steps, 2 of them before the final share"):
+        baselines.build("imp", tiny(), TARGET, EPOCHS - 1, 1, BATCHES, seed=0, final_share=0.9)
+
+
 def test_imp_prunes_at_least_one_weight_a_round_down_to_a_target_of_one():
     model = nn.Sequential(nn.Linear(4, 2, bias=False))
     pruner = baselines.build("imp", model, 7 / 8, 3, 1, 50, seed=0)

@@ -435,8 +435,10 @@ class Taylor(Gradual):
 class IMP(Baseline):
     """Iterative magnitude pruning with rewinding (Frankle et al.): train, prune 20% of what remains
     (`prune_fraction`), rewind the weights to their value at `rewind_epoch` (default 1, an early point),
-    repeat until the target. The budget's steps are split evenly between the rounds, and each round replays
-    the lr schedule from the rewind point, compressed into its share."""
+    repeat until the target. The budget's steps are split evenly between the rounds, or, with `final_share`,
+    that share of them goes to the last round (the final mask's training) and the rest is split evenly between
+    the rounds before it; each round replays the lr schedule from the rewind point, compressed into its
+    share."""
 
     name = "imp"
     importance_kind = "magnitude"
@@ -452,9 +454,19 @@ class IMP(Baseline):
             counts.append(kept)
         self.counts = counts
         rounds = len(counts) + 1  # the dense round, then one per prune
-        if self.total_steps < rounds:
-            raise ValueError(f"imp needs {rounds} rounds but the budget has only {self.total_steps} steps")
-        self.ends = [round((j + 1) * self.total_steps / rounds) for j in range(rounds)]
+        share = self.setting("final_share", None)
+        # the steps of the rounds before the last, which get equal parts of them
+        before_last = self.total_steps - round(share * self.total_steps) if share else None
+        if self.total_steps < rounds or (before_last is not None and before_last < rounds - 1):
+            raise ValueError(
+                f"imp needs {rounds} rounds of at least one step but the budget has only {self.total_steps} "
+                f"steps" + ("" if share is None else f", {before_last} of them before the final share")
+            )
+        if before_last is None:
+            self.ends = [round((j + 1) * self.total_steps / rounds) for j in range(rounds)]
+        else:
+            self.ends = [round((j + 1) * before_last / (rounds - 1)) for j in range(rounds - 1)]
+            self.ends.append(self.total_steps)
         self.rewind_epoch = self.setting("rewind_epoch", min(1, self.total_epochs - 1))
         # the rewind point is taken in the dense round, whose schedule is compressed like every round's
         self.rewind_step = round(self.rewind_epoch / self.total_epochs * self.ends[0])

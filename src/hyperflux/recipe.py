@@ -292,6 +292,8 @@ SCHEMA: dict[str, Any] = {
         "update_every": Field(None, optional(integer(1))),  # gmp, rigl, taylor: steps between mask updates
         "rewind_epoch": Field(None, optional(integer(0))),  # imp
         "prune_fraction": Field(0.2, fraction_open),  # imp: of the remaining weights per round
+        # imp: the share of the budget the final mask trains for (None: an equal share with every round)
+        "final_share": Field(None, optional(fraction_open)),
         "drop_fraction": Field(0.3, fraction_open),  # rigl: at the start, cosine-decayed to 0
     },
     # `hyperflux train` (dense baseline): epochs None reuses the pruning run's epochs and lr schedule
