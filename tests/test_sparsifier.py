@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -798,3 +799,69 @@ def test_loading_a_pruning_state_into_a_frozen_run_leaves_its_logits_training():
     train_step()  # batch 2, sampled: the pruning logits take their step
     assert all(m.requires_grad for m in hf.mask_parameters())
     assert all(not torch.equal(m, b) for m, b in zip(hf.mask_parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("passed", ["positional", "keyword"])
+def test_an_attached_step_with_a_closure_applies_the_pressure_to_the_gradients_the_closure_made(passed):
+    """The closure recomputes the gradients inside `optimizer.step`, after the step's pre-hook: the pressure
+    must join them there, as it joins the gradients of a plain step."""
+    data = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(3)]
+    runs = []
+    for closing in (False, True):
+        model = mlp()
+        hf = Hyperflux(model, 0.5, pruning_epochs=5, scheduler=PressureScheduler.constant(50.0))
+        opt = torch.optim.SGD(hf.param_groups(lr=0.1), lr=0.1)
+        hf.attach(opt)
+        for x, y in data:
+
+            def closure(x=x, y=y, model=model, opt=opt):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            if not closing:
+                closure()
+                opt.step()
+            elif passed == "positional":
+                opt.step(closure)
+            else:
+                opt.step(closure=closure)
+        runs.append((hf, [g.logits.detach().clone() for g in hf.gates]))
+    (plain, expected), (closed, logits) = runs
+    moved = [(a - b).abs().max() for a, b in zip(expected, [g.logits for g in mlp_gates()], strict=True)]
+    assert all(m > 5e-4 for m in moved)  # the pressure moved every logit: 3 steps of mask lr * P / N
+    for got, want in zip(logits, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert closed.meter.batches == plain.meter.batches == 3
+
+
+def mlp_gates():
+    """The gates of a freshly prepared `mlp()`, at their initial logits."""
+    return Hyperflux(mlp(), 0.5, pruning_epochs=5).gates
+
+
+def test_step_refuses_what_is_not_an_optimizer_and_checks_the_loss_forms_groups():
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=2, regrowth_epochs=1)
+    with pytest.raises(TypeError, match=r"hf\.step\(\) takes the optimisers .* got a float"):
+        hf.step(0.1)
+    shared = torch.optim.AdamW(model.parameters())  # the logits decayed with the weights
+    with pytest.warns(UserWarning, match="share an optimiser group with other parameters or weight decay"):
+        hf.step(shared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.step(shared)  # warned once per optimiser
+
+
+def test_step_warns_once_past_the_end_and_of_a_mask_lr_schedule_it_cannot_apply():
+    hf = Hyperflux(mlp(), 0.5, pruning_epochs=1, regrowth_epochs=1)
+    with pytest.warns(UserWarning, match="no optimiser is attached or passed to hf.step"):
+        hf.step()
+    hf.step()
+    with pytest.warns(UserWarning, match=r"past the end of the schedule \(2 periods\)"):
+        hf.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.step()
+    assert hf.phase == "done"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -152,15 +153,40 @@ class _AttachedStep:
         self._unflush = False  # stays set through a step that raised, so that the next one turns it off
         self.seen = sparsifier.meter.batches  # the flux meter's counter after this optimiser's last step
 
-    def before(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
+    def before(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]] | None:
+        """Prepare the gradients now, or, for `step(closure)`, after each call of the closure, which computes
+        them afresh (LBFGS calls it several times a step); the flux is read after its first call."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.prepare(optimizer)
+            return None
+        calls = 0
+
+        def closure_then_pressure() -> Any:
+            nonlocal calls
+            loss = closure()
+            self.prepare(optimizer, first=calls == 0)
+            calls += 1
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_pressure}
+        return (args[0], closure_then_pressure, *args[2:]), kwargs
+
+    def prepare(self, optimizer: torch.optim.Optimizer, first: bool = True) -> None:
+        """Take a sampled batch's flux (on a step's `first` gradients only), then add the pressure."""
         coefs = self.sparsifier._pressure_coefs()
         gates = self.sparsifier.gates
         # AMP's GradScaler hands a fused optimiser its gradients still scaled, with the scale to divide by and
         # whether they overflowed, in which case the optimiser's kernel skips the step
         scale = getattr(optimizer, "grad_scale", None)
         meter = self.sparsifier.meter
-        sampled = meter.step_sampled(self.seen)
-        self.seen = meter.batches
+        sampled = False
+        if first:
+            sampled = meter.step_sampled(self.seen)
+            self.seen = meter.batches
         if sampled or self.sparsifier.frozen:  # the flux, from the gradients before the pressure joins them
             found_inf = getattr(optimizer, "found_inf", None)
             # read (a GPU sync) only on a step that takes the flux
@@ -194,7 +220,9 @@ class _AttachedStep:
             stop_flushing()
 
 
-def _warn_of_shared_groups(optimizer: torch.optim.Optimizer, logit_ids: set[int]) -> None:
+def _warn_of_shared_groups(
+    optimizer: torch.optim.Optimizer, logit_ids: set[int], stacklevel: int = 3
+) -> None:
     """Mask logits in a group with other parameters, or under weight decay, move at the weights' lr and decay
     towards 0, where every gate flips: the usual slip is an optimiser built from `model.parameters()`."""
     for group in optimizer.param_groups:
@@ -206,7 +234,7 @@ def _warn_of_shared_groups(optimizer: torch.optim.Optimizer, logit_ids: set[int]
                 f"the mask logits share an optimiser group with other parameters or weight decay (lr "
                 f"{group.get('lr')}, weight_decay {group.get('weight_decay')}); build the optimiser from "
                 "hf.param_groups(), which gives them their own lr and no decay",
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
             return
 
@@ -365,6 +393,8 @@ class Hyperflux:
         self._hooks.append(model.register_forward_pre_hook(self.meter.tick))
 
         self._optimizers: list[torch.optim.Optimizer] = []
+        self._checked_optimizers: weakref.WeakSet = weakref.WeakSet()  # passed to step(), checked once
+        self._warned_no_mask_lr = False
         self._attached_steps: list[_AttachedStep] = []
         self._attached = False
         self.period = 0
@@ -718,6 +748,14 @@ class Hyperflux:
         The regrowth phase resets and decays the mask lr in the attached optimisers and in any passed here.
         """
         self._check_live()
+        self._check_step_optimizers(optimizers)
+        if self.period == self.total_epochs:
+            warnings.warn(
+                f"hf.step() past the end of the schedule ({self.total_epochs} periods): the masks are frozen "
+                "and stay as they are; training on is fine, but check that the loop's epochs match "
+                "pruning_epochs + regrowth_epochs",
+                stacklevel=2,
+            )
         self._sync_flux()
         self._enforce_floors()
         record = self.stats()
@@ -770,9 +808,29 @@ class Hyperflux:
         record["density"] = record["kept"] / self.total
         record["sparsity"] = 1.0 - record["density"]
 
+    def _check_step_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Refuse what is not an optimiser, and warn, once per optimiser, of mask logits it decays or moves at
+        the weights' lr, as `attach()` does (the loss form never calls it)."""
+        for optimizer in optimizers:
+            if not hasattr(optimizer, "param_groups"):
+                raise TypeError(
+                    f"hf.step() takes the optimisers that hold the mask logits, got a {type(optimizer).__name__}"
+                )
+            if optimizer in self._checked_optimizers or any(o is optimizer for o in self._optimizers):
+                continue
+            self._checked_optimizers.add(optimizer)
+            _warn_of_shared_groups(optimizer, {id(p) for p in self.mask_parameters()}, stacklevel=4)
+
     def _set_mask_lr(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         if self.period < self.pruning_epochs:
             return
+        if not self._optimizers and not optimizers and not self._warned_no_mask_lr:
+            self._warned_no_mask_lr = True
+            warnings.warn(
+                "the regrowth phase resets and decays the mask lr, but no optimiser is attached or passed to "
+                "hf.step(): pass the one that holds the mask logits, hf.step(optimizer), or attach() it",
+                stacklevel=3,
+            )
         logit_ids = {id(p) for p in self.mask_parameters()}
         for optimizer in [*self._optimizers, *optimizers]:
             for group in optimizer.param_groups:
