@@ -15,7 +15,7 @@ import hyperflux
 from hyperflux import models
 from hyperflux.cli import main
 from hyperflux.export import FORMAT, file_sizes, read_sparse
-from hyperflux.sparse_inference import SparseLinear
+from hyperflux.sparse_inference import SparseLinear, plan_sparse_inference
 from pruned_models import random_prune as prune
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -147,6 +147,23 @@ def test_a_file_of_another_model_is_refused(saved):
     with pytest.raises(ValueError, match="does not fit the model"):
         hyperflux.load_sparse(saved, other)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_a_converted_or_a_masked_model_is_refused_before_anything_is_copied(saved):
+    skeleton = models.build("lenet300", num_classes=10, in_channels=1, image_size=28)
+    plan = plan_sparse_inference(skeleton, max_density=1.0)
+    for choice in plan:
+        choice.sparse = True
+    converted = hyperflux.to_sparse_inference(skeleton, plan=plan)
+    before = {k: v.clone() for k, v in converted.state_dict().items() if v.layout == torch.strided}
+    with pytest.raises(ValueError, match=r"sparse-layout tensor .* load the file into the plain model"):
+        hyperflux.load_sparse(saved, converted)
+    assert all(torch.equal(before[k], v) for k, v in converted.state_dict().items() if k in before)
+    masked = models.build("lenet300", num_classes=10, in_channels=1, image_size=28)
+    hyperflux.Hyperflux(masked, target_sparsity=0.9, pruning_epochs=2)
+    with pytest.raises(ValueError, match=r"still has its masks: load the file's state"):
+        hyperflux.load_sparse(saved, masked)
+    masked.load_state_dict(hyperflux.load_sparse(saved))  # as the message says
 
 
 @pytest.fixture(scope="module")

@@ -491,3 +491,46 @@ def test_planning_keeps_a_frozen_batchnorm_frozen_in_a_training_model():
     model[1].eval()  # frozen statistics, as in fine-tuning
     plan_sparse_inference(model, torch.randn(32, 64), repeats=1)
     assert model.training and not model[1].training
+
+
+class _KeywordCalls(nn.Module):
+    """Calls its layers by keyword, `input=`, as nn.Linear and nn.Conv2d name their argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(input=self.conv(input=x).flatten(1))
+
+
+def test_layers_called_by_keyword_are_planned_and_converted(kernel):
+    torch.manual_seed(0)
+    model = prune(_KeywordCalls(), 0.8)
+    x = torch.randn(3, 1, 8, 8)
+    measured = to_sparse_inference(model, x)  # the plan reads each layer's input from a keyword call too
+    assert {type(m) for m in measured.modules()} >= {_KeywordCalls}
+    fast = to_sparse_inference(model, plan=every_layer_sparse(model))
+    assert isinstance(fast.fc, SparseLinear) and isinstance(fast.conv, SparseConv2d)
+    with torch.no_grad():
+        close(fast(x), model(x))
+        close(measured(x), model(x))
+
+
+def test_a_csr_weight_with_int32_indices_loads_and_runs(kernel):
+    torch.manual_seed(0)
+    dense = prune(nn.Sequential(nn.Linear(30, 20)), 0.8)
+    fast = to_sparse_inference(dense, plan=every_layer_sparse(dense))
+    weight = dense[0].weight.detach().to_sparse_csr()
+    narrow = torch.sparse_csr_tensor(
+        weight.crow_indices().int(),
+        weight.col_indices().int(),
+        weight.values(),
+        weight.shape,
+        check_invariants=True,
+    )
+    fast.load_state_dict({"0.weight": narrow, "0.bias": dense[0].bias.detach()})
+    x = torch.randn(6, 30)
+    with torch.no_grad():
+        close(fast(x), dense(x))

@@ -220,13 +220,26 @@ def load_sparse(
             raise ValueError("inference=True needs the model skeleton to load into (model=...)")
         return state
     expected = model.state_dict()
+    converted = [key for key, tensor in expected.items() if tensor.layout != torch.strided]
+    if converted:  # torch's loader would fail on it halfway, with the tensors before it already copied
+        raise ValueError(
+            f"{converted[0]} is a sparse-layout tensor (a model converted by to_sparse_inference?); load the "
+            "file into the plain model, with inference=True to convert it afterwards"
+        )
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     wrong = [key for key in expected if key in state and expected[key].shape != state[key].shape]
     if missing or unexpected or wrong:
+        masked = any("parametrizations" in key.split(".") for key in expected)
         raise ValueError(
             f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"other shape {wrong[:3]}"
+            + (
+                "; the model still has its masks: load the file's state, model.load_state_dict("
+                "load_sparse(path)), which a prepared model takes as it takes a dense checkpoint"
+                if masked
+                else ""
+            )
         )
     model.load_state_dict(state)
     if inference:

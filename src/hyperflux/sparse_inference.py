@@ -114,8 +114,18 @@ class _CompiledCSR(nn.Module):
             and incoming.layout is torch.sparse_csr
             and incoming.shape == weight.shape
         ):
-            self._buffers["weight"] = incoming.to(weight.device, weight.dtype).clone()
+            incoming = incoming.to(weight.device, weight.dtype)
+            if incoming.crow_indices().dtype != torch.int64:  # the compiled kernel reads int64 indices
+                incoming = torch.sparse_csr_tensor(
+                    incoming.crow_indices().long(),
+                    incoming.col_indices().long(),
+                    incoming.values(),
+                    incoming.shape,
+                    check_invariants=True,
+                )
+            self._buffers["weight"] = incoming.clone()
             self.density = incoming._nnz() / max(incoming.shape.numel(), 1)
+            state_dict = {**state_dict, key: self._buffers["weight"]}
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _kernel(self, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None:
@@ -164,7 +174,9 @@ class SparseLinear(_CompiledCSR):
         # a plain int (no module attribute lookup) keeps the dense path as cheap as nn.Linear's at batch 1
         self._dense_below = min_batch * self.in_features if min_batch > 1 else 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # `input`, nn.Linear's name for it, so that a layer called as `fc(input=x)` keeps working once converted
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input
         if x.numel() < self._dense_below:
             return F.linear(x, self.dense_weight, self.bias)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
@@ -224,7 +236,8 @@ class SparseConv2d(_CompiledCSR):
         span = self.dilation[axis] * (self.kernel_size[axis] - 1) + 1
         return (size + 2 * self.padding[axis] - span) // self.stride[axis] + 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Conv2d's name for it, as SparseLinear's
+        x = input
         batched = x.dim() == 4
         images = x if batched else x.unsqueeze(0)
         n, height, width = images.shape[0], images.shape[2], images.shape[3]
@@ -371,9 +384,14 @@ def _faster(choice: LayerChoice, dense: nn.Module, sparse: nn.Module, x: torch.T
 def _layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input each named layer sees (its first call) when the model runs on `example`."""
     inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        # a layer called by keyword, `fc(input=x)`, has no positional arguments
+        inputs.setdefault(name, args[0] if args else kwargs["input"])
+
     handles = [
         model.get_submodule(name).register_forward_pre_hook(
-            lambda _module, args, name=name: inputs.setdefault(name, args[0])
+            lambda _module, args, kwargs, name=name: keep(name, args, kwargs), with_kwargs=True
         )
         for name in names
     ]
