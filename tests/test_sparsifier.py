@@ -334,6 +334,27 @@ def test_exact_target_closes_at_the_requested_count(direction):
     assert torch.equal(kept, order >= order.topk(want).values.min())
 
 
+@pytest.mark.parametrize("direction", ["trim", "refill"])
+def test_the_exact_trim_writes_logits_of_any_layout(direction):
+    """A model moved to channels-last has 4-d logits whose flat view is a copy: the trim must write the
+    chosen gates in the logits themselves, as in contiguous ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    hf = Hyperflux(model, 0.7, pruning_epochs=1, regrowth_epochs=1)
+    model.to(memory_format=torch.channels_last)
+    assert not hf.gates[0].logits.is_contiguous() and hf.gates[1].logits.is_contiguous()
+    with torch.no_grad():
+        for gate in hf.gates:
+            gate.logits.uniform_(-1, 1).sub_(0.0 if direction == "trim" else 0.9)
+    order = torch.cat([g.logits.detach().flatten() for g in hf.gates])
+    hf.step()
+    hf.step()
+    want = round(0.3 * hf.total)
+    kept = torch.cat([g.mask().flatten() for g in hf.gates])
+    assert int(kept.sum()) == want
+    assert torch.equal(kept, order >= order.topk(want).values.min())
+
+
 def train(model, hf, opt, periods, data, start=0):
     x, y = data
     for period in range(start, start + periods):
@@ -865,3 +886,27 @@ def test_step_warns_once_past_the_end_and_of_a_mask_lr_schedule_it_cannot_apply(
         warnings.simplefilter("error")
         hf.step()
     assert hf.phase == "done"
+
+
+def test_the_state_holds_the_flux_sum_itself_and_none_for_a_period_without_flux():
+    """A checkpoint taken right after `step()` (the trainer's) carries no model-sized zeros, and one taken
+    mid-period restores the sum exactly, not as a mean times its count."""
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=3, flux_every=1)
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-3))
+    hf.attach(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 4, (8,))).backward()
+        opt.step()
+    state = hf.state_dict()
+    assert [b for b in state["flux_batches"]] == [3, 3]
+    assert all(torch.equal(saved, g.flux_sum) for saved, g in zip(state["flux_sum"], hf.gates, strict=True))
+    other = Hyperflux(mlp(1), 0.5, pruning_epochs=3, flux_every=1)
+    other.load_state_dict(state)
+    assert all(torch.equal(a.flux_sum, b.flux_sum) for a, b in zip(other.gates, hf.gates, strict=True))
+    hf.step()
+    after = hf.state_dict()
+    assert after["flux_sum"] == [None, None]
+    other.load_state_dict(after)
+    assert all(g.flux_sum is None and g.flux_batches == 0 for g in other.gates)
