@@ -93,12 +93,42 @@ def test_numbers_written_without_a_dot_are_numbers():
         ("device=gpu", "recipe key 'device': expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
         ("data=3", "recipe key 'data': expected a mapping of keys, got 3"),
         ("hyperflux.pressure=0.5", "give exactly one of hyperflux.target_sparsity, hyperflux.pressure"),
+        # values that passed and then overflowed or crashed later, without the key's name
+        (
+            "hyperflux.init_logit=1e300",
+            "recipe key 'hyperflux.init_logit': expected a positive number up to 1000",
+        ),
+        ("hyperflux.delta=1e300", "recipe key 'hyperflux.delta': expected a positive number up to 100"),
+        ("seed=4294967296", "recipe key 'seed': expected an integer in [0, 4294967295]"),
+        ("threads=100000", "recipe key 'threads': expected an integer in [1, 1024]"),
+        ("name=../elsewhere", "recipe key 'name': expected a name without / or \\"),
+        (
+            "hyperflux.overrides={fc1: {min_densty: 0.5}}",
+            "'fc1' has 'min_densty', which is neither",
+        ),
+        ("hyperflux.overrides={fc1: {min_density: 5}}", "'fc1': min_density must be a number in [0, 1]"),
+        ("optimizer=", "recipe key 'optimizer' is a section, which an empty value would reset"),
     ],
 )
 def test_bad_values_name_their_key(assignment, message):
     with pytest.raises(RecipeError) as error:
         load_recipe(SMOKE, [assignment])
     assert message in str(error.value)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML lets the last of two equal keys win: a second `optimizer:` section silently dropped the first
+    one's settings."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "data: {name: digits}\nmodel: {name: lenet300}\noptimizer:\n  name: adam\n  lr: 0.005\n"
+        "hyperflux: {target_sparsity: 0.9, pruning_epochs: 2}\noptimizer:\n  weight_decay: 0.0\n"
+    )
+    with pytest.raises(RecipeError, match=re.escape("line 7: key 'optimizer' given twice (first on line 3)")):
+        load_recipe(path)
+    path.write_text(path.read_text().replace("optimizer:\n  weight_decay: 0.0\n", "seed: 1\nseed: 2\n"))
+    with pytest.raises(RecipeError, match="key 'seed' given twice"):
+        load_recipe(path)
 
 
 @pytest.mark.parametrize(

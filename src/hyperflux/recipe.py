@@ -12,7 +12,7 @@ import copy
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,22 @@ def positive(value: Any) -> float:
     return number
 
 
+def positive_up_to(maximum: float) -> Callable[[Any], float]:
+    """A positive number no larger than `maximum`: beyond it the controller's pressure or the logits'
+    initial draw overflow float."""
+
+    def check(value: Any) -> float:
+        try:
+            number = positive(value)
+        except _Bad:
+            number = -1.0
+        if not 0 < number <= maximum:
+            raise _Bad(f"a positive number up to {maximum:g}")
+        return number
+
+    return check
+
+
 def non_negative(value: Any) -> float:
     try:
         number = _number(value)
@@ -112,16 +128,18 @@ def decay_factor(value: Any) -> float:
     return number
 
 
-def integer(minimum: int) -> Callable[[Any], int]:
+def integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    wanted = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int | str):
-            raise _Bad(f"an integer >= {minimum}")
+            raise _Bad(wanted)
         try:
             number = int(value)
         except ValueError:
-            raise _Bad(f"an integer >= {minimum}") from None
-        if number < minimum:
-            raise _Bad(f"an integer >= {minimum}")
+            raise _Bad(wanted) from None
+        if number < minimum or (maximum is not None and number > maximum):
+            raise _Bad(wanted)
         return number
 
     return check
@@ -137,6 +155,14 @@ def string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _Bad("a non-empty string")
     return value
+
+
+def run_name(value: Any) -> str:
+    """A run's name, which names its folder under runs/: one path component."""
+    name = string(value)
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise _Bad("a name without / or \\ (it names the run's folder under runs/; --out puts it elsewhere)")
+    return name
 
 
 def choice(options: Sequence[str]) -> Callable[[Any], str]:
@@ -198,11 +224,19 @@ def overrides(value: Any) -> dict[str, dict[str, float]]:
     shape = "a mapping {pattern: {min_density: x, pressure_scale: y}}"
     if not isinstance(value, dict):
         raise _Bad(shape)
+    checks = {"min_density": unit_interval, "pressure_scale": non_negative}
     out = {}
     for pattern, settings in value.items():
         if not isinstance(pattern, str) or not isinstance(settings, dict):
             raise _Bad(shape)
-        out[pattern] = {str(k): _number(v) for k, v in settings.items()}
+        out[pattern] = {}
+        for key, setting in settings.items():
+            if key not in checks:
+                raise _Bad(f"{shape}; {pattern!r} has {key!r}, which is neither")
+            try:
+                out[pattern][key] = checks[key](setting)
+            except _Bad as bad:
+                raise _Bad(f"{shape}; {pattern!r}: {key} must be {bad}") from None
     return out
 
 
@@ -214,13 +248,13 @@ def pressure_list(value: Any) -> list[float]:
 
 # ----------------------------------------------------------------- the schema
 SCHEMA: dict[str, Any] = {
-    "name": Field(None, optional(string)),
-    "seed": Field(0, integer(0)),
+    "name": Field(None, optional(run_name)),
+    "seed": Field(0, integer(0, 2**32 - 1)),  # numpy's seeds
     "device": Field("auto", device),
     "amp": Field("off", choice(("off", "fp16", "bf16"))),
     # auto: on for models with a Conv2d trained on the CPU (see training.use_channels_last)
     "channels_last": Field("auto", choice(("auto", "on", "off"))),
-    "threads": Field(None, optional(integer(1))),
+    "threads": Field(None, optional(integer(1, 1024))),
     # None: hyperflux or hyperflux-paper as hyperflux.exact_target says
     "method": Field(None, optional(choice((*HYPERFLUX_METHODS, *BASELINE_METHODS)))),
     "data": {
@@ -270,12 +304,12 @@ SCHEMA: dict[str, Any] = {
         "ignore": Field(None, optional(patterns)),
         "overrides": Field(None, optional(overrides)),
         "min_density": Field(0.0, unit_interval),
-        "delta": Field(0.3, positive),
-        "regrowth_delta": Field(None, optional(positive)),
+        "delta": Field(0.3, positive_up_to(100)),
+        "regrowth_delta": Field(None, optional(positive_up_to(100))),
         "aggressivity": Field(6.0, positive),
-        "exponent": Field(1.5, positive),
+        "exponent": Field(1.5, positive_up_to(10)),
         "grad_scale": Field(0.25, positive),
-        "init_logit": Field(0.2, positive),
+        "init_logit": Field(0.2, positive_up_to(1000)),
         "mask_lr": Field(1e-3, non_negative),
         "regrowth_mask_lr": Field(None, optional(non_negative)),
         "mask_betas": Field([0.9, 0.999], betas),
@@ -488,6 +522,11 @@ def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str
             if not isinstance(child, dict):
                 raise RecipeError(f"recipe key '{'.'.join(parts[: depth + 1])}': is not a section")
             node = child
+        if isinstance(node.get(parts[-1]), dict) and value is None:
+            raise RecipeError(
+                f"--set {assignment!r}: recipe key '{key}' is a section, which an empty value would reset to its "
+                f"defaults; set its keys ({key}.<key>=value)"
+            )
         node[parts[-1]] = value
     keys = {assignment.partition("=")[0] for assignment in assignments}
     # a hyperflux method set here decides exact_target over the file's value, unless exact_target (or the
@@ -499,6 +538,26 @@ def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str
     return raw
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping, which it would let the last win: a
+    second `optimizer:` section would silently drop the first one's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in seen:
+                raise _DuplicateKey(f"line {line}: key {key!r} given twice (first on line {seen[key]})")
+            if isinstance(key, Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
@@ -508,7 +567,9 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as error:
         raise RecipeError(f"{path}: cannot read ({error.strerror})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as duplicate:
+        raise RecipeError(f"{path}: {duplicate}") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
