@@ -183,17 +183,28 @@ def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return check_optional
 
 
+def below_one(value: Any) -> float:
+    """A momentum or a label smoothing: 1 would keep no gradient or no label."""
+    try:
+        number = unit_interval(value)
+    except _Bad:
+        number = -1.0
+    if not 0 <= number < 1:
+        raise _Bad("a number in [0, 1)")
+    return number
+
+
 def betas(value: Any) -> list[float]:
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise _Bad("a list of two numbers in [0, 1)")
-    out = [unit_interval(v) for v in value]
-    if any(v >= 1 for v in out):
-        raise _Bad("a list of two numbers in [0, 1)")
-    return out
+    try:
+        return [below_one(v) for v in value]
+    except _Bad:
+        raise _Bad("a list of two numbers in [0, 1)") from None
 
 
 def patterns(value: Any) -> list[str]:
-    if isinstance(value, str):
+    if isinstance(value, str) and value:
         return [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise _Bad("a regular expression or a list of them")
@@ -274,7 +285,7 @@ SCHEMA: dict[str, Any] = {
     "train": {
         "batch_size": Field(128, integer(1)),
         "eval_batch_size": Field(1000, integer(1)),
-        "label_smoothing": Field(0.1, unit_interval),
+        "label_smoothing": Field(0.1, below_one),
         "eval_every": Field(1, integer(1)),
         "controller_every": Field(None, optional(integer(1))),
         "grad_clip": Field(None, optional(positive)),
@@ -285,7 +296,7 @@ SCHEMA: dict[str, Any] = {
         "lr_end": Field(None, optional(non_negative)),
         "lr_reset": Field(1e-3, non_negative),
         "lr_final": Field(1e-4, non_negative),
-        "momentum": Field(0.9, unit_interval),
+        "momentum": Field(0.9, below_one),
         "nesterov": Field(False, boolean),
         "betas": Field([0.9, 0.999], betas),
         "weight_decay": Field(0.0, non_negative),
