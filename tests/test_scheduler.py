@@ -1,6 +1,7 @@
 """The target trajectory (reference values of method.md s. 3) and the gamma controller on scripted densities."""
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -100,8 +101,8 @@ def test_state_dict_round_trip():
         ({"target_sparsity": 1.0, "epochs": 10}, "fraction in"),
         ({"target_sparsity": 0.0, "epochs": 10}, "fraction in"),
         ({"target_sparsity": 98, "epochs": 10}, "0.98 means 98%"),
-        ({"target_sparsity": 0.9, "epochs": 0}, "positive integer"),
-        ({"pressure": -1.0}, "finite and >= 0"),
+        ({"target_sparsity": 0.9, "epochs": 0}, "an integer >= 1"),
+        ({"pressure": -1.0}, "finite number >= 0"),
         ({"schedule": []}, "non-empty"),
         ({}, "exactly one"),
         ({"target_sparsity": 0.9, "epochs": 5, "pressure": 1.0}, "exactly one"),
@@ -137,3 +138,19 @@ def test_a_target_shallower_than_the_retention_cap_allows_is_held_not_overshot()
     assert min(densities) == pytest.approx(0.95)
     assert densities[10] < 1.0 and all(a >= b for a, b in itertools.pairwise(densities))
     assert densities.index(0.95) < 60  # reached early, then held
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: PressureScheduler(0.9, float("nan")), "epochs must be an integer >= 1, got nan"),
+        (lambda: PressureScheduler(0.9, float("inf")), "epochs must be an integer >= 1, got inf"),
+        (lambda: PressureScheduler(0.9, 2.5), "epochs must be an integer >= 1, got 2.5"),
+        (lambda: PressureScheduler.constant("x"), "a constant pressure must be a number, got 'x'"),
+        (lambda: PressureScheduler.constant(True), "a constant pressure must be a number, got True"),
+        (lambda: PressureScheduler.constant(-1.0), "a constant pressure must be a finite number >= 0"),
+    ],
+)
+def test_bad_epochs_and_pressures_are_value_errors_naming_them(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()

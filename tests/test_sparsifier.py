@@ -910,3 +910,34 @@ def test_the_state_holds_the_flux_sum_itself_and_none_for_a_period_without_flux(
     assert after["flux_sum"] == [None, None]
     other.load_state_dict(after)
     assert all(g.flux_sum is None and g.flux_batches == 0 for g in other.gates)
+
+
+def test_step_refuses_non_finite_logits_or_weights_naming_the_layer():
+    """One NaN loss turns every logit it reaches NaN, which reads as a closed gate: the period would report
+    density 0 and the trim would rank the NaNs."""
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=3)
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-3))
+    hf.attach(opt)
+    opt.zero_grad()
+    (model(torch.randn(4, 8)).sum() * float("nan")).backward()
+    opt.step()
+    with pytest.raises(FloatingPointError, match=r"0\.weight \(mask logits\), 0\.weight \(weights\)"):
+        hf.step()
+    clean = Hyperflux(mlp(), 0.5, pruning_epochs=3)
+    with torch.no_grad():
+        clean.masked_weights()["2.weight"][0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"in 2\.weight \(weights\): a non-finite loss"):
+        clean.step()
+
+
+def test_a_target_that_keeps_no_weight_is_refused_and_a_trim_that_empties_a_layer_warns():
+    with pytest.raises(ValueError, match="keeps no weight of the 192 selected"):
+        Hyperflux(mlp(), 0.999, pruning_epochs=2)
+    hf = Hyperflux(mlp(), 0.99, pruning_epochs=1, regrowth_epochs=1)  # keeps 2 of 192
+    with torch.no_grad():
+        hf.gates[0].logits.fill_(1.0)
+        hf.gates[1].logits.fill_(0.5)  # the trim closes this layer first
+    with pytest.warns(UserWarning, match=r"the exact trim left 2\.weight with no weight"):
+        hf.step()  # regrowth of one period: frozen and trimmed at once
+    assert hf.frozen and [int(g.mask().sum()) for g in hf.gates] == [2, 0]

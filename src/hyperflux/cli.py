@@ -573,7 +573,7 @@ def _exit_status(error: BaseException) -> int | None:
     from hyperflux.runfiles import RunError
     from hyperflux.training import TrainingError
 
-    if isinstance(error, DataError | TrainingError):
+    if isinstance(error, DataError | TrainingError | FloatingPointError):  # the last: hf.step()'s NaN check
         return EXIT_RUN
     from safetensors import SafetensorError
 

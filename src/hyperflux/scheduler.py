@@ -23,6 +23,8 @@ def _check_number(
     """`value` as a float, refused unless finite and above `low` (or at it, unless `strict`) and, with
     `integer`, whole: NaN passes every plain comparison, so each check is written as what must hold."""
     try:
+        if isinstance(value, bool):
+            raise TypeError
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
@@ -96,9 +98,9 @@ class PressureScheduler:
         self._schedule: Callable[[int], float] | None = None
         if target_sparsity is not None:
             self.target_sparsity = _check_fraction("target_sparsity", target_sparsity)
-            if epochs is None or int(epochs) != epochs or epochs < 1:
-                raise ValueError(f"epochs must be a positive integer for a target trajectory, got {epochs}")
-            self.epochs = int(epochs)
+            if epochs is None:
+                raise ValueError("epochs must be a positive integer for a target trajectory, got None")
+            self.epochs = int(_check_number("epochs", epochs, 1, strict=False, integer=True))
             self.s0 = solve_s0(1.0 - self.target_sparsity, self.epochs, self.aggressivity)
             reachable = trajectory_density(self.s0, self.epochs, self.epochs, self.aggressivity)
             if reachable > (1.0 - self.target_sparsity) * 1.001:
@@ -110,9 +112,7 @@ class PressureScheduler:
                     stacklevel=2,
                 )
         elif pressure is not None:
-            if not pressure >= 0 or math.isinf(pressure):
-                raise ValueError(f"a constant pressure must be finite and >= 0, got {pressure}")
-            self._constant = float(pressure)
+            self._constant = _check_number("a constant pressure", pressure, strict=False)
         else:
             self._schedule = self._wrap_schedule(schedule)
         self.epoch = 0

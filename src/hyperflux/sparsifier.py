@@ -369,6 +369,11 @@ class Hyperflux:
         self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)
         self.total = sum(t.numel for t in self.targets)
         if target_sparsity is not None:
+            if round((1 - target_sparsity) * self.total) == 0:
+                raise ValueError(
+                    f"target sparsity {target_sparsity} keeps no weight of the {self.total} selected: every "
+                    "output would stop depending on the input"
+                )
             floor = sum(t.floor for t in self.targets)
             if floor > round((1 - target_sparsity) * self.total):
                 raise ValueError(
@@ -752,6 +757,7 @@ class Hyperflux:
         """
         self._check_live()
         self._check_step_optimizers(optimizers)
+        self._check_finite()
         if self.period == self.total_epochs:
             warnings.warn(
                 f"hf.step() past the end of the schedule ({self.total_epochs} periods): the masks are frozen "
@@ -810,6 +816,26 @@ class Hyperflux:
         record["kept"] = sum(layer["kept"] for layer in record["layers"])
         record["density"] = record["kept"] / self.total
         record["sparsity"] = 1.0 - record["density"]
+
+    def _check_finite(self) -> None:
+        """Refuse to go on from NaN or infinite logits or weights: a NaN logit reads as a closed gate, so one
+        non-finite loss or gradient would close every gate, the controller would take that for a density, and
+        the trim would rank the NaNs."""
+        broken = [
+            f"{target.name} ({what})"
+            for target, gate, weight in zip(
+                self.targets, self.gates, self.masked_weights().values(), strict=True
+            )
+            for what, tensor in (("mask logits", gate.logits), ("weights", weight))
+            if not bool(torch.isfinite(tensor).all())
+        ]
+        if broken:
+            raise FloatingPointError(
+                f"hf.step(): NaN or infinite values in {', '.join(broken[:4])}"
+                + (f" and {len(broken) - 4} more" if len(broken) > 4 else "")
+                + ": a non-finite loss or gradient reached the optimiser (under float16 autocast use "
+                "torch.amp.GradScaler, which skips such steps)"
+            )
 
     def _check_step_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Refuse what is not an optimiser, and warn, once per optimiser, of mask logits it decays or moves at
@@ -927,6 +953,13 @@ class Hyperflux:
         parts = chosen.split([len(index) for _, _, index in pools])
         for (layer, _, index), picked in zip(pools, parts, strict=True):
             _put_flat(self.gates[layer].logits, index[picked.to(index.device)], value)
+        emptied = [t.name for t, g in zip(self.targets, self.gates, strict=True) if not g.mask().any()]
+        if closing and emptied:
+            warnings.warn(
+                f"the exact trim left {', '.join(emptied[:4])} with no weight: what follows no longer depends "
+                "on its input; a min_density for it (overrides) keeps some",
+                stacklevel=3,
+            )
 
     # ----------------------------------------------------------------- state and export
     def state_dict(self) -> dict[str, Any]:
