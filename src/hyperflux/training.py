@@ -656,6 +656,7 @@ class Trainer:
         )
         # every method's pruned weights have moments decaying through denormals: on the CPU, all train with
         # them flushed (a GPU computes them at full speed)
+        shown = -math.inf  # when the bar's figures were last set
         with bar, flush_denormals(enabled=self.device.type == "cpu"):
             for batch, (images, labels) in enumerate(self.train_loader):
                 lr = self.weight_lr(epoch, batch)
@@ -677,7 +678,9 @@ class Trainer:
                         self.net = self._wrap()
                 if (batch + 1) % CHECK_EVERY == 0 or last:
                     self._check_finite(total, batch + 1)
-                    if not self.quiet:
+                    # the density counts every mask: only as often as the bar shows it
+                    if not bar.disable and (last or time.perf_counter() >= shown + bar.mininterval):
+                        shown = time.perf_counter()
                         bar.set_postfix(self._postfix(total, seen), refresh=False)
                 bar.update()
         if self.world > 1:
