@@ -11,8 +11,10 @@ lr_final; for hyperflux and hyperflux-paper also the mask logits' `mask_lr` and 
 6 + 4 epoch budget at the task's choice target (98% LeNet-300-100, 95% LeNet-5), trained on the training
 split less 10,000 samples and judged on those 10,000 (`data.holdout`), never on the test split. The
 multiplier with the best final holdout accuracy among the runs within 0.05 pp of the target wins (ties: the
-recipe's own, 1); where no run is within 0.05 pp (the paper's form), the one closest to the target. The choice
-is stored in the JSON (`lr_choice`) and reused.
+recipe's own, 1); where no run is within 0.05 pp (the paper's form), the one closest to the target. With
+`--widen-lr`, a choice at the edge of the multipliers tried tries the next power of two beyond it (down to 1/8,
+up to 8) until the best is inside them. The choice is stored in the JSON (`lr_choice`) and reused; a choice that
+moves drops the method's schedule choice, made at the old lr, to be made again.
 
 Schedule, chosen the same way right after the lr, for every method that has one to choose: the methods that
 update their masks on a step interval, hyperflux and hyperflux-paper (`train.controller_every`: a controller
@@ -86,6 +88,7 @@ TASKS: dict[str, dict[str, Any]] = {
 QUICK_TASKS = {"lenet300": (0.90, 0.98, 0.99)}
 QUICK_EPOCHS = (6, 4)  # pruning + regrowth epochs of the --quick budget
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
+LR_LIMITS = (0.125, 8.0)  # how far --widen-lr goes
 LR_KEYS = ("lr", "lr_end", "lr_reset", "lr_final")
 MASK_LR_KEYS = ("mask_lr", "regrowth_mask_lr")  # hyperflux's other optimiser group, scaled with the rest
 HYPERFLUX_METHODS = ("hyperflux", "hyperflux-paper")
@@ -207,17 +210,37 @@ def choose_lrs(
     json_path: Path,
     command: str,
     seeds: list[int] | None = None,
+    widen: bool = False,
 ) -> dict[str, float]:
     """Each method's lr multiplier for `model`, from the JSON or chosen now on the holdout (see the module
-    docstring); every choice is saved as soon as it is made."""
+    docstring); every choice is saved as soon as it is made. With `widen`, a choice at the edge of its trials
+    tries beyond it until it is inside them (or at `LR_LIMITS`)."""
     chosen = results.setdefault("lr_choice", {}).setdefault(model, {})
     for method in methods:
-        if method in chosen:
-            continue
-        trials = {f"{m:g}": holdout_trial(model, method, runs, m, None) for m in LR_MULTIPLIERS}
-        chosen[method] = {"multiplier": float(best_trial(trials, "1")), "trials": trials}
-        save_results(json_path, results, command, [model], seeds)
+        if method not in chosen:
+            trials = {f"{m:g}": holdout_trial(model, method, runs, m, None) for m in LR_MULTIPLIERS}
+            chosen[method] = {"multiplier": float(best_trial(trials, "1")), "trials": trials}
+            save_results(json_path, results, command, [model], seeds)
+        while widen and (beyond := next_multiplier(chosen[method]["trials"])) is not None:
+            trials = chosen[method]["trials"]
+            trials[f"{beyond:g}"] = holdout_trial(model, method, runs, beyond, None)
+            multiplier = float(best_trial(trials, "1"))
+            if multiplier != chosen[method]["multiplier"]:
+                results.get("schedule_choice", {}).get(model, {}).pop(method, None)  # made at the old lr
+            chosen[method]["multiplier"] = multiplier
+            save_results(json_path, results, command, [model], seeds)
     return {method: chosen[method]["multiplier"] for method in methods}
+
+
+def next_multiplier(trials: dict[str, dict[str, float]]) -> float | None:
+    """The multiplier beyond the trials' edge when the best of them is on it, within `LR_LIMITS`; else None."""
+    tried = sorted(float(k) for k in trials)
+    best = float(best_trial(trials, "1"))
+    if best == tried[0] and best / 2 >= LR_LIMITS[0]:
+        return best / 2
+    if best == tried[-1] and best * 2 <= LR_LIMITS[1]:
+        return best * 2
+    return None
 
 
 def choose_schedules(
@@ -314,7 +337,8 @@ def _write(path: Path, results: dict[str, Any], command: str, commands: dict[str
         "command": command,
         "commands": commands or {},  # per model, where processes ran the models side by side
         "lr_rule": "each method's lrs: the recipe's scaled by the multiplier in lr_choice (0.5, 1 or 2, "
-        "best final holdout accuracy on a 6+4 epoch budget); its schedule: the default or the alternative in "
+        "with --widen-lr on beyond the edge while the best is on it, best final holdout accuracy on a 6+4 "
+        "epoch budget); its schedule: the default or the alternative in "
         "schedule_choice (every 40 batches; IMP: the final mask trains half the budget), the better on the "
         "same holdout; --quick: the recipe's",
     }
@@ -403,14 +427,17 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     for model, methods in sorted(choice.items(), key=lambda item: list(TASKS).index(item[0])):
+        tried = sorted({float(k) for c in methods.values() for k in c["trials"]})
         lines += [
-            f"lr multiplier chosen for {names.get(model, model)} (holdout accuracy % at 0.5x / 1x / 2x):",
+            f"lr multiplier chosen for {names.get(model, model)} (holdout accuracy % at "
+            + " / ".join(f"{m:g}x" for m in tried)
+            + "):",
             "",
-            "| method | chosen | 0.5x | 1x | 2x |",
-            "| --- | --- | --- | --- | --- |",
+            "| method | chosen | " + " | ".join(f"{m:g}x" for m in tried) + " |",
+            "| --- | --- |" + " --- |" * len(tried),
         ]
         for method, c in sorted(methods.items(), key=lambda item: METHODS.index(item[0])):
-            accs = [c["trials"].get(f"{m:g}", {}).get("holdout_accuracy") for m in LR_MULTIPLIERS]
+            accs = [c["trials"].get(f"{m:g}", {}).get("holdout_accuracy") for m in tried]
             cells = " | ".join("–" if a is None else f"{a:.2f}" for a in accs)
             lines.append(f"| {method} | {c['multiplier']:g}x | {cells} |")
         lines.append("")
@@ -551,6 +578,11 @@ def main() -> int:
         "--runs", type=Path, default=ROOT / "runs" / "bench", help="scratch folder for run folders"
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
+    parser.add_argument(
+        "--widen-lr",
+        action="store_true",
+        help="extend each lr choice at the edge of its trials beyond it (to 1/8x or 8x) until it is inside them",
+    )
     args = parser.parse_args()
 
     stem = "accuracy_vs_sparsity_quick" if args.quick else "accuracy_vs_sparsity"
@@ -581,7 +613,9 @@ def main() -> int:
             settings |= {(model, method): (1.0, None) for method in args.methods}
             continue
         torch.set_num_threads(default_threads)
-        lrs = choose_lrs(results, model, list(args.methods), runs, json_path, command, args.seed)
+        lrs = choose_lrs(
+            results, model, list(args.methods), runs, json_path, command, args.seed, args.widen_lr
+        )
         torch.set_num_threads(default_threads)
         chosen = choose_schedules(results, model, lrs, runs, json_path, command, args.seed)
         settings |= {(model, method): (lrs[method], chosen[method]) for method in args.methods}

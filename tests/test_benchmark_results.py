@@ -87,3 +87,15 @@ def test_a_cell_mixing_epoch_budgets_is_refused_and_budgets_come_from_the_recipe
     assert bench.stats(cell[:1])["epochs"] == 45
     assert bench.budget_epochs("lenet300", False) == 45 and bench.budget_epochs("lenet5", False) == 15
     assert bench.budget_epochs("lenet300", True) == sum(bench.QUICK_EPOCHS)
+
+
+def test_widening_the_lr_grid_goes_past_an_edge_choice_until_it_is_inside(bench):
+    def trials(accuracies: dict[str, float]) -> dict[str, dict[str, float]]:
+        return {k: {"holdout_accuracy": a, "gap_pp": 0.0} for k, a in accuracies.items()}
+
+    assert bench.next_multiplier(trials({"0.5": 90, "1": 91, "2": 90})) is None  # inside
+    assert bench.next_multiplier(trials({"0.5": 90, "1": 91, "2": 92})) == 4.0
+    assert bench.next_multiplier(trials({"0.5": 93, "1": 91, "2": 92})) == 0.25
+    assert bench.next_multiplier(trials({"0.5": 90, "1": 91, "2": 92, "4": 91.5})) is None  # 2x now inside
+    assert bench.next_multiplier(trials({"2": 90, "4": 91, "8": 92})) is None  # at the limit
+    assert bench.next_multiplier(trials({"0.125": 92, "0.25": 91})) is None

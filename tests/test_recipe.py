@@ -93,7 +93,10 @@ def test_numbers_written_without_a_dot_are_numbers():
         ("train.label_smoothing=1", "recipe key 'train.label_smoothing': expected a number in [0, 1), got 1"),
         ("optimizer.momentum=1", "recipe key 'optimizer.momentum': expected a number in [0, 1), got 1"),
         ("optimizer.betas=[1, 2]", "recipe key 'optimizer.betas': expected a list of two numbers in [0, 1)"),
-        ("hyperflux.names=''", "recipe key 'hyperflux.names': expected a regular expression or a list of them"),
+        (
+            "hyperflux.names=''",
+            "recipe key 'hyperflux.names': expected a regular expression or a list of them",
+        ),
         ("device=gpu", "recipe key 'device': expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
         ("data=3", "recipe key 'data': expected a mapping of keys, got 3"),
         ("hyperflux.pressure=0.5", "give exactly one of hyperflux.target_sparsity, hyperflux.pressure"),
