@@ -158,7 +158,8 @@ class PressureScheduler:
         return self.gamma**self.exponent
 
     def expected_density(self, epoch: int) -> float:
-        """Target density (fraction) after `epoch` periods; the final target from `epochs` on.
+        """Target density (fraction) after `epoch` periods: the final target from `epochs` on, or, where the
+        trajectory cannot reach it in `epochs` periods (the constructor warns), the lowest density it reaches.
 
         Never below the target: a target density above `0.999 ** epochs` is more than the retention cap of
         method.md s. 3 lets the trajectory end at, so it reaches the target early and holds it there.
