@@ -293,9 +293,14 @@ def key(record: dict[str, Any]) -> tuple[str, str, float, int]:
 
 
 def load_results(path: Path) -> dict[str, Any]:
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"meta": {}, "records": []}
+    if not path.exists():
+        return {"meta": {}, "records": []}
+    results = json.loads(path.read_text())
+    for methods in results.get("schedule_choice", {}).values():
+        for choice in methods.values():
+            if "every" in choice:  # written before IMP's schedule joined the choice
+                choice["update_every"] = choice.pop("every")
+    return results
 
 
 def save_results(

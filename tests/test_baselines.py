@@ -203,6 +203,9 @@ def test_imp_gives_the_final_mask_its_share_of_the_budget():
     assert history[-1]["kept"] == pruner.target_count
     with pytest.raises(ValueError, match=r"only 20 steps, 2 of them before the final share"):
         baselines.build("imp", tiny(), TARGET, EPOCHS - 1, 1, BATCHES, seed=0, final_share=0.9)
+    for share in (0.001, 0, -0.2, 1.0):  # no step for the final mask, or no share at all
+        with pytest.raises(ValueError, match=r"final_share must be in \(0, 1\) and give the final mask"):
+            baselines.build("imp", tiny(), TARGET, EPOCHS - 1, 1, BATCHES, seed=0, final_share=share)
 
 
 def test_imp_prunes_at_least_one_weight_a_round_down_to_a_target_of_one():

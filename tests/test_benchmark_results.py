@@ -50,11 +50,11 @@ def test_a_process_owning_a_whole_model_leaves_other_models_alone(bench, tmp_pat
 
 def test_each_process_keeps_the_other_models_lr_and_schedule_choices(bench, tmp_path):
     path = tmp_path / "results.json"
-    choice = {"lenet300": {"gmp": {"every": 40}}}
+    choice = {"lenet300": {"gmp": {"update_every": 40}}}
     bench.save_results(
         path, {"records": [], "lr_choice": choice, "schedule_choice": choice}, "a", ["lenet300"]
     )
-    other = {"lenet5": {"gmp": {"every": None}}}
+    other = {"lenet5": {"gmp": {"update_every": None}}}
     bench.save_results(path, {"records": [], "lr_choice": other, "schedule_choice": other}, "b", ["lenet5"])
     saved = json.loads(path.read_text())
     for name in ("lr_choice", "schedule_choice"):
@@ -99,3 +99,26 @@ def test_widening_the_lr_grid_goes_past_an_edge_choice_until_it_is_inside(bench)
     assert bench.next_multiplier(trials({"0.5": 90, "1": 91, "2": 92, "4": 91.5})) is None  # 2x now inside
     assert bench.next_multiplier(trials({"2": 90, "4": 91, "8": 92})) is None  # at the limit
     assert bench.next_multiplier(trials({"0.125": 92, "0.25": 91})) is None
+
+
+def test_a_results_file_from_before_imps_schedule_choice_reads_as_it_was_meant(bench, tmp_path):
+    """Schedule choices were saved under "every" before IMP's final share joined them."""
+    path = tmp_path / "old.json"
+    trials = {
+        "default": {"holdout_accuracy": 90.0, "gap_pp": 0.0},
+        "40": {"holdout_accuracy": 91.0, "gap_pp": 0.0},
+    }
+    path.write_text(
+        json.dumps(
+            {
+                "meta": {},
+                "records": [],
+                "schedule_choice": {"lenet5": {"gmp": {"every": 40, "trials": trials}}},
+            }
+        )
+    )
+    results = bench.load_results(path)
+    assert results["schedule_choice"]["lenet5"]["gmp"] == {"update_every": 40, "trials": trials}
+    assert "| gmp | every 40 batches | alternative | 90.00 | 91.00 |" in bench.markdown(
+        {**results, "meta": {}, "records": [], "lr_choice": {}}
+    )

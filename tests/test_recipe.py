@@ -15,6 +15,7 @@ from hyperflux.recipe import (
     dump,
     load_recipe,
     lr_end,
+    read_yaml,
     saved_form,
     validate,
 )
@@ -135,6 +136,14 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         load_recipe(path)
     path.write_text(path.read_text().replace("optimizer:\n  weight_decay: 0.0\n", "seed: 1\nseed: 2\n"))
     with pytest.raises(RecipeError, match="key 'seed' given twice"):
+        load_recipe(path)
+    # a merge key brings keys that the mapping may override: not a key given twice
+    path.write_text(
+        "base: &base {name: adam, lr: 0.005}\ndata: {name: digits}\nmodel: {name: lenet300}\n"
+        "optimizer:\n  <<: *base\n  lr: 0.01\nhyperflux: {target_sparsity: 0.9, pruning_epochs: 2}\n"
+    )
+    assert read_yaml(path)["optimizer"] == {"name": "adam", "lr": 0.01}
+    with pytest.raises(RecipeError, match="recipe key 'base': unknown key"):  # read, then refused as a key
         load_recipe(path)
 
 

@@ -148,6 +148,8 @@ def test_a_target_shallower_than_the_retention_cap_allows_is_held_not_overshot()
         (lambda: PressureScheduler(0.9, 2.5), "epochs must be an integer >= 1, got 2.5"),
         (lambda: PressureScheduler.constant("x"), "a constant pressure must be a number, got 'x'"),
         (lambda: PressureScheduler.constant(True), "a constant pressure must be a number, got True"),
+        (lambda: PressureScheduler.constant("0.5"), "a constant pressure must be a number, got '0.5'"),
+        (lambda: PressureScheduler(0.9, "30"), "epochs must be a number, got '30'"),
         (lambda: PressureScheduler.constant(-1.0), "a constant pressure must be a finite number >= 0"),
     ],
 )

@@ -873,14 +873,26 @@ def test_step_refuses_what_is_not_an_optimizer_and_checks_the_loss_forms_groups(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hf.step(shared)  # warned once per optimiser
+        # attached, an optimiser passed to step() may hold the logits without stepping them (the transformers
+        # integration leaves them in the Trainer's groups): nothing to warn of
+        model = mlp()
+        attached = Hyperflux(model, 0.5, pruning_epochs=2, regrowth_epochs=1)
+        attached.attach(torch.optim.Adam(attached.param_groups()))
+        attached.step(torch.optim.AdamW(model.parameters()))
+        # and a run without regrowth has no mask lr to schedule when it freezes
+        loss_form = Hyperflux(mlp(), 0.5, pruning_epochs=2)
+        loss_form.step()
+        loss_form.step()
+        assert loss_form.frozen
 
 
 def test_step_warns_once_past_the_end_and_of_a_mask_lr_schedule_it_cannot_apply():
-    hf = Hyperflux(mlp(), 0.5, pruning_epochs=1, regrowth_epochs=1)
+    hf = Hyperflux(mlp(), 0.5, pruning_epochs=1, regrowth_epochs=4)
     with pytest.warns(UserWarning, match="no optimiser is attached or passed to hf.step"):
         hf.step()
-    hf.step()
-    with pytest.warns(UserWarning, match=r"past the end of the schedule \(2 periods\)"):
+    for _ in range(4):
+        hf.step()
+    with pytest.warns(UserWarning, match=r"past the end of the schedule \(5 periods\)"):
         hf.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -455,8 +455,13 @@ class IMP(Baseline):
         self.counts = counts
         rounds = len(counts) + 1  # the dense round, then one per prune
         share = self.setting("final_share", None)
+        if share is not None and not (0 < share < 1 and round(share * self.total_steps) >= 1):
+            raise ValueError(
+                f"imp's final_share must be in (0, 1) and give the final mask at least one of the budget's "
+                f"{self.total_steps} steps, got {share}"
+            )
         # the steps of the rounds before the last, which get equal parts of them
-        before_last = self.total_steps - round(share * self.total_steps) if share else None
+        before_last = None if share is None else self.total_steps - round(share * self.total_steps)
         if self.total_steps < rounds or (before_last is not None and before_last < rounds - 1):
             raise ValueError(
                 f"imp needs {rounds} rounds of at least one step but the budget has only {self.total_steps} "

@@ -23,7 +23,7 @@ def _check_number(
     """`value` as a float, refused unless finite and above `low` (or at it, unless `strict`) and, with
     `integer`, whole: NaN passes every plain comparison, so each check is written as what must hold."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool | str):  # float() would read True as 1 and "30" as 30
             raise TypeError
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

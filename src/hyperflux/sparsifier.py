@@ -845,7 +845,9 @@ class Hyperflux:
                 raise TypeError(
                     f"hf.step() takes the optimisers that hold the mask logits, got a {type(optimizer).__name__}"
                 )
-            if optimizer in self._checked_optimizers or any(o is optimizer for o in self._optimizers):
+            # attached, the logits step in the attached optimisers; one passed here may hold them unstepped
+            # (the transformers integration leaves them in the Trainer's groups)
+            if self._attached or optimizer in self._checked_optimizers:
                 continue
             self._checked_optimizers.add(optimizer)
             _warn_of_shared_groups(optimizer, {id(p) for p in self.mask_parameters()}, stacklevel=4)
@@ -853,7 +855,7 @@ class Hyperflux:
     def _set_mask_lr(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         if self.period < self.pruning_epochs:
             return
-        if not self._optimizers and not optimizers and not self._warned_no_mask_lr:
+        if not self._optimizers and not optimizers and not self.frozen and not self._warned_no_mask_lr:
             self._warned_no_mask_lr = True
             warnings.warn(
                 "the regrowth phase resets and decays the mask lr, but no optimiser is attached or passed to "
