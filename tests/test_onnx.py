@@ -107,3 +107,14 @@ def test_a_file_that_fails_its_check_is_not_written(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"onnxruntime's output differs.*not written"):
         export_onnx(model, torch.randn(2, 1, 8, 8), path)
     assert path.read_bytes() == b"an earlier export" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_file_onnxruntime_cannot_run_is_a_value_error_that_says_why(tmp_path):
+    """onnxruntime's CPU convolutions are float32 only: a float64 model exported but failed in its session
+    with onnxruntime's own error type."""
+    model = pruned("lenet5", 28).double()
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ValueError, match=r"onnxruntime cannot run the exported model .* not torch\.float64"):
+        export_onnx(model, torch.randn(2, 1, 28, 28, dtype=torch.float64), path)
+    assert not path.exists() and not list(tmp_path.glob(".*.tmp"))
+    assert export_onnx(model.float(), torch.randn(2, 1, 28, 28), path) < 1e-4

@@ -73,8 +73,20 @@ def _export_checked(model: nn.Module, example: torch.Tensor, path: Path, check: 
         import onnxruntime
     except ImportError:
         return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (output,) = session.run(["output"], {"input": example.detach().cpu().numpy()})
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (output,) = session.run(["output"], {"input": example.detach().cpu().numpy()})
+    except Exception as error:  # onnxruntime's own error types, one per status, from its compiled module
+        hint = (
+            f"; its CPU kernels of some operators (convolutions) take float32 only: export model.float() with "
+            f"a float32 example, not {example.dtype}"
+            if example.dtype != torch.float32
+            else ""
+        )
+        raise ValueError(
+            f"onnxruntime cannot run the exported model ({str(error).strip()[:300]}){hint}; not written "
+            "(check=False writes it unchecked)"
+        ) from None
     return float((torch.from_numpy(output) - expected.cpu()).abs().max())
 
 
