@@ -89,6 +89,27 @@ def test_eval_reads_checkpoint_folder_and_safetensors_alike(smoke_run, capsys):
         assert expected in out and sparsity in out, (target, out)
 
 
+def test_eval_evaluates_as_the_run_did_in_its_memory_order(smoke_run, capsys, monkeypatch):
+    """A convolutional run trained and evaluated itself in channels-last (and, on CUDA, its autocast dtype):
+    eval takes the same settings, so that it reads the accuracy the run reported, at the run's speed."""
+    from hyperflux import training
+
+    seen = []
+    original = training.evaluate
+    monkeypatch.setattr(training, "use_channels_last", lambda setting, model, device: True)
+    monkeypatch.setattr(
+        training,
+        "evaluate",
+        lambda model, loader, device, amp=None, channels_last=False: (
+            seen.append((amp, channels_last)) or original(model, loader, device, amp, channels_last)
+        ),
+    )
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert main(["eval", str(smoke_run), "--device", "cpu", "--threads", "1"]) == 0
+    assert f"test accuracy {summary['final_accuracy']:.2f}%" in capsys.readouterr().out
+    assert seen == [(None, True)]
+
+
 def test_a_method_set_on_the_command_line_gets_its_own_default_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["prune", SMOKE, *SHORT, "--set", "method=random", "--quiet", "--no-report"]) == 0

@@ -174,3 +174,19 @@ def test_epoch_axes_tick_whole_epochs_only():
         fig.canvas.draw()  # the ticks are placed when drawn
         ticks = [t for t in ax.get_xticks() if 1 <= t <= epochs[-1]]
         assert ticks and all(float(t).is_integer() for t in ticks), (epochs, list(ax.get_xticks()))
+
+
+def test_a_run_without_pressure_gets_no_pressure_plot(tmp_path):
+    """A peer method or a dense run has no pressure column: an empty plot captioned as the controller's
+    pressure would mislead."""
+    recipe = load_recipe(
+        SMOKE, ["hyperflux.pruning_epochs=2", "hyperflux.regrowth_epochs=1", "method=random"]
+    )
+    run_recipe(recipe, tmp_path, quiet=True)
+    (tmp_path / PLOTS["pressure"]).write_bytes(PNG_MAGIC)  # one left by an earlier report
+    page = write_report(tmp_path).read_text()
+    drawn = {p.name for p in tmp_path.glob("*.png")}
+    assert PLOTS["pressure"] not in drawn and drawn >= {
+        name for key, name in PLOTS.items() if key != "pressure"
+    }
+    assert PLOTS["pressure"] not in page and CAPTIONS["pressure"] not in page

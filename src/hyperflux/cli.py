@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a run judged on a holdout (data.holdout): evaluate on the test split instead",
     )
+    evaluate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     evaluate.set_defaults(func=cmd_eval)
 
     summary = commands.add_parser(
@@ -307,16 +308,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from hyperflux.recipe import evaluation_split
-    from hyperflux.training import evaluate, load_data
+def _set_threads(threads: int | None) -> None:
+    import torch
 
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from hyperflux.recipe import evaluation_split
+    from hyperflux.training import amp_dtype, evaluate, load_data, use_channels_last
+
+    _set_threads(args.threads)
     run = _load_run(args, device=args.device)
     bundle, split = run.bundle, evaluation_split(run.recipe)
     if args.test_split and split != "test":
         # the run was judged on a holdout: its data as it trained on them, the test split served
         bundle, split = load_data(run.recipe, test_split=True), "test"
-    accuracy, loss = evaluate(run.model, bundle.loader("test", 1000, device=run.device), run.device)
+    # evaluated as the run evaluated itself: in its memory order and autocast dtype
+    channels_last = use_channels_last(run.recipe["channels_last"], run.model, run.device)
+    model = run.model.to(memory_format=torch.channels_last) if channels_last else run.model
+    loader = bundle.loader("test", 1000, device=run.device)
+    accuracy, loss = evaluate(model, loader, run.device, amp_dtype(run.recipe, run.device), channels_last)
     kept, total = run.counts()
     print(
         f"{split} accuracy {accuracy:.2f}% "
@@ -422,10 +439,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.repeats < 1:
         raise ValueError(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     run, _ = _squashed_run(args)
     images = _test_images(run, args.batch)
     with torch.no_grad():

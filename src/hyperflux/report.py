@@ -325,11 +325,16 @@ def write_report(run_dir: str | Path) -> Path:
     summary = folder.read_summary()
     split = _evaluated_on(folder, summary)
     plot_density(rows, folder.file(PLOTS["density"]))
-    plot_pressure(rows, folder.file(PLOTS["pressure"]))
+    drawn = dict(PLOTS)
+    if any(r.get("pressure") is not None for r in rows):
+        plot_pressure(rows, folder.file(PLOTS["pressure"]))
+    else:  # a dense run or a peer method: no pressure to draw
+        del drawn["pressure"]
+        folder.file(PLOTS["pressure"]).unlink(missing_ok=True)
     plot_accuracy(rows, folder.file(PLOTS["accuracy"]), split)
     layers = _final_layers(folder, rows)
     plot_layers(layers, folder.file(PLOTS["layers"]))
-    drawn = PLOTS | draw_telemetry(rows, folder)
+    drawn |= draw_telemetry(rows, folder)
 
     layer_rows = [
         (

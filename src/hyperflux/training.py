@@ -260,6 +260,12 @@ def build_baseline(recipe: dict[str, Any], model: nn.Module, batches: int) -> Ba
     )
 
 
+def amp_dtype(recipe: dict[str, Any], device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a run trains and evaluates in: the recipe's `amp`, on CUDA only."""
+    amp = recipe["amp"] if device.type == "cuda" else "off"
+    return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
 def use_channels_last(setting: str, model: nn.Module, device: torch.device) -> bool:
     """Whether to train in the channels-last memory format: `auto` means for convolutional models on the CPU,
     where oneDNN's convolutions and, above all, max-pooling run much faster on channels-last tensors than on
@@ -356,13 +362,12 @@ class Trainer:
                 self._check_resumable(self.checkpoint)
         self.files.check(resume=resume, overwrite=overwrite)
 
-        amp = recipe["amp"] if self.device.type == "cuda" else "off"
-        if amp != recipe["amp"] and self.main:
+        self.amp_dtype = amp_dtype(recipe, self.device)
+        if self.amp_dtype is None and recipe["amp"] != "off" and self.main:
             warnings.warn(
                 f"amp: {recipe['amp']} runs on CUDA only; this {self.device.type} run trains in float32",
                 stacklevel=2,
             )
-        self.amp_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         seed_everything(recipe["seed"])
 
