@@ -534,3 +534,18 @@ def test_the_summary_records_the_lr_end_a_run_derived(tmp_path):
     summary = run_recipe(recipe("optimizer.lr_end=null", "optimizer.lr=0.003"), tmp_path, quiet=True)
     assert summary["recipe"]["optimizer"]["lr_end"] == pytest.approx(1e-4)
     assert yaml.safe_load((tmp_path / "recipe.yaml").read_text())["optimizer"]["lr_end"] is None
+
+
+def test_a_run_that_ends_far_from_its_target_says_so(tmp_path):
+    """The paper's form on a budget too short for its target ends far off it; the run says so at its end, and
+    an exact-target run, which ends on it, says nothing."""
+    short = ["hyperflux.pruning_epochs=2", "hyperflux.regrowth_epochs=1", "hyperflux.target_sparsity=0.95"]
+    with pytest.warns(UserWarning, match=r"the run ended at \d+\.\d\d% sparsity against a target of 95\.00%"):
+        summary = run_recipe(
+            load_recipe(SMOKE, [*short, "method=hyperflux-paper"]), tmp_path / "p", quiet=True
+        )
+    assert abs(summary["sparsity"] - 0.95) > 0.01
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_recipe(load_recipe(SMOKE, short), tmp_path / "e", quiet=True)
+    assert not [w for w in caught if "the run ended at" in str(w.message)]
