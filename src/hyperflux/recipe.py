@@ -61,71 +61,44 @@ def _number(value: Any) -> float:
     return number
 
 
-def positive(value: Any) -> float:
+def _number_where(value: Any, holds: Callable[[float], bool], wanted: str) -> float:
+    """`value` as a number for which `holds`, else `_Bad(wanted)`, whatever was wrong with it."""
     try:
         number = _number(value)
     except _Bad:
-        raise _Bad("a positive number") from None
-    if number <= 0:
-        raise _Bad("a positive number")
+        raise _Bad(wanted) from None
+    if not holds(number):
+        raise _Bad(wanted)
     return number
+
+
+def positive(value: Any) -> float:
+    return _number_where(value, lambda x: x > 0, "a positive number")
 
 
 def positive_up_to(maximum: float) -> Callable[[Any], float]:
     """A positive number no larger than `maximum`: beyond it the controller's pressure or the logits'
     initial draw overflow float."""
-
-    def check(value: Any) -> float:
-        try:
-            number = positive(value)
-        except _Bad:
-            number = -1.0
-        if not 0 < number <= maximum:
-            raise _Bad(f"a positive number up to {maximum:g}")
-        return number
-
-    return check
+    return lambda value: _number_where(
+        value, lambda x: 0 < x <= maximum, f"a positive number up to {maximum:g}"
+    )
 
 
 def non_negative(value: Any) -> float:
-    try:
-        number = _number(value)
-    except _Bad:
-        raise _Bad("a number >= 0") from None
-    if number < 0:
-        raise _Bad("a number >= 0")
-    return number
+    return _number_where(value, lambda x: x >= 0, "a number >= 0")
 
 
 def fraction_open(value: Any) -> float:
     """A sparsity: strictly between 0 and 1."""
-    try:
-        number = _number(value)
-    except _Bad:
-        number = -1.0
-    if not 0 < number < 1:
-        raise _Bad("a fraction in (0, 1) (0.98 means 98%)")
-    return number
+    return _number_where(value, lambda x: 0 < x < 1, "a fraction in (0, 1) (0.98 means 98%)")
 
 
 def unit_interval(value: Any) -> float:
-    try:
-        number = _number(value)
-    except _Bad:
-        number = -1.0
-    if not 0 <= number <= 1:
-        raise _Bad("a number in [0, 1]")
-    return number
+    return _number_where(value, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 
 
 def decay_factor(value: Any) -> float:
-    try:
-        number = _number(value)
-    except _Bad:
-        number = -1.0
-    if not 0 < number <= 1:
-        raise _Bad("a number in (0, 1]")
-    return number
+    return _number_where(value, lambda x: 0 < x <= 1, "a number in (0, 1]")
 
 
 def integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
@@ -185,13 +158,7 @@ def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 def below_one(value: Any) -> float:
     """A momentum or a label smoothing: 1 would keep no gradient or no label."""
-    try:
-        number = unit_interval(value)
-    except _Bad:
-        number = -1.0
-    if not 0 <= number < 1:
-        raise _Bad("a number in [0, 1)")
-    return number
+    return _number_where(value, lambda x: 0 <= x < 1, "a number in [0, 1)")
 
 
 def betas(value: Any) -> list[float]:
