@@ -492,9 +492,8 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
             raise ValueError(f"--epochs must be at least 2, got {args.epochs}")
         if args.epochs < args.window:
             raise ValueError(f"--epochs ({args.epochs}) must be at least --window ({args.window})")
-        chosen = list(
-            dict.fromkeys(args.pressures or laws.DEFAULT_PRESSURES)
-        )  # a pressure given twice counts once
+        # a pressure given twice counts once
+        chosen = list(dict.fromkeys(args.pressures or laws.DEFAULT_PRESSURES))
         if len(chosen) < laws.MIN_POINTS:
             raise ValueError(f"a sweep needs at least {laws.MIN_POINTS} pressures, got {len(chosen)}")
         run_dirs += laws.run_sweep(
@@ -505,9 +504,8 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
     if not run_dirs:
         raise ValueError("give run folders, or --sweep RECIPE to make them")
     pressures, densities = [], []
-    unique = {
-        Path(run_dir).resolve(): run_dir for run_dir in reversed(run_dirs)
-    }  # a folder given twice counts once
+    # a folder given twice counts once
+    unique = {Path(run_dir).resolve(): run_dir for run_dir in reversed(run_dirs)}
     for run_dir in reversed(unique.values()):
         recipe, rows = laws.read_run(run_dir)
         pressure = laws.constant_pressure(recipe)

@@ -191,8 +191,8 @@ def add_to_grads(
     it (with `scale`, the value is `value * scale` rounded to float first, which can differ from torch's own
     `add_(scale, alpha=value)` in the last bit): an optimiser step's pressure. With `flush`, denormals are
     flushed on every thread from here on (as in `flush_denormals`), set in the same parallel pass; returns
-    whether flushing was off before, that is whether the caller turns it off again (`stop_flushing()`). Off the CPU, or without the compiled kernels: torch's
-    foreach add (and, without the kernels, no flushing).
+    whether flushing was off before, that is whether the caller turns it off again (`stop_flushing()`). Off
+    the CPU, or without the compiled kernels: torch's foreach add (and, without the kernels, no flushing).
 
     `scale` is a one-element tensor by which the gradients are still multiplied: AMP's GradScaler leaves a fused
     optimiser's gradients scaled, for its kernel to divide by. On a GPU it is read there, never by the host.

@@ -369,13 +369,14 @@ class Hyperflux:
         self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)
         self.total = sum(t.numel for t in self.targets)
         if target_sparsity is not None:
-            if round((1 - target_sparsity) * self.total) == 0:
+            want = round((1 - target_sparsity) * self.total)
+            if want == 0:
                 raise ValueError(
                     f"target sparsity {target_sparsity} keeps no weight of the {self.total} selected: every "
                     "output would stop depending on the input"
                 )
             floor = sum(t.floor for t in self.targets)
-            if floor > round((1 - target_sparsity) * self.total):
+            if floor > want:
                 raise ValueError(
                     f"the per-layer minimum densities keep {floor} of {self.total} weights, more than the "
                     f"target sparsity {target_sparsity} allows"
