@@ -535,3 +535,39 @@ def test_a_csr_weight_with_int32_indices_loads_and_runs(kernel):
     x = torch.randn(6, 30)
     with torch.no_grad():
         close(fast(x), dense(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_converted_model_cast_to_half_precision_computes_in_float32_on_the_cpu(dtype, kernel):
+    """torch's CPU sparse matmul has no half-precision kernel: a converted model cast with `.to(dtype)` runs
+    its sparse layers on float32 copies of their weights and returns the dtype it was given."""
+    torch.manual_seed(0)
+    conv = prune(nn.Conv2d(3, 8, 3, padding=1), 0.9)
+    linear = prune(nn.Linear(8 * 6 * 6, 10), 0.9)
+    dense = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), linear)
+    sparse = nn.Sequential(SparseConv2d(conv), nn.ReLU(), nn.Flatten(), SparseLinear(linear)).to(dtype)
+    half = copy.deepcopy(dense).to(dtype)
+    x = torch.randn(5, 3, 6, 6).to(dtype)
+    with torch.no_grad():
+        for batch in (x, x[:1]):
+            out = sparse(batch)
+            assert out.dtype is dtype
+            # the dense layers on the same rounded weights and inputs, in float32, each output rounded as
+            # the sparse layer rounds it
+            hidden = half[0].float()(batch.float()).to(dtype).relu().flatten(1)
+            expected = half[3].float()(hidden.float()).to(dtype)
+            torch.testing.assert_close(out, expected)
+
+
+def test_a_sparse_conv_returns_a_channels_last_batch_as_conv2d_does(kernel):
+    torch.manual_seed(0)
+    conv = prune(nn.Conv2d(4, 6, 3, padding=1), 0.9)
+    sparse = SparseConv2d(conv)
+    x = torch.randn(2, 4, 7, 5)
+    with torch.no_grad():
+        for batch, channels_last in ((x, False), (x.to(memory_format=torch.channels_last), True)):
+            out, expected = sparse(batch), conv(batch)
+            assert expected.is_contiguous(memory_format=torch.channels_last) is channels_last
+            assert out.is_contiguous(memory_format=torch.channels_last) is channels_last
+            assert out.is_contiguous() is not channels_last
+            close(out, expected)

@@ -43,6 +43,8 @@ MIN_GAIN = 0.05
 # A sparse matmul reads a row of the transposed input per non-zero weight: batches are cut into blocks of
 # about this many input bytes so those rows come from the L2 cache (1.7x faster on 4096-wide layers).
 CACHE_BYTES = 2**20
+# torch has no CPU sparse kernel for these: a converted layer cast to one computes in float32 (`_operands`)
+HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def _csr(matrix: torch.Tensor) -> torch.Tensor:
@@ -77,18 +79,21 @@ class _CompiledCSR(nn.Module):
     buffers are read from `_buffers` (`self.weight` goes through `Module.__getattr__`, a microsecond a call)."""
 
     _kernel_cache: tuple[Any, ...] = ()  # (weight, bias, op, the op's arguments after the input)
+    _float32_cache: tuple[Any, ...] = ()  # (weight, bias, their float32 copies): see `_operands`
+    _CACHES = ("_kernel_cache", "_float32_cache")
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (`torch.save(model)`) without the kernel cache, whose compiled function has no importable
-        name; the first call after loading looks it up again."""
+        """Pickled (`torch.save(model)`) without the caches (the kernel's compiled function has no importable
+        name); the first call after loading makes them again."""
         state = super().__getstate__()
-        state.pop("_kernel_cache", None)
+        for cache in self._CACHES:
+            state.pop(cache, None)
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledCSR:
         """`copy.deepcopy` (EMA copies, trainers that clone a model): torch cannot deep-copy a sparse CSR
-        tensor (it asks for its storage), so the CSR weight is cloned; the kernel cache is left behind, since
-        it points at this module's buffers."""
+        tensor (it asks for its storage), so the CSR weight is cloned; the caches are left behind, since they
+        point at this module's buffers."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -99,7 +104,7 @@ class _CompiledCSR(nn.Module):
                     else copy.deepcopy(buffer, memo)
                     for name, buffer in value.items()
                 }
-            elif key != "_kernel_cache":
+            elif key not in self._CACHES:
                 value = copy.deepcopy(value, memo)
             new.__dict__[key] = value
         return new
@@ -128,6 +133,23 @@ class _CompiledCSR(nn.Module):
             state_dict = {**state_dict, key: self._buffers["weight"]}
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def _operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The CSR weight and bias to compute with: the buffers, or for a half-precision layer on the CPU (a
+        converted model cast with `.to(torch.bfloat16)`), float32 copies made once per weight, sharing its
+        indices, since torch's CPU sparse matmul has no half-precision kernel."""
+        buffers = self._buffers
+        weight, bias = buffers["weight"], buffers["bias"]
+        if not (weight.is_cpu and weight.dtype in HALF_TYPES):
+            return weight, bias
+        cache = self._float32_cache
+        if not (cache and cache[0] is weight and cache[1] is bias):
+            values = weight.values().float()
+            weight32 = torch.sparse_csr_tensor(
+                weight.crow_indices(), weight.col_indices(), values, weight.shape, check_invariants=False
+            )
+            cache = self._float32_cache = (weight, bias, weight32, None if bias is None else bias.float())
+        return cache[2], cache[3]
+
     def _kernel(self, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None:
         """The compiled kernel and its arguments after the input, or None where it cannot take `x` (not
         float32 on the CPU, a gradient wanted, or no kernel built), leaving it to torch's sparse matmul. Asked
@@ -136,10 +158,10 @@ class _CompiledCSR(nn.Module):
             return None
         op = sparse_linear_op()
         buffers = self._buffers
-        weight, bias = buffers["weight"], buffers["bias"]
         cache = self._kernel_cache
-        if cache and cache[0] is weight and cache[1] is bias and cache[2] is op:
+        if cache and cache[0] is buffers["weight"] and cache[1] is buffers["bias"] and cache[2] is op:
             return op, cache[3]
+        weight, bias = self._operands()
         if (
             op is None
             or weight.dtype is not torch.float32
@@ -148,8 +170,13 @@ class _CompiledCSR(nn.Module):
             return None
         flat_bias = None if bias is None else bias.reshape(-1)
         args = (weight.crow_indices(), weight.col_indices(), weight.values(), flat_bias, weight.shape[1])
-        self._kernel_cache = (weight, bias, op, args)
+        self._kernel_cache = (buffers["weight"], buffers["bias"], op, args)
         return op, args
+
+
+def _computable(x: torch.Tensor) -> torch.Tensor:
+    """`x` in a dtype the sparse layers compute in on its device: float32 for half precision on the CPU."""
+    return x.float() if x.is_cpu and x.dtype in HALF_TYPES else x
 
 
 def _density(weight: torch.Tensor) -> float:
@@ -181,32 +208,42 @@ class SparseLinear(_CompiledCSR):
             return F.linear(x, self.dense_weight, self.bias)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         kernel = self._kernel(flat)
-        out = self._torch_matmul(flat) if kernel is None else kernel[0](flat, *kernel[1])
+        out = self._product(flat) if kernel is None else kernel[0](flat, *kernel[1])
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        """`forward` where the compiled kernel does not take `flat` as it is: half precision on the CPU in
+        float32 (on the kernel if it takes that), the rest on torch's sparse kernels."""
+        computable = _computable(flat)
+        if computable is flat:
+            return self._torch_matmul(flat)
+        kernel = self._kernel(computable)
+        out = self._torch_matmul(computable) if kernel is None else kernel[0](computable, *kernel[1])
+        return out.to(flat.dtype)
 
     def _torch_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         """The fallback on torch's sparse kernels: matrix-vector for one row (half the fixed cost)."""
+        weight, bias = self._operands()
         if flat.shape[0] == 1:
-            return (
-                self.weight @ flat[0] if self.bias is None else torch.addmv(self.bias, self.weight, flat[0])
-            )[None]
+            return (weight @ flat[0] if bias is None else torch.addmv(bias, weight, flat[0]))[None]
         return self._matmul_transposed(flat).t()
 
     def _matmul_transposed(self, flat: torch.Tensor) -> torch.Tensor:
         """``W @ flat.T + b`` as a contiguous (out, batch) tensor. Large inputs go in blocks of columns whose
         rows stay in the L2 cache across the sparse rows (1.4x faster on 4096-wide layers than one call),
         each block transposed or copied contiguous on its own."""
-        bias = None if self.bias is None else self.bias.unsqueeze(1)
+        weight, bias = self._operands()
+        bias = None if bias is None else bias.unsqueeze(1)
         block = max(16, 2 ** int(math.log2(max(CACHE_BYTES // (4 * self.in_features), 1))))
         batch = flat.shape[0]
         parts = [(start, _transposed(flat[start : start + block])) for start in range(0, batch, block)]
         if len(parts) == 1:
             xt = parts[0][1]
-            return self.weight @ xt if bias is None else torch.addmm(bias, self.weight, xt)
+            return weight @ xt if bias is None else torch.addmm(bias, weight, xt)
         out = flat.new_empty(self.out_features, batch)
         for start, xt in parts:
             out[:, start : start + xt.shape[1]] = (
-                self.weight @ xt if bias is None else torch.addmm(bias, self.weight, xt)
+                weight @ xt if bias is None else torch.addmm(bias, weight, xt)
             )
         return out
 
@@ -239,7 +276,7 @@ class SparseConv2d(_CompiledCSR):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Conv2d's name for it, as SparseLinear's
         x = input
         batched = x.dim() == 4
-        images = x if batched else x.unsqueeze(0)
+        images = _computable(x if batched else x.unsqueeze(0))
         n, height, width = images.shape[0], images.shape[2], images.shape[3]
         cols = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)
         sides = self._side(height, 0), self._side(width, 1)
@@ -249,8 +286,19 @@ class SparseConv2d(_CompiledCSR):
         if kernel is not None:  # the kernel reads the patches feature-major as they are, and writes so
             out = kernel[0](cols.t(), *kernel[1]).t()
         else:
-            out = self.weight @ cols if self.bias is None else torch.addmm(self.bias, self.weight, cols)
-        out = out.reshape(self.out_channels, n, *sides).transpose(0, 1).contiguous()
+            weight, bias = self._operands()
+            out = weight @ cols if bias is None else torch.addmm(bias, weight, cols)
+        # laid out as nn.Conv2d lays out its output: channels-last for a channels-last batch
+        channels_last = (
+            batched and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        )
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        out = (
+            out.to(x.dtype)
+            .reshape(self.out_channels, n, *sides)
+            .transpose(0, 1)
+            .contiguous(memory_format=layout)
+        )
         return out if batched else out[0]
 
     def extra_repr(self) -> str:
