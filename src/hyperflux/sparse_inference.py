@@ -475,7 +475,9 @@ def plan_sparse_inference(
         if kind == "conv2d" and not supports_sparse_conv(module):
             choice.reason = "groups, string padding or padding mode: no sparse form"
         elif module.weight.is_cpu and module.weight.dtype not in (torch.float32, torch.float64):
-            choice.reason = f"{module.weight.dtype}: no sparse form on the CPU"
+            choice.reason = (
+                f"{module.weight.dtype}: kept dense (its sparse form computes in float32 on the CPU)"
+            )
         elif density > max_density:
             choice.reason = f"density {density:.1%} above max_density {max_density:.0%}"
         elif example is None:
