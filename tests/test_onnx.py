@@ -118,3 +118,52 @@ def test_a_file_onnxruntime_cannot_run_is_a_value_error_that_says_why(tmp_path):
         export_onnx(model, torch.randn(2, 1, 28, 28, dtype=torch.float64), path)
     assert not path.exists() and not list(tmp_path.glob(".*.tmp"))
     assert export_onnx(model.float(), torch.randn(2, 1, 28, 28), path) < 1e-4
+
+
+def test_dynamic_axes_beyond_the_batch_are_exported_and_checked(tmp_path):
+    """A fully convolutional net exported with variable height and width runs in onnxruntime at other sizes."""
+    torch.manual_seed(0)
+    model = random_prune(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+        ),
+        0.5,
+    )
+    path = tmp_path / "m.onnx"
+    axes = {0: "batch", -2: "height", -1: "width"}
+    assert export_onnx(model, torch.randn(2, 1, 8, 6), path, dynamic_axes=axes) <= 1e-4
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, 13, 5)
+    (out,) = session.run(["output"], {"input": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
+
+
+def test_an_axis_the_exporter_fixed_is_refused_and_nothing_written(tmp_path):
+    """The TorchScript exporter bakes attention's sequence length into its reshapes: asked for a dynamic
+    sequence axis, the export is refused rather than written to fail at another length."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(random_prune(layer, 0.9), nn.Linear(16, 3))
+    x, path = torch.randn(2, 5, 16), tmp_path / "m.onnx"
+    with pytest.raises(
+        ValueError, match=r"not on it doubled along its dynamic axes \{0: 'batch', 1: 'tokens'\}"
+    ):
+        export_onnx(model, x, path, dynamic_axes={0: "batch", 1: "tokens"})
+    assert list(tmp_path.iterdir()) == []
+    assert export_onnx(model, x, path) <= 1e-4  # its batch axis alone is dynamic
+
+
+def test_dynamic_axes_the_model_cannot_vary_or_that_are_not_axes_are_refused(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5 * 16, 3))
+    x, path = torch.randn(2, 5, 16), tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match=r"the model itself does not run .* \(on \(4, 10, 16\): mat1"):
+        export_onnx(model, x, path, dynamic_axes={0: "batch", 1: "tokens"})
+    for axes, message in [
+        ({3: "x"}, r"3 is not an axis of the 3-dimensional example \(2, 5, 16\)"),
+        ({-4: "x"}, r"-4 is not an axis"),
+        ({True: "x"}, r"True is not an axis"),
+        ({0: ""}, r"axis 0 needs a name"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            export_onnx(model, x, path, dynamic_axes=axes)
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -21,13 +21,24 @@ from hyperflux.modes import eval_mode
 
 
 def export_onnx(
-    model: nn.Module, example: torch.Tensor, path: str | Path, *, check: bool = True, atol: float = 1e-4
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    *,
+    check: bool = True,
+    atol: float = 1e-4,
+    dynamic_axes: Mapping[int, str] | None = None,
 ) -> float | None:
-    """Write `model` to `path` as ONNX with a dynamic batch axis (input ``input``, output ``output``).
+    """Write `model` to `path` as ONNX (input ``input``, output ``output``) whose input may vary in size along
+    `dynamic_axes` (axis -> name; default ``{0: "batch"}``, output axis 0 following input axis 0).
 
     With `check` and onnxruntime importable, run the file on `example` and return the largest absolute
-    difference from the model's output (ValueError above `atol`); None when it was not checked.
+    difference from the model's output (ValueError above `atol`); None when it was not checked. The file is
+    also run on `example` doubled along every dynamic axis, where it must agree with the model as well: the
+    exporter fixes some sizes it traced (the sequence length of attention layers), which would otherwise
+    surface only when the file is used.
     """
+    axes = _checked_axes(example, {0: "batch"} if dynamic_axes is None else dynamic_axes)
     for name, module in model.named_modules():
         if has_masks(module):
             raise ValueError(
@@ -42,7 +53,7 @@ def export_onnx(
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")  # renamed into place once written and checked
     try:
-        error = _export_checked(model, example, tmp, check)
+        error = _export_checked(model, example, tmp, check, axes)
         if error is not None and not error <= atol:
             raise ValueError(
                 f"{path}: onnxruntime's output differs from the model's by {error:.3g} (> {atol}); not written"
@@ -53,10 +64,27 @@ def export_onnx(
     return error
 
 
-def _export_checked(model: nn.Module, example: torch.Tensor, path: Path, check: bool) -> float | None:
-    """Write the file; with `check` and onnxruntime importable, the largest difference of its output."""
-    with eval_mode(model), warnings.catch_warnings(), torch.no_grad(), _no_attention_fastpath():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+def _checked_axes(example: torch.Tensor, axes: Mapping[int, str]) -> dict[int, str]:
+    """`axes` with negative axes counted from the end, or ValueError naming what is wrong."""
+    out = {}
+    for axis, name in axes.items():
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -example.dim() <= axis < example.dim():
+            raise ValueError(
+                f"dynamic_axes: {axis!r} is not an axis of the {example.dim()}-dimensional example "
+                f"{tuple(example.shape)}"
+            )
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"dynamic_axes: axis {axis} needs a name (a non-empty string), got {name!r}")
+        out[axis % example.dim()] = name
+    return out
+
+
+def _export_checked(
+    model: nn.Module, example: torch.Tensor, path: Path, check: bool, axes: dict[int, str]
+) -> float | None:
+    """Write the file; with `check` and onnxruntime importable, the largest difference of its output from the
+    model's, on the example and on the example doubled along each dynamic axis."""
+    with _as_exported(model):
         torch.onnx.export(
             model,
             (example,),
@@ -64,15 +92,27 @@ def _export_checked(model: nn.Module, example: torch.Tensor, path: Path, check: 
             dynamo=False,
             input_names=["input"],
             output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            dynamic_axes={"input": axes, "output": {0: axes[0]} if 0 in axes else {}},
         )
-        expected = model(example)
     if not check:
         return None
     try:
         import onnxruntime
     except ImportError:
         return None
+    grown = example
+    for axis in axes:
+        grown = torch.cat([grown, grown], dim=axis)
+    with _as_exported(model):
+        expected = model(example)
+        try:
+            expected_grown = model(grown)
+        except Exception as error:
+            raise ValueError(
+                f"the model itself does not run on the example doubled along its dynamic axes {axes} "
+                f"(on {tuple(grown.shape)}: {str(error).strip()[:200]}); give only the axes it can vary "
+                "(dynamic_axes); not written"
+            ) from None
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (output,) = session.run(["output"], {"input": example.detach().cpu().numpy()})
@@ -87,7 +127,32 @@ def _export_checked(model: nn.Module, example: torch.Tensor, path: Path, check: 
             f"onnxruntime cannot run the exported model ({str(error).strip()[:300]}){hint}; not written "
             "(check=False writes it unchecked)"
         ) from None
-    return float((torch.from_numpy(output) - expected.cpu()).abs().max())
+    try:
+        (output_grown,) = session.run(["output"], {"input": grown.detach().cpu().numpy()})
+    except Exception as error:
+        raise ValueError(
+            f"the exported model runs on the example but not on it doubled along its dynamic axes {axes} "
+            f"(onnxruntime on {tuple(grown.shape)}: {str(error).strip()[:200]}): the exporter fixed a size "
+            "it traced, as it does for the sequence length of attention layers; export with only the axes "
+            "that may vary; not written"
+        ) from None
+    if output_grown.shape != tuple(expected_grown.shape):
+        raise ValueError(
+            f"the exported model gives an output of shape {output_grown.shape} on {tuple(grown.shape)} where "
+            f"the model gives {tuple(expected_grown.shape)}: the exporter fixed a size it traced; not written"
+        )
+    return max(
+        float((torch.from_numpy(out) - want.cpu()).abs().max())
+        for out, want in ((output, expected), (output_grown, expected_grown))
+    )
+
+
+@contextlib.contextmanager
+def _as_exported(model: nn.Module) -> Iterator[None]:
+    """The model as the exporter traces it: eval mode, no gradients, attention's unfused path."""
+    with eval_mode(model), warnings.catch_warnings(), torch.no_grad(), _no_attention_fastpath():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        yield
 
 
 @contextlib.contextmanager
