@@ -306,6 +306,37 @@ def test_cifar_batches_damaged_inside_are_data_errors(tmp_path: Path, content: b
     assert_one_line(error, str(test_batch), message)
 
 
+@pytest.mark.parametrize(
+    ("rows", "labels", "message"),
+    [
+        (np.full((3, 3072), 0.5, dtype=np.float32), [1, 2, 3], r"pixels of dtype float32 from 0.5 to 0.5"),
+        (np.full((3, 3072), 300, dtype=np.int16), [1, 2, 3], r"pixels of dtype int16 from 300 to 300"),
+        (np.zeros((3, 3072), dtype=np.uint8), [1.0, 2.5, 3.0], r"labels of dtype float64"),
+    ],
+)
+def test_cifar_batches_of_other_types_are_refused_not_cast(
+    tmp_path: Path, rows: np.ndarray, labels: list, message: str
+) -> None:
+    """A batch saved by hand in the CIFAR layout with float pixels became blank images, and wider integers
+    wrapped, in silence."""
+    write_cifar10(tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    write_cifar_batch(test_batch, rows, labels, b"labels")
+    with pytest.raises(data.DataError) as error:
+        data.load("cifar10", root=tmp_path)
+    assert_one_line(error, str(test_batch), message)
+
+
+def test_cifar_batches_of_wider_integers_in_range_load(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    rows = np.arange(3 * 3072).reshape(3, 3072) % 256
+    write_cifar_batch(test_batch, rows.astype(np.int64), np.array([1, 2, 3], dtype=np.int32), b"labels")
+    bundle = data.load("cifar10", root=tmp_path)
+    assert torch.equal(bundle.test.images.flatten(1), torch.from_numpy(rows.astype(np.uint8)))
+    assert bundle.test.labels.dtype is torch.int64 and bundle.test.labels.tolist() == [1, 2, 3]
+
+
 def test_cifar_wrong_row_size_is_rejected(tmp_path: Path) -> None:
     write_cifar10(tmp_path)
     test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"

@@ -78,8 +78,8 @@ def read_batch(path: Path, layout: CifarLayout) -> tuple[torch.Tensor, torch.Ten
     try:
         with path.open("rb") as handle:
             batch = pickle.load(handle, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[layout.label_key], dtype=np.int64)
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[layout.label_key])
     except (
         pickle.UnpicklingError,
         EOFError,
@@ -99,6 +99,18 @@ def read_batch(path: Path, layout: CifarLayout) -> tuple[torch.Tensor, torch.Ten
             f"{path}: data of shape {data.shape} with labels of shape {labels.shape} (expected (N, 3072) and N "
             f"labels); get it again with `{layout.command}`"
         )
+    # a batch written by hand (floats in [0, 1], wider integers) would otherwise be cast to uint8 in silence:
+    # blank or wrapped images
+    if data.size and not (np.issubdtype(data.dtype, np.integer) and data.min() >= 0 and data.max() <= 255):
+        raise DataError(
+            f"{path}: pixels of dtype {data.dtype} from {data.min()} to {data.max()}; a {layout.title} batch "
+            "holds integers 0..255 (uint8), as `(images * 255).round().astype(numpy.uint8)` gives"
+        )
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{path}: labels of dtype {labels.dtype}; a {layout.title} batch holds integer labels"
+        )
+    data, labels = data.astype(np.uint8, copy=False), labels.astype(np.int64, copy=False)
     if len(labels) and (labels.min() < 0 or labels.max() >= layout.num_classes):
         raise DataError(
             f"{path}: labels outside 0..{layout.num_classes - 1}; get it again with `{layout.command}`"
