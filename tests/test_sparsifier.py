@@ -872,6 +872,7 @@ def test_step_refuses_what_is_not_an_optimizer_and_checks_the_loss_forms_groups(
         hf.step(shared)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        hf.pressure_loss()  # the loss form: the pressure is in the loss (see the test after the next)
         hf.step(shared)  # warned once per optimiser
         # attached, an optimiser passed to step() may hold the logits without stepping them (the transformers
         # integration leaves them in the Trainer's groups): nothing to warn of
@@ -881,8 +882,9 @@ def test_step_refuses_what_is_not_an_optimizer_and_checks_the_loss_forms_groups(
         attached.step(torch.optim.AdamW(model.parameters()))
         # and a run without regrowth has no mask lr to schedule when it freezes
         loss_form = Hyperflux(mlp(), 0.5, pruning_epochs=2)
-        loss_form.step()
-        loss_form.step()
+        for _ in range(2):
+            loss_form.pressure_loss()
+            loss_form.step()
         assert loss_form.frozen
 
 
@@ -953,3 +955,40 @@ def test_a_target_that_keeps_no_weight_is_refused_and_a_trim_that_empties_a_laye
     with pytest.warns(UserWarning, match=r"the exact trim left 2\.weight with no weight"):
         hf.step()  # regrowth of one period: frozen and trimmed at once
     assert hf.frozen and [int(g.mask().sum()) for g in hf.gates] == [2, 0]
+
+
+def test_a_period_whose_pressure_reached_no_logit_warns_once():
+    """Without attach() or pressure_loss() in the loss the method prunes nothing itself, and exact-target mode's
+    trim at the freeze would prune everything at once, looking like success."""
+    model = mlp()
+    hf = Hyperflux(model, 0.5, pruning_epochs=4)
+    opt = torch.optim.Adam(hf.param_groups(lr=1e-3))
+
+    def train_one_step(with_pressure: bool) -> None:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 4, (8,)))
+        (loss + hf.pressure_loss() if with_pressure else loss).backward()
+        opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_one_step(False)
+        hf.step(opt)  # P = 0 in the first period: nothing to reach the logits
+        hf.scheduler.gamma = 1.0  # the controller raised the pressure (the density is far above the target)
+        train_one_step(True)
+        hf.step(opt)  # in the loss: applied
+        hf.scheduler.gamma = 1.0
+    train_one_step(False)
+    with pytest.warns(UserWarning, match=r"pressure of this period \(P = 1\) reached no mask logit"):
+        hf.step(opt)
+    hf.scheduler.gamma = 1.0
+    train_one_step(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.step(opt)  # once
+    attached = Hyperflux(mlp(), 0.5, pruning_epochs=4)
+    attached.attach(torch.optim.Adam(attached.param_groups(lr=1e-3)))
+    attached.scheduler.gamma = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attached.step()

@@ -404,6 +404,10 @@ class Hyperflux:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._checked_optimizers: weakref.WeakSet = weakref.WeakSet()  # passed to step(), checked once
         self._warned_no_mask_lr = False
+        # whether pressure_loss() was called since the last step(): a flag set, never read, by it, so that
+        # compiled code calling it does not guard on a counter's value
+        self._pressure_asked = False
+        self._warned_no_pressure = False
         self._attached_steps: list[_AttachedStep] = []
         self._attached = False
         self.period = 0
@@ -468,6 +472,7 @@ class Hyperflux:
         log. Logits that no attached optimiser holds keep their gradient through the loss.
         """
         self._check_live()
+        self._pressure_asked = True
         coefs = self._pressure_coefs()
         logits = [g.logits for g in self.gates]
         if not any(coefs):
@@ -766,6 +771,7 @@ class Hyperflux:
                 "pruning_epochs + regrowth_epochs",
                 stacklevel=2,
             )
+        self._warn_if_no_pressure()
         self._sync_flux()
         self._enforce_floors()
         record = self.stats()
@@ -793,6 +799,20 @@ class Hyperflux:
         self._snapshot = [g.mask() for g in self.gates]
         self.last_stats = record
         return record
+
+    def _warn_if_no_pressure(self) -> None:
+        """Warn, once, of a period with pressure that reached no logit: neither attached nor in the loss, the
+        method prunes nothing of its own, and exact-target mode's trim at the freeze prunes in one shot."""
+        asked, self._pressure_asked = self._pressure_asked, False
+        if self._attached or asked or self._warned_no_pressure or self.frozen or not self.pressure > 0:
+            return
+        self._warned_no_pressure = True
+        warnings.warn(
+            f"hf.step(): the pressure of this period (P = {self.pressure:.3g}) reached no mask logit: attach the "
+            "optimiser that holds them (hf.attach(optimizer)) or add hf.pressure_loss() to the loss; without "
+            "either, only the exact trim at the freeze prunes, all at once",
+            stacklevel=3,
+        )
 
     def _snapshot_here(self) -> list[torch.Tensor]:
         """The masks at the last `step()`, on the device each layer is on now (the model may have moved since)."""
