@@ -271,3 +271,59 @@ def test_recurrent_layers_are_refused_for_their_masks_would_not_reach_them(kind)
     assert names_of(Hyperflux(model(), 0.5, pruning_epochs=2, modules=(kind, nn.Linear), ignore="0")) == [
         "1.weight"
     ]
+
+
+@pytest.mark.parametrize("kind", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_recurrent_cells_opt_in_and_their_masks_reach_the_cell(kind):
+    """A cell reads its weights at every call, so, unlike nn.LSTM, its masks reach the forward pass."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"cell": kind(4, 6), "head": nn.Linear(6, 2)})
+
+    def run(x):
+        out = model["cell"](x)
+        return model["head"](out[0] if isinstance(out, tuple) else out)
+
+    hf = Hyperflux(model, 0.5, pruning_epochs=2, modules=(nn.Linear, kind))
+    assert names_of(hf) == ["cell.weight_ih", "cell.weight_hh", "head.weight"]
+    gate = model["cell"].parametrizations.weight_ih[0]
+    with torch.no_grad():
+        gate.logits[:, :2] = -1.0  # close the gates of the first two inputs
+    x = torch.randn(3, 4)
+    y = run(x)
+    assert torch.allclose(y, run(x * torch.tensor([0.0, 0.0, 1.0, 1.0])))  # they no longer count
+    y.sum().backward()
+    assert gate.logits.grad is not None and gate.logits.grad.abs().sum() > 0
+    squashed = hf.squash()
+    assert set(squashed.state_dict()) == {
+        "cell.weight_ih",
+        "cell.weight_hh",
+        "cell.bias_ih",
+        "cell.bias_hh",
+        "head.weight",
+        "head.bias",
+    }
+    assert torch.equal(run(x), y)
+
+
+def test_a_module_type_with_nothing_to_mask_is_refused_with_its_parameters():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, x):
+            return x @ self.W
+
+    model = nn.Sequential(Scaled(), nn.Linear(3, 2))
+    with pytest.raises(
+        ValueError, match=r"no Scaled layer has a tensor hyperflux can mask \(0's own parameters: W\)"
+    ):
+        Hyperflux(model, 0.5, pruning_epochs=2, modules=(nn.Linear, Scaled))
+    with pytest.raises(ValueError, match=r"no LayerNorm layer .*parameters: none"):
+        Hyperflux(
+            nn.Sequential(nn.LayerNorm(3, elementwise_affine=False), nn.Linear(3, 2)),
+            0.5,
+            pruning_epochs=2,
+            modules=(nn.Linear, nn.LayerNorm),
+        )
+    assert names_of(Hyperflux(model, 0.5, pruning_epochs=2)) == ["1.weight"]

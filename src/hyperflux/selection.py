@@ -13,9 +13,11 @@ from torch.nn.utils import parametrize
 
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # The tensors masked in a module of a selected type, where they are not its `weight`: attention's input
-# projections (packed, or one per input when the key and value sizes differ). Its output projection is a Linear.
+# projections (packed, or one per input when the key and value sizes differ; its output projection is a
+# Linear), and a recurrent cell's (RNNCell, LSTMCell, GRUCell: read at each call, unlike nn.RNN's).
 MASKED_TENSORS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+    nn.RNNCellBase: ("weight_ih", "weight_hh"),
 }
 OVERRIDE_KEYS = frozenset({"min_density", "pressure_scale"})
 
@@ -180,9 +182,11 @@ def select_targets(
 
     candidates: list[Target] = []
     refused: dict[str, str] = {}  # tensors that cannot be masked, refused only if the selection keeps them
+    offered: dict[type[nn.Module], tuple[str, bool]] = {}  # a type's first layer; whether any had a tensor
     for module_name, module in model.named_modules():
         if not isinstance(module, module_types):
             continue
+        before = len(candidates)
         for param_name in _tensor_names(module):
             name = f"{module_name}.{param_name}" if module_name else param_name
             weight = (
@@ -195,6 +199,19 @@ def select_targets(
             if reason is not None:
                 refused[name] = reason
             candidates.append(Target(name, module_name, module, param_name, min_density=min_density))
+        for kind in module_types:
+            if isinstance(module, kind):
+                first, any_tensor = offered.get(kind, (module_name, False))
+                offered[kind] = first, any_tensor or len(candidates) > before
+    for kind, (first, any_tensor) in offered.items():
+        if not any_tensor:
+            parameters = [n for n, _ in model.get_submodule(first).named_parameters(recurse=False)]
+            raise ValueError(
+                f"modules: no {kind.__name__} layer has a tensor hyperflux can mask ({first or 'the model'}'s "
+                f"own parameters: {', '.join(parameters) or 'none'}); it masks a layer's `weight` (and "
+                "attention's and recurrent cells' input weights): leave the type out, or name its parameter "
+                "`weight`"
+            )
 
     selected = candidates
     if names is not None:
