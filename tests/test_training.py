@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hyperflux import Hyperflux
+from hyperflux import Hyperflux, data
 from hyperflux.models import build as build_model_by_name
 from hyperflux.recipe import RecipeError, load_recipe
 from hyperflux.runfiles import RunError, RunFolder
@@ -549,3 +549,23 @@ def test_a_run_that_ends_far_from_its_target_says_so(tmp_path):
         warnings.simplefilter("always")
         run_recipe(load_recipe(SMOKE, short), tmp_path / "e", quiet=True)
     assert not [w for w in caught if "the run ended at" in str(w.message)]
+
+
+def test_an_unreadable_test_image_keeps_the_epochs_training(tmp_path, monkeypatch):
+    """A corrupt image in val/ surfaces at the first evaluation, after a whole epoch of training (hours on
+    ImageNet): the epoch is checkpointed, without a test accuracy, before the error is raised."""
+    import hyperflux.training as training
+
+    real = training.evaluate
+
+    def unreadable(*args, **kwargs):
+        raise data.DataError("val/cat/0.png: not a readable image; replace or remove it")
+
+    monkeypatch.setattr(training, "evaluate", unreadable)
+    with pytest.raises(data.DataError, match="not a readable image"):
+        run_recipe(recipe(), tmp_path, quiet=True)
+    assert [(r["epoch"], r["test_accuracy"]) for r in rows(tmp_path)] == [(1, None)]
+    monkeypatch.setattr(training, "evaluate", real)
+    summary = run_recipe(recipe(), tmp_path, quiet=True, resume=True)
+    assert [r["epoch"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5]
+    assert summary["final_accuracy"] > 50

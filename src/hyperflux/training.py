@@ -770,10 +770,15 @@ class Trainer:
             evaluate_now = (self.epoch + 1) % self.recipe["train"][
                 "eval_every"
             ] == 0 or self.epoch + 1 == self.epochs
+            failure = None
             if evaluate_now:
-                self.last_eval = evaluate(
-                    self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last
-                )
+                try:
+                    self.last_eval = evaluate(
+                        self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last
+                    )
+                # an unreadable test image: the epoch's training is kept (checkpointed) before it is raised
+                except data.DataError as error:
+                    failure, evaluate_now = error, False
             row["test_accuracy"], row["test_loss"] = self.last_eval if evaluate_now else (None, None)
             row["time_s"] = time.perf_counter() - start
             self.elapsed += row["time_s"]
@@ -786,6 +791,8 @@ class Trainer:
             distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
             if self.main:
                 tqdm.write(self._epoch_line(row), file=self.log)
+            if failure is not None:
+                raise failure
         return self.finish()
 
     def finish(self) -> dict[str, Any]:

@@ -272,6 +272,11 @@ def fetch(
     """
     cache = cache_dir(root)
     family = name.removesuffix("-32")
+    if source is not None and family != "mnist":
+        raise DataError(
+            f"source is for MNIST only; {name} takes no source: point the recipe's data.root at a local copy "
+            "instead"
+        )
     if family == "mnist":
         return fetch_mnist(cache, Path(source) if source is not None else None, progress)
     if family == "fashion-mnist":

@@ -27,20 +27,31 @@ LAYOUT_HINT = "expected root/train/<class>/<image> and root/val/<class>/<image>;
 
 
 def list_classes(folder: Path) -> list[str]:
-    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else []
+    """The class folders, sorted; hidden ones (`.ipynb_checkpoints`) are not classes."""
+    classes = (
+        sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )
     if not classes:
         raise DataError(f"{folder}: no class folders ({LAYOUT_HINT})")
     return classes
 
 
 def list_samples(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """(path, class index) of every image under `folder/<class>/`, sorted: the order never depends on disk."""
+    """(path, class index) of every image under `folder/<class>/`, sorted: the order never depends on disk.
+    Hidden files and folders (macOS's `._name.png`, `.ipynb_checkpoints/`) are not images of the set."""
     samples = []
     for label, name in enumerate(classes):
         class_folder = folder / name
         if not class_folder.is_dir():
             continue
-        files = sorted(path for path in class_folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(
+            path
+            for path in class_folder.rglob("*")
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in path.relative_to(class_folder).parts)
+        )
         samples.extend((path, label) for path in files)
     if not samples:
         raise DataError(f"{folder}: no images with extensions {', '.join(IMAGE_EXTENSIONS)} ({LAYOUT_HINT})")

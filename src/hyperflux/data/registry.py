@@ -21,7 +21,8 @@ DIGITS_SPLIT_SEED = 0
 
 @dataclass(frozen=True)
 class DataBundle:
-    """Train and test splits of one data set, normalised by the training split's statistics.
+    """Train and test splits of one data set, normalised by the training split's statistics (image folders:
+    by ImageNet's, without reading every image first; their images are served as RGB).
 
     `augment` says whether `loader("train", ...)` applies the set's training augmentation (CIFAR: random crop
     with padding 4 and horizontal flip; folders: random resized crop and flip).
