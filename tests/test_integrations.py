@@ -477,3 +477,58 @@ def test_only_a_restored_schedule_catches_up_with_the_hosts_epochs():
     restored = driver()
     restored.load_state_dict(fresh.state_dict())
     assert restored.periods_missing(3) == 3 and restored.periods_missing(9) == 4
+
+
+def test_a_mask_step_with_gradients_that_are_not_finite_is_skipped():
+    """An overflowed fp16 step leaves infinite gradients, which the host's scaler skips; the masks' Adam
+    stepped on them turned every logit it reached NaN."""
+    from hyperflux.integrations._driver import MaskDriver
+
+    made = MaskDriver(0.8, 4, 0, None, (0.9, 0.999), {})
+    made.build(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)))
+    made.take_over([])
+    logits = list(made.hf.mask_parameters())
+    before = [m.detach().clone() for m in logits]
+    logits[0].grad = torch.zeros_like(logits[0])
+    logits[1].grad = torch.full_like(logits[1], float("inf"))
+    made.step_masks()
+    assert all(torch.equal(m, b) for m, b in zip(logits, before, strict=True))
+    assert all(m.grad is None for m in logits) and not made.optimizer.state
+    for m in logits:
+        m.grad = torch.ones_like(m)
+    made.step_masks()
+    assert all((m < b).all() for m, b in zip(logits, before, strict=True))  # a finite step is taken
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None, reason="lightning not installed (extra `lightning`)"
+)
+def test_lightning_warns_when_fit_ends_before_the_masks_froze():
+    from hyperflux.integrations.lightning import HyperfluxCallback
+
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(TensorDataset(*toy_data(64)), batch_size=16)
+    callback = HyperfluxCallback(0.8, pruning_epochs=3, regrowth_epochs=1, mask_lr=0.05)
+    trainer = lightning_trainer([callback], max_epochs=2, logger=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"Lightning's fit ended after 2 of the 3 periods .* not frozen"):
+        trainer.fit(lightning_module(adamw_with_steps), loader)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
+    reason="transformers or accelerate not installed (extra `hf`)",
+)
+def test_transformers_warns_of_a_short_run_and_closes_each_epoch_once_with_the_callback_twice(tmp_path):
+    from transformers import Trainer
+
+    from hyperflux.integrations.transformers import HyperfluxTrainerCallback
+
+    torch.manual_seed(0)
+    callback = HyperfluxTrainerCallback(0.8, pruning_epochs=3, regrowth_epochs=1, mask_lr=0.05)
+    args = training_arguments(tmp_path, num_train_epochs=2, save_strategy="no", max_grad_norm=0)
+    trainer = Trainer(
+        model=TinyClassifier(), args=args, train_dataset=DictSet(), callbacks=[callback, callback]
+    )
+    with pytest.warns(UserWarning, match=r"the Trainer's training ended after 2 of the 3 periods"):
+        trainer.train()
+    assert callback.hf.period == 2  # one period per epoch, however many times the Trainer holds it

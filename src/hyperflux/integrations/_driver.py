@@ -6,6 +6,7 @@ group (and torch checks the count), would schedule the mask lr, and the host's w
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -111,14 +112,15 @@ class MaskDriver:
 
     def step_masks(self, grad_scale: float | None = None) -> None:
         """One mask-optimiser step on the logits' accumulated gradients, then clear them. `grad_scale` is the
-        AMP loss scale the host's scaler applied (it unscales only its own optimisers); an overflowed step is
-        skipped, as the host's is."""
+        AMP loss scale the host's scaler applied (it unscales only its own optimisers). A step whose gradients
+        are not finite (an overflowed fp16 step, which the host's scaler skips) is skipped: Adam would turn
+        every logit it reached NaN."""
         grads = [p.grad for p in self.hf.mask_parameters() if p.grad is not None]
         if grads and grad_scale is not None:
             torch._foreach_mul_(grads, 1.0 / grad_scale)
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
-                self.optimizer.zero_grad(set_to_none=True)
-                return
+        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -134,6 +136,20 @@ class MaskDriver:
             return None
         self.hf.step(*self.host_optimizers)  # lets it clear pruned weights' momentum
         return self.metrics()
+
+    def warn_if_unfinished(self, host: str) -> None:
+        """At the end of the host's training: warn when it stopped before the masks froze, so that they are
+        not at the target (nothing else would say so)."""
+        hf = self.hf
+        if hf is None or hf.frozen:
+            return
+        freezes_at = min(hf.total_epochs, hf.pruning_epochs + hf.freeze_after)
+        warnings.warn(
+            f"{host} ended after {hf.period} of the {freezes_at} periods before the masks freeze at the target: "
+            f"they are at {hf.sparsity():.4%} sparsity, not frozen; train for pruning_epochs + regrowth_epochs "
+            "periods (epochs, or blocks of every_n_steps steps)",
+            stacklevel=3,
+        )
 
     def periods_missing(self, epochs_done: int) -> int:
         """Epoch periods the host has finished but this schedule, restored from a checkpoint, has not closed:

@@ -64,6 +64,9 @@ class HyperfluxCallback(DrivenCallback, pl.Callback):
         if self.driver.every_n_steps is None:
             self._close(trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.driver.warn_if_unfinished("Lightning's fit")
+
     def state_dict(self) -> dict[str, Any]:
         """Saved by Lightning in its checkpoints, so `fit(ckpt_path=...)` resumes the schedule too."""
         return self.driver.state_dict()

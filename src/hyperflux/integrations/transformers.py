@@ -77,6 +77,12 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
         # the logits stay in the host optimiser's groups, so that the optimiser state a checkpoint saves always
         # loads into the optimiser a resumed Trainer builds (from every parameter, logits included)
         self.driver.take_over([optimizer], hide=False)
+        if args.fp16:
+            warnings.warn(
+                "fp16=True: the mask logits' step is out of the loss scaler's reach (an overflowed step is "
+                "skipped for them too, but their gradients are not unscaled by it); use bf16=True",
+                stacklevel=2,
+            )
         if args.max_grad_norm and args.max_grad_norm > 0:
             warnings.warn(
                 f"max_grad_norm={args.max_grad_norm}: transformers clips the mask logits' gradients (the flux) "
@@ -102,9 +108,10 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
         if self.driver.every_n_steps is not None:
             if self.driver.due(state.global_step):
                 self._close(control)
-        elif float(state.epoch).is_integer():
+        elif float(state.epoch).is_integer() and self.closed_at != state.global_step:
             # the epoch's last step (the Trainer sets epoch + batches done / batches in it): the period closes
-            # here, not at the epoch's end, so that a log or checkpoint the Trainer makes at this step has it
+            # here, not at the epoch's end, so that a log or checkpoint the Trainer makes at this step has it;
+            # once, should the Trainer hold this callback twice
             self._close(control)
             self.closed_at = state.global_step
 
@@ -113,6 +120,11 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
     ) -> None:
         if self.driver.every_n_steps is None and self.closed_at != state.global_step:  # an epoch cut short
             self._close(control)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.driver.warn_if_unfinished("the Trainer's training")
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
