@@ -1,5 +1,7 @@
 """Every selection rule and every error it promises."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,3 +329,26 @@ def test_a_module_type_with_nothing_to_mask_is_refused_with_its_parameters():
             modules=(nn.Linear, nn.LayerNorm),
         )
     assert names_of(Hyperflux(model, 0.5, pruning_epochs=2)) == ["1.weight"]
+
+
+def test_masked_tensors_under_half_the_model_warn_and_the_summary_says_the_share():
+    """By default an embedding and a recurrent layer stay dense: a text model's reported 90% sparsity would
+    be that of its small head alone."""
+
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(1000, 32)
+            self.rnn = nn.GRU(32, 32, batch_first=True)
+            self.head = nn.Linear(32, 2)
+
+    with pytest.warns(
+        UserWarning,
+        match=r"masks 64 of the model's 38,402 parameters \(0\.2%\).*embed\.weight \(Embedding, 32,000\)",
+    ):
+        hf = Hyperflux(Text(), 0.9, pruning_epochs=2)
+    assert "masked: 64 of the model's 38,402 parameters (0.2%)" in hf.summary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opted = Hyperflux(Text(), 0.9, pruning_epochs=20, modules=(nn.Linear, nn.Embedding))
+    assert "(83.5%)" in opted.summary()

@@ -239,6 +239,32 @@ def _warn_of_shared_groups(
             return
 
 
+def _warn_of_a_small_share(model: nn.Module, targets: list[Target], masked: int, parameters: int) -> None:
+    """Warn when the masked tensors are under half the model's parameters (embeddings, recurrent layers left
+    dense by default): the sparsity reported and targeted is theirs alone, which would mislead silently."""
+    if masked >= parameters / 2:
+        return
+    masked_ids = {id(getattr(t.module, t.param_name)) for t in targets}
+    dense = sorted(
+        (
+            (
+                p.numel(),
+                f"{name} ({type(model.get_submodule(name.rpartition('.')[0])).__name__}, {p.numel():,})",
+            )
+            for name, p in model.named_parameters()
+            if id(p) not in masked_ids and p.dim() > 1
+        ),
+        reverse=True,
+    )
+    warnings.warn(
+        f"hyperflux masks {masked:,} of the model's {parameters:,} parameters ({masked / parameters:.1%}); the "
+        f"target sparsity and every density reported count the masked tensors only. Largest left dense: "
+        f"{', '.join(text for _, text in dense[:3]) or 'none'}; opt in their layer types that can be masked "
+        "(modules=(...))",
+        stacklevel=3,
+    )
+
+
 def _put_flat(tensor: torch.Tensor, indices: torch.Tensor, value: float) -> None:
     """`tensor.flatten()[indices] = value`, written into `tensor` whatever its memory layout (a model moved to
     channels-last has 4-d logits whose flat view would be a copy)."""
@@ -368,6 +394,8 @@ class Hyperflux:
 
         self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)
         self.total = sum(t.numel for t in self.targets)
+        self.model_parameters = sum(p.numel() for p in model.parameters())
+        _warn_of_a_small_share(model, self.targets, self.total, self.model_parameters)
         if target_sparsity is not None:
             want = round((1 - target_sparsity) * self.total)
             if want == 0:
@@ -744,7 +772,10 @@ class Hyperflux:
         rows.append(cells("total", "", s))
         lines.append(text_table(header, rows, left=2))
         since = "since the last step()" if stats is None else "as the record given counts them"
-        lines.append(f"  pruned, regrown and flux: {since}")
+        lines.append(
+            f"  masked: {self.total:,} of the model's {self.model_parameters:,} parameters "
+            f"({self.total / self.model_parameters:.1%}); pruned, regrown and flux: {since}"
+        )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
