@@ -772,10 +772,11 @@ class Hyperflux:
         rows.append(cells("total", "", s))
         lines.append(text_table(header, rows, left=2))
         since = "since the last step()" if stats is None else "as the record given counts them"
+        share = self.total / self.model_parameters
         lines.append(
-            f"  masked: {self.total:,} of the model's {self.model_parameters:,} parameters "
-            f"({self.total / self.model_parameters:.1%}); pruned, regrown and flux: {since}"
+            f"  masked: {self.total:,} of the model's {self.model_parameters:,} parameters ({share:.1%})"
         )
+        lines.append(f"  pruned, regrown and flux: {since}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
