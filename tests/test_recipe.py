@@ -116,6 +116,8 @@ def test_numbers_written_without_a_dot_are_numbers():
         ),
         ("hyperflux.overrides={fc1: {min_density: 5}}", "'fc1': min_density must be a number in [0, 1]"),
         ("optimizer=", "recipe key 'optimizer' is a section, which an empty value would reset"),
+        # a size other than the default is ignored by every set but image folders
+        ("data.image_size=32", "recipe key 'data.image_size': image folders only are resized; digits is"),
     ],
 )
 def test_bad_values_name_their_key(assignment, message):

@@ -469,6 +469,13 @@ def _resolve(recipe: dict[str, Any], default_name: str, exact_given: bool) -> di
         dense["lr"] = opt["lr"]
     if recipe["name"] is None:
         recipe["name"] = default_name
+    spec = recipe["data"]
+    # 224, the default, is in every saved recipe, so only another size is a request this set cannot honour
+    if spec["name"] != "imagefolder" and spec["image_size"] != SCHEMA["data"]["image_size"].default:
+        raise RecipeError(
+            f"recipe key 'data.image_size': image folders only are resized; {spec['name']} is served at its own "
+            "size (the -32 sets pad 28x28 images to 32x32)"
+        )
     _check_model_args(recipe["model"])
     return recipe
 
