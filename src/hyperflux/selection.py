@@ -154,7 +154,8 @@ def _refuse_tied(model: nn.Module, selected: list[Target]) -> None:
         if others:
             raise ValueError(
                 f"{target.name} is the same tensor as {', '.join(others)} (tied weights), which its mask would "
-                f"reach too; leave tied weights out (ignore) or untie them"
+                f"reach too; leave tied weights out (ignore), untie them, or keep one owner and let the other "
+                "use read it (a head computing F.linear(h, self.embed.weight) reads the masked weight)"
             )
 
 
