@@ -91,11 +91,15 @@ def test_prediction_outside_the_fitted_range_is_refused():
 
 def test_pressure_law_input_errors():
     with pytest.raises(ValueError, match="at least 3 points"):
-        laws.fit_pressure_law([0.5, 1.0], [0.2, 0.1])
+        laws.fit_pressure_law([0.5, 1.0], [0.2, 0.1], quadratic=False)
+    # three parameters: three points fit exactly, R^2 1 whatever they are
+    with pytest.raises(ValueError, match="at least 4 points"):
+        laws.fit_pressure_law([0.5, 1.0, 2.0], [0.2, 0.3, 0.1])
+    assert laws.fit_pressure_law([0.5, 1.0, 2.0], [0.2, 0.3, 0.1], quadratic=False).n == 3
     with pytest.raises(ValueError, match="pressures must be positive"):
-        laws.fit_pressure_law([0.0, 1.0, 2.0], [0.3, 0.2, 0.1])
+        laws.fit_pressure_law([0.0, 1.0, 2.0, 4.0], [0.3, 0.2, 0.1, 0.05])
     with pytest.raises(ValueError, match="densities must be positive"):
-        laws.fit_pressure_law([0.5, 1.0, 2.0], [0.3, -0.2, 0.1])
+        laws.fit_pressure_law([0.5, 1.0, 2.0, 4.0], [0.3, -0.2, 0.1, 0.05])
     with pytest.raises(ValueError, match="as many"):
         laws.fit_pressure_law([0.5, 1.0, 2.0], [0.3, 0.2])
     with pytest.raises(ValueError, match="distinct"):
@@ -153,9 +157,9 @@ def test_nplh_series_takes_positive_values_of_the_pruning_epochs():
         {"phase": "regrowth", "density": 0.45, "pressure": 0.0, "flux_min": 0.1, "flux_p01": 0.1},
     ]
     series = laws.nplh_series(metrics)
-    assert series["pressure"] == ([0.4], [0.5], 1)
-    assert series["flux_min"] == ([0.4], [0.2], 1)
-    assert series["flux_p01"] == ([0.9], [0.1], 0)
+    assert series["pressure"] == ([0.4], [0.5], 1, None)
+    assert series["flux_min"] == ([0.4], [0.2], 1, None)
+    assert series["flux_p01"] == ([0.9], [0.1], 0, None)
     assert "importance_min" not in series
 
 
@@ -166,15 +170,34 @@ def test_nplh_series_of_a_baseline_run_is_its_pruning_thresholds():
         {"phase": "prune", "density": 0.5, "importance_min": 0.03},
         {"phase": "train", "density": 0.5, "importance_min": 0.0},
     ]
-    assert laws.nplh_series(metrics) == {"importance_min": ([0.8, 0.5], [0.01, 0.03], 1)}
+    assert laws.nplh_series(metrics) == {"importance_min": ([0.8, 0.5], [0.01, 0.03], 1, None)}
+
+
+def test_the_pressure_of_a_target_driven_run_is_no_threshold():
+    """The controller raises and releases the pressure as it chases a target: fitted, it gave exponents of
+    either sign with R^2 near 0, printed like a law."""
+    metrics = [
+        {"phase": "pruning", "density": d, "pressure": p, "flux_min": 0.1}
+        for d, p in ((0.5, 0.2), (0.2, 1.0), (0.1, 0.0), (0.05, 0.6))
+    ]
+    series = laws.nplh_series(metrics)
+    assert series["pressure"].not_a_law is not None and "fell during pruning" in series["pressure"].not_a_law
+    assert series["flux_min"].not_a_law is None
 
 
 # ----------------------------------------------------------------- the command line
-def fabricate_run(folder: Path, pressure: float | None, densities: list[float]) -> Path:
-    """A finished run as the trainer leaves it, as far as the laws read it: recipe.yaml and metrics.jsonl."""
+def fabricate_run(
+    folder: Path, pressure: float | None, densities: list[float], finished: bool = True, lr: float = 0.01
+) -> Path:
+    """A run as the trainer leaves it, as far as the laws read it: recipe.yaml, metrics.jsonl and, once it
+    finished, summary.json."""
     folder.mkdir(parents=True)
+    if finished:
+        (folder / "summary.json").write_text("{}")
     p = "null" if pressure is None else repr(pressure)
-    (folder / "recipe.yaml").write_text(f"name: fake\nhyperflux: {{pressure: {p}, exact_target: false}}\n")
+    (folder / "recipe.yaml").write_text(
+        f"name: fake\nhyperflux: {{pressure: {p}, exact_target: false}}\noptimizer: {{lr: {lr}}}\n"
+    )
     lines = []
     for epoch, density in enumerate(densities, 1):
         row = {"epoch": epoch, "phase": "pruning", "density": density, "pressure": pressure or 0.0}
@@ -193,13 +216,13 @@ def sweep(tmp_path: Path, pressures: list[float]) -> list[str]:
 
 
 def test_law_pressure_prints_the_fit_predicts_and_writes_the_plot(tmp_path, capsys):
-    runs = sweep(tmp_path, [0.125, 1.0, 8.0])
+    runs = sweep(tmp_path, [0.125, 1.0, 8.0, 64.0])
     unconverged = str(fabricate_run(tmp_path / "short", 4.0, [1.0, 0.5, 0.2]))
     out = tmp_path / "plots"
     assert main(["law", "pressure", *runs, unconverged, "--predict", "0.03", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "not converged" in printed and "short" in printed
-    assert "these runs" in printed and "a0 0.6000  a1 0.0200  R^2 1.0000  (3 points)" in printed
+    assert "these runs" in printed and "a0 0.6000  a1 0.0200  R^2 1.0000  (4 points)" in printed
     assert "a0 0.6101  a1 0.0195  R^2 0.9982  (9 points)" in printed  # the authors' reference
     assert "constant pressure for density 3%: P 1" in printed
     data = (out / "pressure_law.png").read_bytes()
@@ -228,9 +251,9 @@ def test_law_nplh_prints_exponents_and_writes_the_plot(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("too few", "2 converged runs; the fit needs at least 3"),
+        ("too few", "2 converged runs; the fit needs at least 4"),
         ("not constant", "not a run under a positive constant pressure"),
-        ("density zero", "2 converged runs; the fit needs at least 3"),  # the zero run left out
+        ("density zero", "2 converged runs; the fit needs at least 4"),  # the zero run left out
         ("missing", "not a run folder"),
     ],
 )
@@ -248,12 +271,50 @@ def test_law_pressure_errors_are_one_line(tmp_path, capsys, case, message):
 
 
 def test_law_pressure_leaves_out_a_run_at_density_0_and_counts_a_folder_given_twice_once(tmp_path, capsys):
-    runs = sweep(tmp_path, [0.125, 1.0, 8.0])
+    runs = sweep(tmp_path, [0.125, 1.0, 8.0, 64.0])
     empty = str(fabricate_run(tmp_path / "empty", 64.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
     assert main(["law", "pressure", *runs, runs[0], empty, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"{empty}: P 64, density 0, left out" in out
-    assert out.count(f"{runs[0]}: P 0.125") == 1 and "(3 points)" in out
+    assert out.count(f"{runs[0]}: P 0.125") == 1 and "(4 points)" in out
+
+
+def test_law_pressure_leaves_out_unfinished_runs_warns_of_other_recipes_and_plots_before_predicting(
+    tmp_path, capsys
+):
+    runs = sweep(tmp_path, [0.125, 1.0, 8.0, 64.0])
+    stopped = str(fabricate_run(tmp_path / "stopped", 2.0, [1.0, 0.1, 0.1, 0.1, 0.1, 0.1], finished=False))
+    other = str(fabricate_run(tmp_path / "other", 0.5, [1.0, 0.05, *[0.04] * 5], lr=0.1))
+    out = tmp_path / "plots"
+    # 50%: above every fitted density, a prediction refused after the fit is printed and plotted
+    assert (
+        main(["law", "pressure", *runs, stopped, other, "--predict", "0.5", "--out", str(out)]) == EXIT_INPUT
+    )
+    captured = capsys.readouterr()
+    assert f"{stopped}: P 2, unfinished (epoch 6, no summary.json), left out" in captured.out
+    assert f"warning: {other} differs from {runs[0]} in more than its pressure: optimizer.lr" in captured.out
+    assert "(5 points)" in captured.out and (out / "pressure_law.png").exists()
+
+
+def test_law_nplh_says_why_a_series_or_a_run_is_not_fitted_and_reads_a_folder_once(tmp_path, capsys):
+    importance = np.geomspace(0.01, 100, 12)
+    run = fabricate_run(tmp_path / "run", None, [])
+    pressures = importance.copy()
+    pressures[5] = 0.001  # released once, as a controller does
+    lines = [
+        json.dumps({"phase": "pruning", "density": d, "pressure": p, "flux_min": i, "flux_p01": i})
+        for i, p, d in zip(importance, pressures, 0.02 * importance**-0.5, strict=True)
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "recipe.yaml").write_text("name: dense\n")
+    (dense / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "phase": "dense", "density": 1.0}) + "\n")
+    assert main(["law", "nplh", str(run), str(dense), str(run), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "pressure: not fitted, the pressure fell during pruning" in printed
+    assert printed.count("flux_min: k 0.5000") == 1
+    assert f"{dense}: no importance series" in printed
 
 
 def test_law_nplh_error_when_nothing_can_be_fitted(tmp_path, capsys):
@@ -282,22 +343,22 @@ def test_sweep_recipe_is_the_paper_form_under_a_constant_pressure():
 
 def test_law_pressure_sweep_runs_skips_finished_runs_and_fits(tmp_path, capsys):
     runs, out = tmp_path / "runs", tmp_path / "plots"
-    argv = ["law", "pressure", "--sweep", str(SMOKE), "--pressures", "0.25", "1", "4", "--epochs", "3"]
+    argv = ["law", "pressure", "--sweep", str(SMOKE), "--pressures", "0.25", "1", "4", "16", "--epochs", "3"]
     argv += ["--window", "2", "--tol", "10", "--runs", str(runs), "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("epochs into") == 3 and "(3 points)" in printed
+    assert printed.count("epochs into") == 4 and "(4 points)" in printed
     densities = []
-    for p in ("0.25", "1", "4"):
+    for p in ("0.25", "1", "4", "16"):
         rows = [json.loads(line) for line in (runs / f"P{p}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["pressure"] for r in rows] == [float(p)] * 3
         densities.append(rows[-1]["density"])
-    assert densities[0] > densities[1] > densities[2]  # more pressure, fewer weights
+    assert densities[0] > densities[1] > densities[2] > densities[3]  # more pressure, fewer weights
     assert main(argv) == 0  # a second call trains nothing and fits the same runs
     again = capsys.readouterr().out
-    assert "epochs into" not in again and "(3 points)" in again
+    assert "epochs into" not in again and "(4 points)" in again
     assert (out / "pressure_law.png").read_bytes().startswith(PNG_MAGIC)
-    changed = [*argv[:9], "4", *argv[10:]]  # --epochs 4: the finished runs belong to another recipe
+    changed = [*argv[:10], "4", *argv[11:]]  # --epochs 4: the finished runs belong to another recipe
     assert main(changed) == EXIT_INPUT
     assert "holds a finished run of another recipe" in one_line_error(capsys)
 
@@ -307,7 +368,7 @@ def test_law_pressure_sweep_runs_skips_finished_runs_and_fits(tmp_path, capsys):
     [
         (["--pressures", "1", "2", "3"], "give --sweep RECIPE too"),
         ([], "give run folders"),
-        (["--sweep", str(SMOKE), "--pressures", "1", "2"], "at least 3 pressures"),
+        (["--sweep", str(SMOKE), "--pressures", "1", "2", "3"], "at least 4 pressures"),
         (["--sweep", str(SMOKE), "--epochs", "3"], "must be at least --window"),
     ],
 )

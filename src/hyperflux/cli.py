@@ -13,7 +13,7 @@ import select
 import shlex
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -485,6 +485,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_law_pressure(args: argparse.Namespace) -> int:
     from hyperflux import laws
+    from hyperflux.recipe import differences
+    from hyperflux.runfiles import SUMMARY, RunFolder
 
     run_dirs = list(args.run_dirs)
     if args.sweep is not None:
@@ -494,8 +496,9 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
             raise ValueError(f"--epochs ({args.epochs}) must be at least --window ({args.window})")
         # a pressure given twice counts once
         chosen = list(dict.fromkeys(args.pressures or laws.DEFAULT_PRESSURES))
-        if len(chosen) < laws.MIN_POINTS:
-            raise ValueError(f"a sweep needs at least {laws.MIN_POINTS} pressures, got {len(chosen)}")
+        least = laws.min_points(not args.power)
+        if len(chosen) < least:
+            raise ValueError(f"a sweep needs at least {least} pressures, got {len(chosen)}")
         run_dirs += laws.run_sweep(
             args.sweep, chosen, args.epochs, args.runs, args.assignments, log=sys.stdout
         )
@@ -504,13 +507,23 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
     if not run_dirs:
         raise ValueError("give run folders, or --sweep RECIPE to make them")
     pressures, densities = [], []
-    # a folder given twice counts once
-    unique = {Path(run_dir).resolve(): run_dir for run_dir in reversed(run_dirs)}
-    for run_dir in reversed(unique.values()):
+    first: tuple[str, dict] | None = None  # a run, and its recipe, that the others' recipes are compared with
+    for run_dir in _unique(run_dirs):
         recipe, rows = laws.read_run(run_dir)
         pressure = laws.constant_pressure(recipe)
         if pressure is None or pressure <= 0:
             raise ValueError(f"{run_dir}: not a run under a positive constant pressure (hyperflux.pressure)")
+        if not RunFolder(run_dir).file(SUMMARY).is_file():
+            print(f"{run_dir}: P {pressure:g}, unfinished (epoch {len(rows)}, no {SUMMARY}), left out")
+            continue
+        if first is None:
+            first = run_dir, recipe
+        elif changed := [
+            key for key in differences(first[1], recipe) if key not in ("hyperflux.pressure", "name")
+        ]:
+            print(
+                f"warning: {run_dir} differs from {first[0]} in more than its pressure: {', '.join(changed)}"
+            )
         density = laws.converged_density(rows, args.window, args.tol)
         if density is None:
             print(
@@ -523,17 +536,16 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
         print(f"{run_dir}: P {pressure:g}, converged density {100 * density:.3f}%")
         pressures.append(pressure)
         densities.append(density)
-    if len(pressures) < laws.MIN_POINTS:
-        raise ValueError(f"{len(pressures)} converged runs; the fit needs at least {laws.MIN_POINTS}")
+    if len(pressures) < laws.min_points(not args.power):
+        raise ValueError(
+            f"{len(pressures)} converged runs; the fit needs at least {laws.min_points(not args.power)}"
+        )
     fit = laws.fit_pressure_law(pressures, densities, quadratic=not args.power)
     authors_p, authors_s = zip(*laws.AUTHORS_RESNET50_CIFAR10, strict=True)
     reference = laws.fit_pressure_law(authors_p, authors_s, quadratic=not args.power)
     print("ln S = ln c - a0 ln P - a1 (ln P)^2, S the density as a fraction:")
     for label, f in (("these runs", fit), ("authors ResNet-50/CIFAR-10", reference)):
         print(f"  {label:<27} c {f.c:.4g}  a0 {f.a0:.4f}  a1 {f.a1:.4f}  R^2 {f.r2:.4f}  ({f.n} points)")
-    if args.predict is not None:
-        predicted = laws.predict_pressure(fit, args.predict)
-        print(f"constant pressure for density {100 * args.predict:g}%: P {predicted:.4g}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pressure_law.png"
@@ -545,7 +557,15 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
         path,
     )
     print(f"wrote {path}")
+    if args.predict is not None:  # after the plot, which a density the fit cannot reach leaves written
+        predicted = laws.predict_pressure(fit, args.predict)
+        print(f"constant pressure for density {100 * args.predict:g}%: P {predicted:.4g}")
     return 0
+
+
+def _unique(run_dirs: Sequence[str]) -> list[str]:
+    """The run folders in order, a folder given twice (under any path) once."""
+    return list({Path(run_dir).resolve(): run_dir for run_dir in reversed(run_dirs)}.values())[::-1]
 
 
 def cmd_law_nplh(args: argparse.Namespace) -> int:
@@ -554,12 +574,19 @@ def cmd_law_nplh(args: argparse.Namespace) -> int:
     if not 0 <= args.lo < args.hi <= 1:
         raise ValueError(f"need 0 <= --lo < --hi <= 1, got {args.lo:g} and {args.hi:g}")
     fitted = []
-    runs = [(run_dir, laws.read_run(run_dir)[1]) for run_dir in args.run_dirs]  # a bad folder fails first
+    # a bad folder fails first
+    runs = [(run_dir, laws.read_run(run_dir)[1]) for run_dir in _unique(args.run_dirs)]
     print(f"ln S = ln c - k ln I on {args.lo:g} < S <= {args.hi:g}:")
     for run_dir, rows in runs:
-        for name, series in laws.nplh_series(rows).items():
+        found = laws.nplh_series(rows)
+        if not found:
+            print(f"  {run_dir}: no importance series (a dense run, or a method that logs none)")
+        for name, series in found.items():
             label = f"{run_dir} {name}"
             left_out = f", {series.left_out} non-positive left out" if series.left_out else ""
+            if series.not_a_law is not None:
+                print(f"  {label}: not fitted, {series.not_a_law}")
+                continue
             try:
                 fit = laws.fit_power_law(series.densities, series.importances, args.lo, args.hi)
             except ValueError as error:

@@ -13,6 +13,7 @@ measured there, on ln S.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,13 @@ DEFAULT_PRESSURES: tuple[float, ...] = tuple(2.0**k for k in range(-8, 3))
 NPLH_WINDOW = (0.005, 0.5)  # lo < density <= hi, the region the authors fit
 NPLH_SERIES = ("pressure", "flux_min", "flux_p01")
 BASELINE_SERIES = "importance_min"  # written by the baselines in the epochs where they prune
-MIN_POINTS = 3
+MIN_POINTS = 3  # a power law's two parameters and one degree of freedom; the quadratic form needs one more
+
+
+def min_points(quadratic: bool) -> int:
+    """The fewest points a fit of the scaling law takes: one more than its parameters, or R^2 is 1 by
+    construction."""
+    return MIN_POINTS + quadratic
 
 
 @dataclass(frozen=True)
@@ -93,18 +100,18 @@ def _least_squares(columns: list[np.ndarray], y: np.ndarray) -> tuple[np.ndarray
     return coef, r2
 
 
-def _check_count(n: int, m: int) -> None:
+def _check_count(n: int, m: int, least: int = MIN_POINTS) -> None:
     if n != m:
         raise ValueError(f"need as many densities as x values, got {m} and {n}")
-    if n < MIN_POINTS:
-        raise ValueError(f"need at least {MIN_POINTS} points to fit, got {n}")
+    if n < least:
+        raise ValueError(f"need at least {least} points to fit, got {n}")
 
 
 def fit_pressure_law(
     pressures: Sequence[float], densities: Sequence[float], *, quadratic: bool = True
 ) -> PressureFit:
     """Fit the scaling law on (constant pressure, converged density) pairs; `quadratic=False` fixes a1 = 0."""
-    _check_count(len(pressures), len(densities))
+    _check_count(len(pressures), len(densities), min_points(quadratic))
     log_p, log_s = _logs("pressures", pressures), _logs("densities", densities)
     columns = [np.ones_like(log_p), -log_p] + ([-(log_p**2)] if quadratic else [])
     coef, r2 = _least_squares(columns, log_s)
@@ -188,11 +195,13 @@ def fit_power_law(
 
 
 class Series(NamedTuple):
-    """One importance series of a run: its points, and how many non-positive importances were left out."""
+    """One importance series of a run: its points, how many non-positive importances were left out, and why
+    the series is no minimum importance at all (`not_a_law`), when it is not."""
 
     densities: list[float]
     importances: list[float]
     left_out: int
+    not_a_law: str | None = None
 
 
 def nplh_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, Series]:
@@ -200,7 +209,9 @@ def nplh_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, Series]:
     1st-percentile flux of surviving weights, from its pruning epochs. A baseline run: `importance_min`, the
     threshold of each pruning decision (magnitude, GMP, IMP: the largest |w| removed; Taylor: the smallest
     |w g| kept), from the epochs that pruned. Non-positive values are left out and counted: P = 0 while the
-    controller lets go, or a sampled negative flux, is no minimum importance."""
+    controller lets go, or a sampled negative flux, is no minimum importance. The pressure of a run whose
+    pressure fell (a controller chasing a target, which raises and releases it) is not a threshold either: its
+    series comes with `not_a_law` set."""
     pruning = _pruning_rows(rows)
     sources = {key: pruning for key in NPLH_SERIES} | {BASELINE_SERIES: rows}
     series = {}
@@ -209,6 +220,14 @@ def nplh_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, Series]:
         kept = [p for p in points if p[1] > 0]
         if points:
             series[key] = Series([p[0] for p in kept], [p[1] for p in kept], len(points) - len(kept))
+    if "pressure" in series:
+        values = [float(r["pressure"]) for r in pruning if r.get("pressure") is not None]
+        if any(later < earlier for earlier, later in itertools.pairwise(values)):
+            series["pressure"] = series["pressure"]._replace(
+                not_a_law="the pressure fell during pruning (a controller chasing a target sparsity moves it "
+                "both ways), so it is no threshold; a sweep of constant pressures gives the law "
+                "(hyperflux law pressure)"
+            )
     return series
 
 
