@@ -84,7 +84,9 @@ def test_a_holdout_run_is_captioned_and_plotted_as_holdout(tmp_path, monkeypatch
         SMOKE, ["hyperflux.pruning_epochs=3", "hyperflux.regrowth_epochs=1", "data.holdout=300"]
     )
     run_recipe(holdout, tmp_path, quiet=True, stop_after=2)  # still going: the recipe says
-    assert "holdout accuracy and the running train accuracy" in write_report(tmp_path).read_text()
+    page = write_report(tmp_path).read_text()
+    assert "holdout accuracy and the running train accuracy" in page
+    assert "<td>holdout accuracy (epoch 2)</td>" in page and "test accuracy" not in page
     run_recipe(holdout, tmp_path, quiet=True, resume=True)  # finished: the summary says
     assert "holdout accuracy and the running train accuracy" in write_report(tmp_path).read_text()
     assert labels == ["holdout", "holdout"]
@@ -94,7 +96,8 @@ def test_report_of_a_run_still_going(tmp_path):
     run_recipe(short_recipe(), tmp_path, quiet=True, stop_after=2)
     flux_plot = ("flux_vs_pressure",) if positive_flux_and_pressure(read_rows(tmp_path)) else ()
     page = check_report(tmp_path, ("flips", "flux_hist", *flux_plot))
-    assert "in progress: epoch 2" in page
+    assert "unfinished (stopped, or still running) after epoch 2" in page
+    assert "<td>test accuracy (epoch 2)</td>" in page
     # a run from before the telemetry: rows without flips and histograms still render, without those plots
     old = [
         {k: v for k, v in row.items() if k not in ("layer_pruned", "layer_regrown", "flux_hist")}
@@ -106,7 +109,7 @@ def test_report_of_a_run_still_going(tmp_path):
         row["flux_min"] = row["flux_p01"] = None  # and from before the flux statistics
     write_rows(tmp_path / "older", old)
     page = check_report(tmp_path, flux_plot)
-    assert "in progress: epoch 2" in page
+    assert "unfinished (stopped, or still running) after epoch 2" in page
     check_report(tmp_path / "older")
 
 

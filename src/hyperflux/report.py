@@ -272,13 +272,16 @@ def _final_layers(folder: RunFolder, rows: list[dict[str, Any]]) -> list[dict[st
     return [{"name": name, "density": density} for name, density in last.items()]
 
 
-def _summary_rows(summary: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _summary_rows(
+    summary: dict[str, Any] | None, rows: list[dict[str, Any]], split: str
+) -> list[tuple[str, str]]:
     if summary is None:
         last = rows[-1]
+        accuracy = last.get("test_accuracy")  # the split evaluated on, under the trainer's one key
         return [
-            ("status", f"in progress: epoch {last['epoch']}"),
+            ("status", f"unfinished (stopped, or still running) after epoch {last['epoch']}"),
             ("density", f"{100 * last.get('density', 1.0):.3f}%"),
-            ("test accuracy", "-" if last.get("test_accuracy") is None else f"{last['test_accuracy']:.2f}%"),
+            (f"{split} accuracy (epoch {last['epoch']})", "-" if accuracy is None else f"{accuracy:.2f}%"),
         ]
     target = summary["target_sparsity"]
     recipe = summary.get("recipe") or {}
@@ -363,7 +366,7 @@ figcaption {{ font-size: 0.9em; color: #444; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <h2>Summary</h2>
-{_table(_summary_rows(summary, rows))}
+{_table(_summary_rows(summary, rows, split))}
 <h2>Plots</h2>
 <div class="plots">{images}</div>
 <h2>Per-layer density</h2>
