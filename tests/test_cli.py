@@ -369,3 +369,63 @@ def test_an_interrupted_prune_prints_the_command_that_continues_it(tmp_path, mon
     assert (
         capsys.readouterr().err.strip().endswith("interrupted; no checkpoint yet: run the same command again")
     )
+
+
+def test_sigterm_during_a_run_ends_it_as_an_interrupt_does():
+    """Batch schedulers stop jobs with SIGTERM, which ended a run without saying how to resume it."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), cli._terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_full_disk_mid_run_is_a_run_failure_that_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import hyperflux.training as training
+
+    out = tmp_path / "run"
+    assert (
+        main(["prune", SMOKE, "--set", "hyperflux.pruning_epochs=2", "--out", str(out), "--stop-after", "1"])
+        == 0
+    )
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training, "run_recipe", full)
+    argv = ["prune", SMOKE, "--set", "hyperflux.pruning_epochs=2", "--out", str(out), "--resume"]
+    assert main(argv) == cli.EXIT_RUN
+    err = capsys.readouterr().err
+    assert (
+        "No space left on device; free space, then continue with: hyperflux prune" in err
+        and "--resume" in err
+    )
+
+    def missing(*args, **kwargs):
+        raise OSError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(training, "run_recipe", missing)
+    assert main(argv) == cli.EXIT_INPUT  # another OS error stays a matter of the input
+
+
+def test_commands_on_a_run_still_training_say_so(tmp_path, capsys):
+    from hyperflux.runfiles import exclusive, in_progress
+
+    out = tmp_path / "run"
+    assert (
+        main(["prune", SMOKE, "--set", "hyperflux.pruning_epochs=2", "--out", str(out), "--stop-after", "1"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["summary", str(out)]) == 0
+    assert "stopped at epoch 1 of 12 (continue the run with --resume)" in capsys.readouterr().err
+    with exclusive(out):  # the lock a training process holds
+        assert in_progress(out)
+        assert main(["summary", str(out)]) == 0
+        assert "is training (its last checkpoint: epoch 1 of 12)" in capsys.readouterr().err
+    assert not in_progress(out)

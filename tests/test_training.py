@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from hyperflux import Hyperflux, data
 from hyperflux.models import build as build_model_by_name
 from hyperflux.recipe import RecipeError, load_recipe
-from hyperflux.runfiles import RunError, RunFolder
+from hyperflux.runfiles import RunError, RunFolder, exclusive
 from hyperflux.sparsifier import FLUX_HIST_EDGES
 from hyperflux.training import Trainer, TrainingError, load_run, resolve_device, run_recipe, use_channels_last
 from pruned_models import denormals_survive
@@ -278,7 +278,18 @@ def test_a_resumed_run_clears_the_exports_and_report_of_the_epoch_it_stopped_at(
         (tmp_path / name).write_bytes(b"made from the stopped run")
     run_recipe(recipe(), tmp_path, quiet=True, resume=True, stop_after=2)
     assert not any((tmp_path / name).exists() for name in derived)
-    run_recipe(recipe(), tmp_path, quiet=True, resume=True)
+    trainer = Trainer(recipe(), tmp_path, resume=True, quiet=True)
+    train_epoch = trainer._train_epoch
+
+    def exported_meanwhile():  # `hyperflux export` from the last checkpoint while the run goes on
+        for name in derived:
+            (tmp_path / name).write_bytes(b"made from an epoch of the run")
+        return train_epoch()
+
+    trainer._train_epoch = exported_meanwhile
+    with exclusive(tmp_path):
+        trainer.run()  # the run that finishes clears them
+    assert not any((tmp_path / name).exists() for name in derived)
     for name in derived:
         (tmp_path / name).write_bytes(b"made from the finished run")
     run_recipe(recipe(), tmp_path, quiet=True, resume=True)  # retrains nothing: what was made from it holds
@@ -301,6 +312,13 @@ def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):
         trainer.run()
     assert hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest() == before
     assert [r["epoch"] for r in rows(tmp_path)] == [1]
+    # in regrowth the lr in effect is lr_reset's, and a resume would refuse a changed one
+    run_recipe(recipe(), tmp_path / "late", quiet=True, stop_after=4)
+    late = Trainer(recipe(), tmp_path / "late", resume=True, quiet=True)
+    with torch.no_grad():
+        next(iter(late.hf.weight_parameters())).fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"Lower optimizer\.lr_reset .* start again with --overwrite"):
+        late.run()
 
 
 def test_learning_rate_follows_the_two_cosine_phases(tmp_path):
@@ -569,3 +587,17 @@ def test_an_unreadable_test_image_keeps_the_epochs_training(tmp_path, monkeypatc
     summary = run_recipe(recipe(), tmp_path, quiet=True, resume=True)
     assert [r["epoch"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5]
     assert summary["final_accuracy"] > 50
+
+
+def test_run_files_are_written_with_the_processs_permissions_and_no_temporary_left(tmp_path):
+    """Atomic writes go through a temporary file of their own name (mkstemp's, private to its owner): the
+    file renamed into place gets the permissions an ordinary write would."""
+    from hyperflux.runfiles import UMASK, atomic_write
+
+    run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
+    for name in ("checkpoint.pt", "recipe.yaml"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~UMASK
+    atomic_write(tmp_path / "notes.txt", "twice")
+    atomic_write(tmp_path / "notes.txt", "written")
+    assert (tmp_path / "notes.txt").read_text() == "written"
+    assert not list(tmp_path.glob(".*.tmp"))

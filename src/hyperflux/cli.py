@@ -8,12 +8,16 @@ and exit status 2 (bad input) or 1 (the run could not go on); never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import select
 import shlex
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,6 +26,8 @@ from hyperflux.table import text_table
 
 # Exit statuses: 2 for input the user must fix, 1 for a run that could not go on.
 EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
+# OS errors that end a run through no fault of its input: a full disk or quota, a failing device
+RUN_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
 
 
 class Parser(argparse.ArgumentParser):
@@ -269,26 +275,43 @@ def cmd_prune(args: argparse.Namespace) -> int:
     finished = args.resume and (out / "summary.json").is_file()
     checkpoint = out / "checkpoint.pt"
     before = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None  # an old run's, with --overwrite
+
+    def saved() -> bool:
+        return checkpoint.is_file() and not (args.overwrite and checkpoint.stat().st_mtime_ns == before)
+
     try:
-        summary = run_recipe(
-            recipe,
-            out,
-            dense=args.dense,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-            stop_after=args.stop_after,
-            after=None if args.no_report else write_report,
-        )
+        with _terminate_as_interrupt():
+            summary = run_recipe(
+                recipe,
+                out,
+                dense=args.dense,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+                stop_after=args.stop_after,
+                after=None if args.no_report else write_report,
+            )
     except KeyboardInterrupt:
         if distributed.is_main():
-            saved = checkpoint.is_file() and not (args.overwrite and checkpoint.stat().st_mtime_ns == before)
             print(
                 f"hyperflux {command}: interrupted; "
-                + (f"continue with: {resume}" if saved else "no checkpoint yet: run the same command again"),
+                + (
+                    f"continue with: {resume}" if saved() else "no checkpoint yet: run the same command again"
+                ),
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
+    except OSError as error:
+        if error.errno not in RUN_OS_ERRORS:
+            raise
+        # the disk filled up (or failed) mid-run: the last checkpoint is whole, so the run can go on
+        if distributed.is_main():
+            print(
+                f"hyperflux {command}: error: {error}; "
+                + (f"free space, then continue with: {resume}" if saved() else "no checkpoint yet"),
+                file=sys.stderr,
+            )
+        return EXIT_RUN
     if not distributed.is_main():
         return 0
     if summary is None:
@@ -372,17 +395,40 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what batch schedulers and `kill` send) ends a run as Ctrl-C does: saying how to resume it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _load_run(args: argparse.Namespace, device: str = "cpu") -> Any:
     """`load_run` of the command's checkpoint, saying on stderr when its run has not finished: eval, export,
     bench and summary then describe the model of that epoch, not the pruned one."""
+    from hyperflux.runfiles import in_progress
     from hyperflux.training import load_run
 
     run = load_run(args.checkpoint, args.recipe, device=device)
     if run.stopped_at is not None:
         epoch, epochs = run.stopped_at
+        folder = Path(args.checkpoint)
+        state = (
+            f"is training (its last checkpoint: epoch {epoch} of {epochs})"
+            if in_progress(folder if folder.is_dir() else folder.parent)
+            else f"stopped at epoch {epoch} of {epochs} (continue the run with --resume)"
+        )
         print(
-            f"hyperflux {args.command}: note: {args.checkpoint} stopped at epoch {epoch} of {epochs}; this is "
-            "its model at that epoch (continue the run with --resume)",
+            f"hyperflux {args.command}: note: {args.checkpoint} {state}; this is its model at that epoch",
             file=sys.stderr,
         )
     return run

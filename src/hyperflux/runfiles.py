@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 RECIPE = "recipe.yaml"
+UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), and put back at once
+os.umask(UMASK)
 LOCK = ".lock"  # held by the process training into the folder (`exclusive`)
 SUMMARY = "summary.json"
 MODEL = "model.safetensors"
@@ -49,12 +52,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object] | str | bytes) 
     if isinstance(write, str | bytes):
         data = write.encode() if isinstance(write, str) else write
         write = lambda handle: handle.write(data)  # noqa: E731
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a name of its own, so that two writers of one file (a user's report beside the run's) never share it
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as handle:
+        with open(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would make the run's files private
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # gone already after a successful rename
@@ -116,6 +122,22 @@ def exclusive(path: str | Path) -> Iterator[None]:
         if made and [p.name for p in path.iterdir()] == [LOCK]:  # a run that failed to start leaves no folder
             (path / LOCK).unlink()
             path.rmdir()
+
+
+def in_progress(path: str | Path) -> bool:
+    """Whether a process is training into the run folder now (it holds the folder's `.lock`)."""
+    lock = Path(path) / LOCK
+    if fcntl is None or not lock.is_file():
+        return False
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 class RunFolder:

@@ -625,9 +625,18 @@ class Trainer:
                 if self.files.has_checkpoint()
                 else "no checkpoint had been written yet"
             )
+            hf = self.recipe["hyperflux"]
+            key = (
+                "dense.lr"
+                if self.own_dense_schedule
+                else "optimizer.lr_reset"
+                if hf["regrowth_epochs"] and self.epoch >= hf["pruning_epochs"]
+                else "optimizer.lr"
+            )
             raise TrainingError(
                 f"the loss became non-finite in epoch {self.epoch + 1}, batch {batch}; stopped, and {saved}. "
-                "Lower optimizer.lr (or check the data)."
+                f"Lower {key} (the lr of this epoch; or check the data) and start again with --overwrite: "
+                "--resume goes on with the same recipe."
             )
 
     def _postfix(self, total: torch.Tensor, seen: int) -> dict[str, str]:
@@ -793,14 +802,17 @@ class Trainer:
                 tqdm.write(self._epoch_line(row), file=self.log)
             if failure is not None:
                 raise failure
-        return self.finish()
+        return self.finish(trained=done_here > 0)
 
-    def finish(self) -> dict[str, Any]:
-        """Write `model.safetensors` (masks baked in, original keys) and `summary.json`."""
+    def finish(self, trained: bool = True) -> dict[str, Any]:
+        """Write `model.safetensors` (masks baked in, original keys) and `summary.json`; `trained`: whether
+        this process trained epochs of the run (a finished run resumed did not, and keeps what was made)."""
         if self.last_eval is None:
             self.last_eval = evaluate(
                 self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last
             )
+        if trained:  # an export or report made from a checkpoint while the run went on: an earlier model
+            self.files.clear_derived()
         # the test split's first sample on every rank: a rank's own share of it may be empty
         macs = count_macs(
             self.model, first_sample(self.bundle.loader("test", 1), self.device, self.channels_last)
