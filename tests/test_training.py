@@ -601,3 +601,29 @@ def test_run_files_are_written_with_the_processs_permissions_and_no_temporary_le
     atomic_write(tmp_path / "notes.txt", "written")
     assert (tmp_path / "notes.txt").read_text() == "written"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_progress_bar_prints_the_figures_of_the_batch_it_reaches(tmp_path, monkeypatch):
+    """Figures set on a timer of their own lagged the bar's prints: it showed an earlier batch's loss."""
+    import hyperflux.training as training
+
+    printed, set_at = [], []
+
+    class Recorded(training.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            self.mininterval = 0  # a print at every batch
+
+        def set_postfix(self, *args, **kwargs):
+            set_at.append(self.n)
+            super().set_postfix(*args, **kwargs)
+
+        def display(self, *args, **kwargs):
+            if set_at:
+                printed.append((self.n, set_at[-1]))
+            return super().display(*args, **kwargs)
+
+    monkeypatch.setattr(training, "tqdm", Recorded)
+    run_recipe(recipe("hyperflux.pruning_epochs=1", "hyperflux.regrowth_epochs=0"), tmp_path, quiet=True)
+    during = [(n, at) for n, at in printed if n > 1]
+    assert len(during) > 20 and all(at == n - 1 for n, at in during)

@@ -667,10 +667,10 @@ class Trainer:
             file=sys.stderr,
             dynamic_ncols=True,
             mininterval=0.5,
+            miniters=1,  # prints as soon as mininterval has passed, the moment the figures below are set for
         )
         # every method's pruned weights have moments decaying through denormals: on the CPU, all train with
         # them flushed (a GPU computes them at full speed)
-        shown = -math.inf  # when the bar's figures were last set
         with bar, flush_denormals(enabled=self.device.type == "cpu"):
             for batch, (images, labels) in enumerate(self.train_loader):
                 lr = self.weight_lr(epoch, batch)
@@ -692,10 +692,10 @@ class Trainer:
                         self.net = self._wrap()
                 if (batch + 1) % CHECK_EVERY == 0 or last:
                     self._check_finite(total, batch + 1)
-                    # the density counts every mask: only as often as the bar shows it
-                    if not bar.disable and (last or time.perf_counter() >= shown + bar.mininterval):
-                        shown = time.perf_counter()
-                        bar.set_postfix(self._postfix(total, seen), refresh=False)
+                # the figures of this batch, set only when the bar is about to print (the density counts every
+                # mask): what it shows is never those of an earlier refresh
+                if not bar.disable and (last or time.time() - bar.last_print_t >= bar.mininterval):
+                    bar.set_postfix(self._postfix(total, seen), refresh=False)
                 bar.update()
         if self.world > 1:
             total = distributed.all_sum(torch.cat([total, total.new_tensor([seen])]))
