@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import io
 import json
@@ -627,3 +628,28 @@ def test_the_progress_bar_prints_the_figures_of_the_batch_it_reaches(tmp_path, m
     run_recipe(recipe("hyperflux.pruning_epochs=1", "hyperflux.regrowth_epochs=0"), tmp_path, quiet=True)
     during = [(n, at) for n, at in printed if n > 1]
     assert len(during) > 20 and all(at == n - 1 for n, at in during)
+
+
+def csv_epochs(folder: Path) -> list[str]:
+    with open(folder / "metrics.csv", newline="") as handle:
+        return [r["epoch"] for r in csv.DictReader(handle)]
+
+
+def test_resume_writes_a_lost_csv_again_and_warns_of_metrics_rows_lost(tmp_path):
+    """A deleted metrics.csv went on with the resumed epochs only; a deleted metrics.jsonl went on in
+    silence, the report then plotting a run that began later."""
+    whole = tmp_path / "whole"
+    run_recipe(recipe(), whole, quiet=True)
+    csv_lost, jsonl_lost = tmp_path / "csv", tmp_path / "jsonl"
+    for folder in (csv_lost, jsonl_lost):
+        run_recipe(recipe(), folder, quiet=True, stop_after=2)
+    (csv_lost / "metrics.csv").unlink()
+    run_recipe(recipe(), csv_lost, quiet=True, resume=True)
+    assert csv_epochs(csv_lost) == list("12345")
+    (jsonl_lost / "metrics.jsonl").unlink()
+    with pytest.warns(
+        UserWarning, match=r"metrics\.jsonl lacks the rows of epochs 1, 2 of the checkpoint's 2"
+    ):
+        run_recipe(recipe(), jsonl_lost, quiet=True, resume=True)
+    assert [r["epoch"] for r in rows(jsonl_lost)] == [3, 4, 5]
+    assert csv_epochs(jsonl_lost) == list("12345")

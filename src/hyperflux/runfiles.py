@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -234,16 +235,28 @@ class RunFolder:
     def truncate_metrics(self, epochs: int) -> None:
         """Drop rows past `epochs` (written by a run killed between its metrics and its checkpoint), and a last
         row cut short. Both files are replaced whole (CSV first), never emptied and refilled, so a kill here
-        loses nothing the checkpoint covers; with nothing to drop they are left alone."""
+        loses nothing the checkpoint covers; what matches is left alone. The JSONL is the record: a CSV that
+        differs from it (deleted, cut short) is written again from it, while a JSONL missing rows of the
+        checkpoint's epochs is warned of, leaving the CSV as it is."""
         if not self.writer:
             return
-        path = self.file(METRICS_JSONL)
+        path, csv_path = self.file(METRICS_JSONL), self.file(METRICS_CSV)
         rows = [r for r in self.read_metrics() if r["epoch"] <= epochs]
+        missing = sorted(set(range(1, epochs + 1)) - {r["epoch"] for r in rows})
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            warnings.warn(
+                f"{path} lacks the rows of epochs {shown} of the checkpoint's {epochs}: the run goes on from its "
+                "checkpoint, and its metrics and report without them",
+                stacklevel=2,
+            )
+        else:
+            expected = _csv_rows(rows, None).encode()
+            if (csv_path.read_bytes() if csv_path.exists() else b"") != expected:  # bytes: csv's \r\n
+                atomic_write(csv_path, expected)
         jsonl = "".join(_jsonl(row) for row in rows)
-        if (path.read_text() if path.exists() else "") == jsonl:
-            return
-        atomic_write(self.file(METRICS_CSV), _csv_rows(rows, None))
-        atomic_write(path, jsonl)
+        if (path.read_text() if path.exists() else "") != jsonl:
+            atomic_write(path, jsonl)
 
     # ------------------------------------------------------------- checkpoint and outputs
     def save_checkpoint(self, state: dict[str, Any]) -> None:
