@@ -103,7 +103,9 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_not_loaded(tmp_path):
     )
     data[largest.header_offset + 30 + name_length + extra_length + largest.file_size // 2] ^= 0x40
     path.write_bytes(bytes(data))
-    with pytest.raises(RunError, match="damaged checkpoint"):
+    with pytest.raises(
+        RunError, match="damaged checkpoint .* cannot resume from it: --overwrite starts it again"
+    ):
         Trainer(recipe(), tmp_path, resume=True, quiet=True)
 
 
@@ -653,3 +655,11 @@ def test_resume_writes_a_lost_csv_again_and_warns_of_metrics_rows_lost(tmp_path)
         run_recipe(recipe(), jsonl_lost, quiet=True, resume=True)
     assert [r["epoch"] for r in rows(jsonl_lost)] == [3, 4, 5]
     assert csv_epochs(jsonl_lost) == list("12345")
+
+
+def test_no_progress_bar_is_drawn_into_a_log_file_and_the_epoch_lines_are(tmp_path, capsys):
+    """Where stderr is not a terminal (a batch job's log) the bar's redraws were one long line of \\r."""
+    run_recipe(recipe(), tmp_path, quiet=False)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "it/s" not in captured.err
+    assert sum(line.startswith("epoch ") for line in (captured.out + captured.err).splitlines()) == 5

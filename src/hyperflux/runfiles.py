@@ -271,7 +271,11 @@ class RunFolder:
         atomic_write(self.file(CHECKPOINT), write)
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        return read_checkpoint(self.file(CHECKPOINT), map_location)
+        """The checkpoint to resume from; one that cannot be read says that only --overwrite goes on."""
+        try:
+            return read_checkpoint(self.file(CHECKPOINT), map_location)
+        except RunError as error:
+            raise RunError(f"{error}; the run cannot resume from it: --overwrite starts it again") from None
 
     def save_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         if not self.writer:

@@ -663,7 +663,8 @@ class Trainer:
             total=self.batches,
             desc=f"epoch {epoch + 1}/{self.epochs}",
             leave=False,
-            disable=self.quiet or not self.main,
+            # None: shown where stderr is a terminal; a log file gets the epoch lines, not the bar's redraws
+            disable=True if self.quiet or not self.main else None,
             file=sys.stderr,
             dynamic_ncols=True,
             mininterval=0.5,
