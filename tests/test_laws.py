@@ -370,6 +370,11 @@ def test_law_pressure_sweep_runs_skips_finished_runs_and_fits(tmp_path, capsys):
         ([], "give run folders"),
         (["--sweep", str(SMOKE), "--pressures", "1", "2", "3"], "at least 4 pressures"),
         (["--sweep", str(SMOKE), "--epochs", "3"], "must be at least --window"),
+        # a percentage given for a fraction, refused before any run of the sweep
+        (
+            ["--sweep", str(SMOKE), "--predict", "2"],
+            "--predict takes a density as a fraction (0.02 for 2%), got 2",
+        ),
     ],
 )
 def test_law_pressure_sweep_errors(tmp_path, capsys, argv, message):

@@ -534,6 +534,8 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
     from hyperflux.recipe import differences
     from hyperflux.runfiles import SUMMARY, RunFolder
 
+    if args.predict is not None and not 0 < args.predict < 1:
+        raise ValueError(f"--predict takes a density as a fraction (0.02 for 2%), got {args.predict:g}")
     run_dirs = list(args.run_dirs)
     if args.sweep is not None:
         if args.epochs < 2:
@@ -589,7 +591,8 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
     fit = laws.fit_pressure_law(pressures, densities, quadratic=not args.power)
     authors_p, authors_s = zip(*laws.AUTHORS_RESNET50_CIFAR10, strict=True)
     reference = laws.fit_pressure_law(authors_p, authors_s, quadratic=not args.power)
-    print("ln S = ln c - a0 ln P - a1 (ln P)^2, S the density as a fraction:")
+    form = "ln S = ln c - a0 ln P" + ("" if args.power else " - a1 (ln P)^2")
+    print(f"{form}, S the density as a fraction:")
     for label, f in (("these runs", fit), ("authors ResNet-50/CIFAR-10", reference)):
         print(f"  {label:<27} c {f.c:.4g}  a0 {f.a0:.4f}  a1 {f.a1:.4f}  R^2 {f.r2:.4f}  ({f.n} points)")
     out = Path(args.out)
