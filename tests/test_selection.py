@@ -331,9 +331,9 @@ def test_a_module_type_with_nothing_to_mask_is_refused_with_its_parameters():
     assert names_of(Hyperflux(model, 0.5, pruning_epochs=2)) == ["1.weight"]
 
 
-def test_masked_tensors_under_half_the_model_warn_and_the_summary_says_the_share():
+def test_layers_of_unselected_types_larger_than_the_masked_ones_warn_and_the_summary_says_the_share():
     """By default an embedding and a recurrent layer stay dense: a text model's reported 90% sparsity would
-    be that of its small head alone."""
+    be that of its small head alone. Layers chosen by type or by name are the user's choice: no warning."""
 
     class Text(nn.Module):
         def __init__(self):
@@ -344,11 +344,15 @@ def test_masked_tensors_under_half_the_model_warn_and_the_summary_says_the_share
 
     with pytest.warns(
         UserWarning,
-        match=r"masks 64 of the model's 38,402 parameters \(0\.2%\).*embed\.weight \(Embedding, 32,000\)",
+        match=r"masks 64 weights, and layers .* hold 38,144 more, dense \(largest: embed\.weight "
+        r"\(Embedding, 32,000\)",
     ):
         hf = Hyperflux(Text(), 0.9, pruning_epochs=2)
     assert "masked: 64 of the model's 38,402 parameters (0.2%)" in hf.summary()
+    mlp = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opted = Hyperflux(Text(), 0.9, pruning_epochs=20, modules=(nn.Linear, nn.Embedding))
+        Hyperflux(mlp, 0.9, pruning_epochs=20, names=["4"])
+        Hyperflux(Text(), 0.9, pruning_epochs=20, names=["head"])
     assert "(83.5%)" in opted.summary()

@@ -104,7 +104,7 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_not_loaded(tmp_path):
     data[largest.header_offset + 30 + name_length + extra_length + largest.file_size // 2] ^= 0x40
     path.write_bytes(bytes(data))
     with pytest.raises(
-        RunError, match="damaged checkpoint .* cannot resume from it: --overwrite starts it again"
+        RunError, match=r"damaged checkpoint .* cannot resume from it: --overwrite starts it again"
     ):
         Trainer(recipe(), tmp_path, resume=True, quiet=True)
 

@@ -239,28 +239,27 @@ def _warn_of_shared_groups(
             return
 
 
-def _warn_of_a_small_share(model: nn.Module, targets: list[Target], masked: int, parameters: int) -> None:
-    """Warn when the masked tensors are under half the model's parameters (embeddings, recurrent layers left
-    dense by default): the sparsity reported and targeted is theirs alone, which would mislead silently."""
-    if masked >= parameters / 2:
+def _warn_of_a_small_share(model: nn.Module, modules: Sequence[type[nn.Module]], masked: int) -> None:
+    """Warn when layers of types not selected (embeddings, recurrent layers: dense by default) hold more weights
+    than the masked tensors: the sparsity targeted and reported is the masked tensors' alone, which would
+    mislead silently."""
+    dense: dict[int, tuple[int, str]] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, (*modules, parametrize.ParametrizationList)):
+            continue
+        for param_name, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() > 1:
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                size = parameter.numel()
+                dense[id(parameter)] = size, f"{name} ({type(module).__name__}, {size:,})"
+    left = sum(size for size, _ in dense.values())
+    if left <= masked:
         return
-    masked_ids = {id(getattr(t.module, t.param_name)) for t in targets}
-    dense = sorted(
-        (
-            (
-                p.numel(),
-                f"{name} ({type(model.get_submodule(name.rpartition('.')[0])).__name__}, {p.numel():,})",
-            )
-            for name, p in model.named_parameters()
-            if id(p) not in masked_ids and p.dim() > 1
-        ),
-        reverse=True,
-    )
+    largest = ", ".join(text for _, text in sorted(dense.values(), reverse=True)[:3])
     warnings.warn(
-        f"hyperflux masks {masked:,} of the model's {parameters:,} parameters ({masked / parameters:.1%}); the "
-        f"target sparsity and every density reported count the masked tensors only. Largest left dense: "
-        f"{', '.join(text for _, text in dense[:3]) or 'none'}; opt in their layer types that can be masked "
-        "(modules=(...))",
+        f"hyperflux masks {masked:,} weights, and layers of types it was not asked to mask hold {left:,} more, "
+        f"dense (largest: {largest}): the target sparsity and every density reported count the masked tensors "
+        "only; add those types to modules=(...) where they can be masked",
         stacklevel=3,
     )
 
@@ -395,7 +394,8 @@ class Hyperflux:
         self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)
         self.total = sum(t.numel for t in self.targets)
         self.model_parameters = sum(p.numel() for p in model.parameters())
-        _warn_of_a_small_share(model, self.targets, self.total, self.model_parameters)
+        if names is None and tuple(modules) == DEFAULT_MODULES:  # layers the user did not choose, left dense
+            _warn_of_a_small_share(model, modules, self.total)
         if target_sparsity is not None:
             want = round((1 - target_sparsity) * self.total)
             if want == 0:
