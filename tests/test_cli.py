@@ -377,7 +377,7 @@ def test_sigterm_during_a_run_ends_it_as_an_interrupt_does():
     import signal
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), cli._terminate_as_interrupt():
+    with pytest.raises(cli.Terminated), cli._terminate_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -402,7 +402,7 @@ def test_a_full_disk_mid_run_is_a_run_failure_that_says_how_to_go_on(tmp_path, m
     assert main(argv) == cli.EXIT_RUN
     err = capsys.readouterr().err
     assert (
-        "No space left on device; free space, then continue with: hyperflux prune" in err
+        "No space left on device; free space or mend the disk, then continue with: hyperflux prune" in err
         and "--resume" in err
     )
 

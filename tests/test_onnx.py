@@ -163,6 +163,7 @@ def test_dynamic_axes_the_model_cannot_vary_or_that_are_not_axes_are_refused(tmp
         ({-4: "x"}, r"-4 is not an axis"),
         ({True: "x"}, r"True is not an axis"),
         ({0: ""}, r"axis 0 needs a name"),
+        ({2: "x", -1: "y"}, r"axis -1 is given twice \(as 2 too\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             export_onnx(model, x, path, dynamic_axes=axes)

@@ -356,3 +356,9 @@ def test_layers_of_unselected_types_larger_than_the_masked_ones_warn_and_the_sum
         Hyperflux(mlp, 0.9, pruning_epochs=20, names=["4"])
         Hyperflux(Text(), 0.9, pruning_epochs=20, names=["head"])
     assert "(83.5%)" in opted.summary()
+
+
+def test_a_model_with_a_lazy_layer_it_does_not_mask_is_prepared():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LazyBatchNorm1d(), nn.Linear(8, 2))
+    hf = Hyperflux(model, 0.5, pruning_epochs=2)
+    assert names_of(hf) == ["0.weight", "2.weight"] and hf.model_numel == 32 + 8 + 16 + 2

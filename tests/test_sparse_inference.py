@@ -557,6 +557,12 @@ def test_a_converted_model_cast_to_half_precision_computes_in_float32_on_the_cpu
             hidden = half[0].float()(batch.float()).to(dtype).relu().flatten(1)
             expected = half[3].float()(hidden.float()).to(dtype)
             torch.testing.assert_close(out, expected)
+        for model in (sparse, half):  # an in-place change of a buffer reaches the float32 copies
+            model[3].bias.add_(5)
+        torch.testing.assert_close(
+            sparse(x),
+            half[3].float()(half[0].float()(x.float()).to(dtype).relu().flatten(1).float()).to(dtype),
+        )
 
 
 def test_a_sparse_conv_returns_a_channels_last_batch_as_conv2d_does(kernel):

@@ -593,16 +593,21 @@ def test_an_unreadable_test_image_keeps_the_epochs_training(tmp_path, monkeypatc
 
 
 def test_run_files_are_written_with_the_processs_permissions_and_no_temporary_left(tmp_path):
-    """Atomic writes go through a temporary file of their own name (mkstemp's, private to its owner): the
-    file renamed into place gets the permissions an ordinary write would."""
-    from hyperflux.runfiles import UMASK, atomic_write
+    """Atomic writes go through a temporary file of their own name: the file renamed into place gets the
+    permissions an ordinary write would, and a kill's leftover is removed when a run next holds the folder."""
+    from hyperflux.runfiles import atomic_write
 
+    umask = os.umask(0o022)
+    os.umask(umask)
     run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
     for name in ("checkpoint.pt", "recipe.yaml"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~UMASK
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
     atomic_write(tmp_path / "notes.txt", "twice")
     atomic_write(tmp_path / "notes.txt", "written")
     assert (tmp_path / "notes.txt").read_text() == "written"
+    assert not list(tmp_path.glob(".*.tmp"))
+    (tmp_path / ".checkpoint.pt.0123abcd.tmp").write_bytes(b"a kill's half-written checkpoint")
+    run_recipe(recipe(), tmp_path, quiet=True, resume=True, stop_after=1)
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -649,6 +654,10 @@ def test_resume_writes_a_lost_csv_again_and_warns_of_metrics_rows_lost(tmp_path)
     run_recipe(recipe(), csv_lost, quiet=True, resume=True)
     assert csv_epochs(csv_lost) == list("12345")
     (jsonl_lost / "metrics.jsonl").unlink()
+    with open(jsonl_lost / "metrics.csv", newline="") as handle:
+        last = handle.read().splitlines(keepends=True)[-1]
+    with open(jsonl_lost / "metrics.csv", "a", newline="") as handle:  # epoch 3's, before a kill
+        handle.write(last.replace("2", "3", 1))
     with pytest.warns(
         UserWarning, match=r"metrics\.jsonl lacks the rows of epochs 1, 2 of the checkpoint's 2"
     ):

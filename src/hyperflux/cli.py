@@ -25,7 +25,7 @@ from hyperflux import __version__, distributed
 from hyperflux.table import text_table
 
 # Exit statuses: 2 for input the user must fix, 1 for a run that could not go on.
-EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
 # OS errors that end a run through no fault of its input: a full disk or quota, a failing device
 RUN_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
 
@@ -291,24 +291,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 stop_after=args.stop_after,
                 after=None if args.no_report else write_report,
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if distributed.is_main():
-            print(
-                f"hyperflux {command}: interrupted; "
-                + (
-                    f"continue with: {resume}" if saved() else "no checkpoint yet: run the same command again"
-                ),
-                file=sys.stderr,
-            )
-        return EXIT_INTERRUPTED
+            how = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+            again = f"continue with: {resume}" if saved() else "no checkpoint yet: run the same command again"
+            print(f"hyperflux {command}: {how}; {again}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except OSError as error:
         if error.errno not in RUN_OS_ERRORS:
             raise
         # the disk filled up (or failed) mid-run: the last checkpoint is whole, so the run can go on
         if distributed.is_main():
+            again = f"continue with: {resume}" if saved() else "run the same command again"
             print(
-                f"hyperflux {command}: error: {error}; "
-                + (f"free space, then continue with: {resume}" if saved() else "no checkpoint yet"),
+                f"hyperflux {command}: error: {error}; free space or mend the disk, then {again}",
                 file=sys.stderr,
             )
         return EXIT_RUN
@@ -395,6 +391,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt is, so that a run ends the same way."""
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (what batch schedulers and `kill` send) ends a run as Ctrl-C does: saying how to resume it."""
@@ -403,7 +403,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(*_: object) -> NoReturn:
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -584,10 +584,8 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
         print(f"{run_dir}: P {pressure:g}, converged density {100 * density:.3f}%")
         pressures.append(pressure)
         densities.append(density)
-    if len(pressures) < laws.min_points(not args.power):
-        raise ValueError(
-            f"{len(pressures)} converged runs; the fit needs at least {laws.min_points(not args.power)}"
-        )
+    if len(pressures) < (least := laws.min_points(not args.power)):
+        raise ValueError(f"{len(pressures)} converged runs; the fit needs at least {least}")
     fit = laws.fit_pressure_law(pressures, densities, quadratic=not args.power)
     authors_p, authors_s = zip(*laws.AUTHORS_RESNET50_CIFAR10, strict=True)
     reference = laws.fit_pressure_law(authors_p, authors_s, quadratic=not args.power)
@@ -613,8 +611,11 @@ def cmd_law_pressure(args: argparse.Namespace) -> int:
 
 
 def _unique(run_dirs: Sequence[str]) -> list[str]:
-    """The run folders in order, a folder given twice (under any path) once."""
-    return list({Path(run_dir).resolve(): run_dir for run_dir in reversed(run_dirs)}.values())[::-1]
+    """The run folders in the order given, a folder given twice (under any path) once, where it came first."""
+    first: dict[Path, str] = {}
+    for run_dir in run_dirs:
+        first.setdefault(Path(run_dir).resolve(), run_dir)
+    return list(first.values())
 
 
 def cmd_law_nplh(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 
 from hyperflux.gate import has_masks
 from hyperflux.modes import eval_mode
+from hyperflux.runfiles import TMP_SUFFIX
 
 
 def export_onnx(
@@ -51,7 +53,8 @@ def export_onnx(
                 "cannot trace; export the squashed model before converting it"
             )
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")  # renamed into place once written and checked
+    # renamed into place once written and checked; a name of its own, as `atomic_write` gives
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
         error = _export_checked(model, example, tmp, check, axes)
         if error is not None and not error <= atol:
@@ -75,6 +78,8 @@ def _checked_axes(example: torch.Tensor, axes: Mapping[int, str]) -> dict[int, s
             )
         if not isinstance(name, str) or not name:
             raise ValueError(f"dynamic_axes: axis {axis} needs a name (a non-empty string), got {name!r}")
+        if axis % example.dim() in out:
+            raise ValueError(f"dynamic_axes: axis {axis} is given twice (as {axis % example.dim()} too)")
         out[axis % example.dim()] = name
     return out
 

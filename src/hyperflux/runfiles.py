@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -32,8 +32,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 RECIPE = "recipe.yaml"
-UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), and put back at once
-os.umask(UMASK)
+TMP_SUFFIX = ".tmp"  # of a file being written, renamed into place when whole (`atomic_write`)
 LOCK = ".lock"  # held by the process training into the folder (`exclusive`)
 SUMMARY = "summary.json"
 MODEL = "model.safetensors"
@@ -53,15 +52,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object] | str | bytes) 
     if isinstance(write, str | bytes):
         data = write.encode() if isinstance(write, str) else write
         write = lambda handle: handle.write(data)  # noqa: E731
-    # a name of its own, so that two writers of one file (a user's report beside the run's) never share it
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
+    # a name of its own, so that two writers of one file (a user's report beside the run's) never share it;
+    # made with the process's umask, as an ordinary write would be
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
-        with open(descriptor, "wb") as handle:
+        with open(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would make the run's files private
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # gone already after a successful rename
@@ -96,6 +94,19 @@ def _csv_rows(rows: list[Mapping[str, Any]], header: list[str] | None) -> str:
     return text.getvalue()
 
 
+def _csv_before(path: Path, epochs: int) -> bytes:
+    """The CSV file's header and its rows of epochs up to `epochs`, as they are."""
+    if not path.exists():
+        return b""
+    with open(path, newline="") as handle:
+        lines = handle.read().splitlines(keepends=True)
+    if not lines:
+        return b""
+    column = next(csv.reader(lines[:1])).index("epoch")
+    kept = [line for line in lines[1:] if int(next(csv.reader([line]))[column]) <= epochs]
+    return "".join(lines[:1] + kept).encode()
+
+
 @contextlib.contextmanager
 def exclusive(path: str | Path) -> Iterator[None]:
     """Hold the run folder `path` for this process while the block runs: a second process training into it
@@ -118,6 +129,8 @@ def exclusive(path: str | Path) -> Iterator[None]:
                 ) from None
             except OSError:  # a file system without locks (some network mounts): run unguarded, as before
                 pass
+            for stale in path.glob(f".*{TMP_SUFFIX}"):  # left by a kill mid-write
+                stale.unlink(missing_ok=True)
             yield
     finally:
         if made and [p.name for p in path.iterdir()] == [LOCK]:  # a run that failed to start leaves no folder
@@ -126,19 +139,21 @@ def exclusive(path: str | Path) -> Iterator[None]:
 
 
 def in_progress(path: str | Path) -> bool:
-    """Whether a process is training into the run folder now (it holds the folder's `.lock`)."""
+    """Whether a process is training into the run folder now (it holds the folder's `.lock`); read-only, so
+    that a folder this process may not write is asked too."""
     lock = Path(path) / LOCK
     if fcntl is None or not lock.is_file():
         return False
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
+    try:
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:  # unreadable, or a file system without locks
+        pass
+    return False
 
 
 class RunFolder:
@@ -237,7 +252,7 @@ class RunFolder:
         row cut short. Both files are replaced whole (CSV first), never emptied and refilled, so a kill here
         loses nothing the checkpoint covers; what matches is left alone. The JSONL is the record: a CSV that
         differs from it (deleted, cut short) is written again from it, while a JSONL missing rows of the
-        checkpoint's epochs is warned of, leaving the CSV as it is."""
+        checkpoint's epochs is warned of, the CSV keeping its own rows up to the checkpoint."""
         if not self.writer:
             return
         path, csv_path = self.file(METRICS_JSONL), self.file(METRICS_CSV)
@@ -250,10 +265,11 @@ class RunFolder:
                 "checkpoint, and its metrics and report without them",
                 stacklevel=2,
             )
+            expected = _csv_before(csv_path, epochs)  # what the CSV holds of the checkpoint's epochs
         else:
             expected = _csv_rows(rows, None).encode()
-            if (csv_path.read_bytes() if csv_path.exists() else b"") != expected:  # bytes: csv's \r\n
-                atomic_write(csv_path, expected)
+        if (csv_path.read_bytes() if csv_path.exists() else b"") != expected:  # bytes: csv's \r\n
+            atomic_write(csv_path, expected)
         jsonl = "".join(_jsonl(row) for row in rows)
         if (path.read_text() if path.exists() else "") != jsonl:
             atomic_write(path, jsonl)

@@ -79,21 +79,18 @@ class _CompiledCSR(nn.Module):
     buffers are read from `_buffers` (`self.weight` goes through `Module.__getattr__`, a microsecond a call)."""
 
     _kernel_cache: tuple[Any, ...] = ()  # (weight, bias, op, the op's arguments after the input)
-    _float32_cache: tuple[Any, ...] = ()  # (weight, bias, their float32 copies): see `_operands`
-    _CACHES = ("_kernel_cache", "_float32_cache")
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (`torch.save(model)`) without the caches (the kernel's compiled function has no importable
-        name); the first call after loading makes them again."""
+        """Pickled (`torch.save(model)`) without the kernel cache, whose compiled function has no importable
+        name; the first call after loading looks it up again."""
         state = super().__getstate__()
-        for cache in self._CACHES:
-            state.pop(cache, None)
+        state.pop("_kernel_cache", None)
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledCSR:
         """`copy.deepcopy` (EMA copies, trainers that clone a model): torch cannot deep-copy a sparse CSR
-        tensor (it asks for its storage), so the CSR weight is cloned; the caches are left behind, since they
-        point at this module's buffers."""
+        tensor (it asks for its storage), so the CSR weight is cloned; the kernel cache is left behind, since
+        it points at this module's buffers."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -104,7 +101,7 @@ class _CompiledCSR(nn.Module):
                     else copy.deepcopy(buffer, memo)
                     for name, buffer in value.items()
                 }
-            elif key not in self._CACHES:
+            elif key != "_kernel_cache":
                 value = copy.deepcopy(value, memo)
             new.__dict__[key] = value
         return new
@@ -135,20 +132,25 @@ class _CompiledCSR(nn.Module):
 
     def _operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The CSR weight and bias to compute with: the buffers, or for a half-precision layer on the CPU (a
-        converted model cast with `.to(torch.bfloat16)`), float32 copies made once per weight, sharing its
-        indices, since torch's CPU sparse matmul has no half-precision kernel."""
+        converted model cast with `.to(torch.bfloat16)`), float32 copies sharing the weight's indices, made at
+        each call (so that an in-place change of the buffers reaches them), since torch's CPU sparse matmul
+        has no half-precision kernel."""
         buffers = self._buffers
         weight, bias = buffers["weight"], buffers["bias"]
-        if not (weight.is_cpu and weight.dtype in HALF_TYPES):
+        if not self._half_on_cpu():
             return weight, bias
-        cache = self._float32_cache
-        if not (cache and cache[0] is weight and cache[1] is bias):
-            values = weight.values().float()
-            weight32 = torch.sparse_csr_tensor(
-                weight.crow_indices(), weight.col_indices(), values, weight.shape, check_invariants=False
-            )
-            cache = self._float32_cache = (weight, bias, weight32, None if bias is None else bias.float())
-        return cache[2], cache[3]
+        weight32 = torch.sparse_csr_tensor(
+            weight.crow_indices(),
+            weight.col_indices(),
+            weight.values().float(),
+            weight.shape,
+            check_invariants=False,
+        )
+        return weight32, None if bias is None else bias.float()
+
+    def _half_on_cpu(self) -> bool:
+        weight = self._buffers["weight"]
+        return weight.is_cpu and weight.dtype in HALF_TYPES
 
     def _kernel(self, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None:
         """The compiled kernel and its arguments after the input, or None where it cannot take `x` (not
@@ -170,7 +172,8 @@ class _CompiledCSR(nn.Module):
             return None
         flat_bias = None if bias is None else bias.reshape(-1)
         args = (weight.crow_indices(), weight.col_indices(), weight.values(), flat_bias, weight.shape[1])
-        self._kernel_cache = (buffers["weight"], buffers["bias"], op, args)
+        if not self._half_on_cpu():  # float32 copies are made again at every call
+            self._kernel_cache = (buffers["weight"], buffers["bias"], op, args)
         return op, args
 
 

@@ -248,7 +248,7 @@ def _warn_of_a_small_share(model: nn.Module, modules: Sequence[type[nn.Module]],
         if isinstance(module, (*modules, parametrize.ParametrizationList)):
             continue
         for param_name, parameter in module.named_parameters(recurse=False):
-            if parameter.dim() > 1:
+            if not nn.parameter.is_lazy(parameter) and parameter.dim() > 1:
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 size = parameter.numel()
                 dense[id(parameter)] = size, f"{name} ({type(module).__name__}, {size:,})"
@@ -393,7 +393,8 @@ class Hyperflux:
 
         self.targets: list[Target] = select_targets(model, modules, names, ignore, overrides, min_density)
         self.total = sum(t.numel for t in self.targets)
-        self.model_parameters = sum(p.numel() for p in model.parameters())
+        # lazy parameters (a LazyBatchNorm not yet run) have no size to count
+        self.model_numel = sum(p.numel() for p in model.parameters() if not nn.parameter.is_lazy(p))
         if names is None and tuple(modules) == DEFAULT_MODULES:  # layers the user did not choose, left dense
             _warn_of_a_small_share(model, modules, self.total)
         if target_sparsity is not None:
@@ -500,7 +501,8 @@ class Hyperflux:
         log. Logits that no attached optimiser holds keep their gradient through the loss.
         """
         self._check_live()
-        self._pressure_asked = True
+        if torch.is_grad_enabled():  # a value logged under no_grad applies no pressure
+            self._pressure_asked = True
         coefs = self._pressure_coefs()
         logits = [g.logits for g in self.gates]
         if not any(coefs):
@@ -772,10 +774,8 @@ class Hyperflux:
         rows.append(cells("total", "", s))
         lines.append(text_table(header, rows, left=2))
         since = "since the last step()" if stats is None else "as the record given counts them"
-        share = self.total / self.model_parameters
-        lines.append(
-            f"  masked: {self.total:,} of the model's {self.model_parameters:,} parameters ({share:.1%})"
-        )
+        share = self.total / self.model_numel
+        lines.append(f"  masked: {self.total:,} of the model's {self.model_numel:,} parameters ({share:.1%})")
         lines.append(f"  pruned, regrown and flux: {since}")
         return "\n".join(lines)
 

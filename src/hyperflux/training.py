@@ -291,21 +291,34 @@ def evaluate(
     channels_last: bool = False,
 ) -> tuple[float, float]:
     """Accuracy (percent) and mean cross-entropy on every batch of `loader`; in a distributed run each rank
-    passes its shard and the counts are summed over ranks."""
+    passes its shard and the counts are summed over ranks. An image a rank cannot read is a `DataError` on
+    every rank, after the sum, so that no rank is left waiting in it."""
     correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
+    failure = None
     with eval_mode(model):
-        for images, labels in loader:
-            images = to_device(images, device, channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-    totals = distributed.all_sum(torch.stack([correct.double(), loss_sum, loss_sum.new_tensor(seen)]))
-    correct_all, loss_all, seen_all = totals.tolist()
+        try:
+            for images, labels in loader:
+                images = to_device(images, device, channels_last)
+                labels = labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(images).float()
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+                correct += (logits.argmax(1) == labels).sum()
+                seen += len(labels)
+        except data.DataError as error:
+            failure = error
+    totals = distributed.all_sum(
+        torch.stack(
+            [correct.double(), loss_sum, loss_sum.new_tensor(seen), loss_sum.new_tensor(failure is not None)]
+        )
+    )
+    correct_all, loss_all, seen_all, failed = totals.tolist()
+    if failure is not None:
+        raise failure
+    if failed:
+        raise data.DataError("another rank could not read a test image (its error names the file)")
     return 100.0 * correct_all / max(seen_all, 1), loss_all / max(seen_all, 1)
 
 
@@ -407,6 +420,7 @@ class Trainer:
         self.epoch = 0
         self.elapsed = 0.0
         self.last_eval: tuple[float, float] | None = None
+        self.finished_before = resume and self.files.read_summary() is not None
         if self.checkpoint is not None:
             with self._unusable_checkpoint():
                 self._restore(self.checkpoint)
@@ -546,10 +560,16 @@ class Trainer:
     def weight_lr(self, epoch: int, batch: int) -> float:
         """Cosine lr -> lr_end over pruning, then lr_reset -> lr_final over regrowth (per batch); IMP replays
         this schedule in each of its rounds."""
+        _, start, end, done = self._lr_phase(epoch, batch)
+        return cosine(start, end, done)
+
+    def _lr_phase(self, epoch: int, batch: int) -> tuple[str, float, float, float]:
+        """The recipe key of the lr schedule in effect at this batch, its cosine's start and end, and the
+        fraction of it done."""
         progress = epoch + batch / self.batches
         if self.own_dense_schedule:
             spec = self.recipe["dense"]
-            return cosine(spec["lr"], spec["lr_end"], progress / self.epochs)
+            return "dense.lr", spec["lr"], spec["lr_end"], progress / self.epochs
         if self.baseline is not None:
             progress = self.baseline.schedule_progress(progress)
         opt = self.recipe["optimizer"]
@@ -558,8 +578,8 @@ class Trainer:
             self.recipe["hyperflux"]["regrowth_epochs"],
         )
         if progress < pruning or regrowth == 0:
-            return cosine(opt["lr"], lr_end(opt), progress / pruning)
-        return cosine(opt["lr_reset"], opt["lr_final"], (progress - pruning) / regrowth)
+            return "optimizer.lr", opt["lr"], lr_end(opt), progress / pruning
+        return "optimizer.lr_reset", opt["lr_reset"], opt["lr_final"], (progress - pruning) / regrowth
 
     # ------------------------------------------------------------- one batch
     def _decay_present(self, lr: float) -> None:
@@ -625,14 +645,7 @@ class Trainer:
                 if self.files.has_checkpoint()
                 else "no checkpoint had been written yet"
             )
-            hf = self.recipe["hyperflux"]
-            key = (
-                "dense.lr"
-                if self.own_dense_schedule
-                else "optimizer.lr_reset"
-                if hf["regrowth_epochs"] and self.epoch >= hf["pruning_epochs"]
-                else "optimizer.lr"
-            )
+            key = self._lr_phase(self.epoch, batch - 1)[0]
             raise TrainingError(
                 f"the loss became non-finite in epoch {self.epoch + 1}, batch {batch}; stopped, and {saved}. "
                 f"Lower {key} (the lr of this epoch; or check the data) and start again with --overwrite: "
@@ -803,16 +816,17 @@ class Trainer:
                 tqdm.write(self._epoch_line(row), file=self.log)
             if failure is not None:
                 raise failure
-        return self.finish(trained=done_here > 0)
+        return self.finish()
 
-    def finish(self, trained: bool = True) -> dict[str, Any]:
-        """Write `model.safetensors` (masks baked in, original keys) and `summary.json`; `trained`: whether
-        this process trained epochs of the run (a finished run resumed did not, and keeps what was made)."""
+    def finish(self) -> dict[str, Any]:
+        """Write `model.safetensors` (masks baked in, original keys) and `summary.json`."""
         if self.last_eval is None:
             self.last_eval = evaluate(
                 self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last
             )
-        if trained:  # an export or report made from a checkpoint while the run went on: an earlier model
+        # an export or report made from a checkpoint while the run went on describes an earlier model; those of
+        # a run that had finished before this process (resumed, it retrains nothing) describe this one
+        if not self.finished_before:
             self.files.clear_derived()
         # the test split's first sample on every rank: a rank's own share of it may be empty
         macs = count_macs(

@@ -101,7 +101,11 @@ def read_batch(path: Path, layout: CifarLayout) -> tuple[torch.Tensor, torch.Ten
         )
     # a batch written by hand (floats in [0, 1], wider integers) would otherwise be cast to uint8 in silence:
     # blank or wrapped images
-    if data.size and not (np.issubdtype(data.dtype, np.integer) and data.min() >= 0 and data.max() <= 255):
+    if (
+        data.dtype != np.uint8
+        and data.size
+        and not (np.issubdtype(data.dtype, np.integer) and data.min() >= 0 and data.max() <= 255)
+    ):
         raise DataError(
             f"{path}: pixels of dtype {data.dtype} from {data.min()} to {data.max()}; a {layout.title} batch "
             "holds integers 0..255 (uint8), as `(images * 255).round().astype(numpy.uint8)` gives"

@@ -110,15 +110,22 @@ class MaskDriver:
         self.pending = None
         self.restored = True
 
-    def step_masks(self, grad_scale: float | None = None) -> None:
+    def step_masks(self, grad_scale: float | None = None, *, check_finite: bool = False) -> None:
         """One mask-optimiser step on the logits' accumulated gradients, then clear them. `grad_scale` is the
-        AMP loss scale the host's scaler applied (it unscales only its own optimisers). A step whose gradients
-        are not finite (an overflowed fp16 step, which the host's scaler skips) is skipped: Adam would turn
-        every logit it reached NaN."""
+        AMP loss scale the host's scaler applied (it unscales only its own optimisers). With a scale, or
+        `check_finite` (a host in fp16), a step whose gradients are not finite (an overflowed step, which the
+        host's scaler skips) is skipped: Adam would turn every logit it reached NaN. Unasked, the check is not
+        made, for it waits for the device at every step."""
         grads = [p.grad for p in self.hf.mask_parameters() if p.grad is not None]
         if grads and grad_scale is not None:
             torch._foreach_mul_(grads, 1.0 / grad_scale)
-        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+        # the largest |g| of each: a NaN or infinity shows, and, unlike the L2 norm, no float16 sum overflows
+        largest = (
+            torch._foreach_norm(grads, float("inf"))
+            if grads and (check_finite or grad_scale is not None)
+            else []
+        )
+        if largest and not bool(torch.stack(largest).isfinite().all()):
             self.optimizer.zero_grad(set_to_none=True)
             return
         self.optimizer.step()

@@ -65,7 +65,8 @@ class HyperfluxCallback(DrivenCallback, pl.Callback):
             self._close(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.driver.warn_if_unfinished("Lightning's fit")
+        if trainer.is_global_zero:
+            self.driver.warn_if_unfinished("Lightning's fit")
 
     def state_dict(self) -> dict[str, Any]:
         """Saved by Lightning in its checkpoints, so `fit(ckpt_path=...)` resumes the schedule too."""

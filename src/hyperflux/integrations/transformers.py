@@ -79,8 +79,9 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
         self.driver.take_over([optimizer], hide=False)
         if args.fp16:
             warnings.warn(
-                "fp16=True: the mask logits' step is out of the loss scaler's reach (an overflowed step is "
-                "skipped for them too, but their gradients are not unscaled by it); use bf16=True",
+                "fp16=True: the mask logits' step is out of the loss scaler's reach: an overflowed step is "
+                "skipped for them too, but where their gradients reach it still scaled, the flux outweighs the "
+                "pressure by the loss scale; use bf16=True",
                 stacklevel=2,
             )
         if args.max_grad_norm and args.max_grad_norm > 0:
@@ -100,7 +101,8 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.driver.step_masks()  # leaves the logits' gradients None: the host's step then skips them
+        # leaves the logits' gradients None: the host's step then skips them
+        self.driver.step_masks(check_finite=args.fp16)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -124,7 +126,8 @@ class HyperfluxTrainerCallback(DrivenCallback, TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.driver.warn_if_unfinished("the Trainer's training")
+        if state.is_world_process_zero:
+            self.driver.warn_if_unfinished("the Trainer's training")
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
