@@ -672,3 +672,31 @@ def test_no_progress_bar_is_drawn_into_a_log_file_and_the_epoch_lines_are(tmp_pa
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "it/s" not in captured.err
     assert sum(line.startswith("epoch ") for line in (captured.out + captured.err).splitlines()) == 5
+
+
+def test_an_unreadable_test_image_is_raised_on_every_rank_after_the_evaluations_sum(monkeypatch):
+    """Raised on one rank before the all-reduce, the others waited in it for ever."""
+    import hyperflux.training as training
+
+    model = torch.nn.Linear(4, 2)
+    good = [(torch.randn(3, 4), torch.tensor([0, 1, 0]))]
+    calls = []
+
+    def other_rank_failed(totals):
+        calls.append(totals.clone())
+        return totals + torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=totals.dtype)
+
+    monkeypatch.setattr(training.distributed, "all_sum", other_rank_failed)
+    with pytest.raises(data.DataError, match="another rank could not read a test image"):
+        training.evaluate(model, good, torch.device("cpu"))
+
+    def unreadable():
+        yield good[0]
+        raise data.DataError("val/cat/0.png: not a readable image")
+
+    monkeypatch.setattr(
+        training.distributed, "all_sum", lambda totals: calls.append(totals.clone()) or totals
+    )
+    with pytest.raises(data.DataError, match=r"val/cat/0\.png"):
+        training.evaluate(model, unreadable(), torch.device("cpu"))
+    assert len(calls) == 2 and calls[1][3] == 1  # this rank joined the sum, flagging its failure
