@@ -73,7 +73,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_resume_refuses_a_changed_recipe_and_a_fresh_run_refuses_a_used_folder(tmp_path):
     run_recipe(recipe(), tmp_path, quiet=True, stop_after=1)
-    with pytest.raises(RunError, match=r"recipe differs .*\(optimizer\.lr\)"):
+    with pytest.raises(RunError, match=r"recipe differs .*\(optimizer\.lr 0\.005 -> 0\.1\); .* --overwrite"):
         Trainer(recipe("optimizer.lr=0.1"), tmp_path, resume=True, quiet=True)
     with pytest.raises(RunError, match="already holds a run"):
         Trainer(recipe(), tmp_path, quiet=True)
@@ -455,7 +455,7 @@ def test_a_run_saved_before_a_recipe_key_existed_still_resumes(tmp_path):
     checkpoint["recipe"]["data"]["holdout"] = 300  # a real change is still refused
     torch.save(checkpoint, path)
     (tmp_path / "summary.json").unlink()
-    with pytest.raises(RunError, match=re.escape("(data.holdout)")):
+    with pytest.raises(RunError, match=re.escape("(data.holdout 300 -> 0)")):
         run_recipe(recipe(), tmp_path, quiet=True, resume=True)
 
 

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -322,6 +322,13 @@ def evaluate(
     return 100.0 * correct_all / max(seen_all, 1), loss_all / max(seen_all, 1)
 
 
+def _value_at(recipe: Any, key: str) -> Any:
+    """The value of a dotted recipe key, or None where the recipe has none."""
+    for part in key.split("."):
+        recipe = recipe.get(part) if isinstance(recipe, Mapping) else None
+    return recipe
+
+
 def mask_digest(pruner: Hyperflux | Baseline) -> str:
     """A short hash of every keep-mask: equal digests on all ranks mean the ranks hold the same masks."""
     digest = hashlib.sha256()
@@ -454,9 +461,13 @@ class Trainer:
             )
         changed = [k for k in changes_since(checkpoint["recipe"], self.recipe) if k not in RESUMABLE_CHANGES]
         if changed:
+            shown = ", ".join(
+                f"{key} {_value_at(checkpoint['recipe'], key)!r} -> {_value_at(self.recipe, key)!r}"
+                for key in changed[:4]
+            ) + (", ..." if len(changed) > 4 else "")
             raise RunError(
-                f"the recipe differs from the one {self.files.path} was started with ({', '.join(changed)}); "
-                "resume with the same recipe"
+                f"the recipe differs from the one {self.files.path} was started with ({shown}); resume with the "
+                "same recipe, or start again with --overwrite"
             )
 
     def _shard(self, loader: Any) -> Any:
