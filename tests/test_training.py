@@ -700,3 +700,25 @@ def test_an_unreadable_test_image_is_raised_on_every_rank_after_the_evaluations_
     with pytest.raises(data.DataError, match=r"val/cat/0\.png"):
         training.evaluate(model, unreadable(), torch.device("cpu"))
     assert len(calls) == 2 and calls[1][3] == 1  # this rank joined the sum, flagging its failure
+
+
+def test_a_model_of_ones_own_is_named_package_module_factory(tmp_path, monkeypatch):
+    """The CLI and recipes took the registry's models only: `model.name: package.module:Factory` builds one's
+    own, given the data's sizes it asks for and the recipe's other model keys."""
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n"
+        "def tiny(num_classes, hidden=16):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n"
+        "def not_a_model(**kwargs):\n"
+        "    return 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    own = recipe("model.name=my_models:tiny", "model.hidden=24")
+    summary = run_recipe(own, tmp_path / "run", quiet=True)
+    assert summary["sparsity"] == pytest.approx(0.9, abs=5e-4)
+    assert [layer["shape"] for layer in summary["per_layer"]] == [[24, 64], [10, 24]]
+    assert load_run(tmp_path / "run").model[1].out_features == 24  # rebuilt from the saved recipe
+    with pytest.raises(RecipeError, match=r"'model.width': my_models:tiny takes no width"):
+        recipe("model.name=my_models:tiny", "model.width=2")
+    with pytest.raises(RecipeError, match=r"returned a int object, not a torch.nn.Module"):
+        Trainer(recipe("model.name=my_models:not_a_model"), tmp_path / "bad", quiet=True)

@@ -149,6 +149,18 @@ def choice(options: Sequence[str]) -> Callable[[Any], str]:
     return check
 
 
+def model_name(value: Any) -> str:
+    """A registry name, or `package.module:Factory` importable now."""
+    if not isinstance(value, str) or (":" not in value and value not in models.names()):
+        raise _Bad(f"one of {', '.join(models.names())}, or package.module:Factory for a model of your own")
+    try:
+        models.factory(value)
+    except ValueError as error:
+        reason = str(error).removeprefix(f"model {value!r}: ")
+        raise _Bad(f"an importable package.module:Factory ({reason})") from None
+    return value
+
+
 def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def check_optional(value: Any) -> Any:
         return None if value is None else check(value)
@@ -246,7 +258,7 @@ SCHEMA: dict[str, Any] = {
     },
     # other keys of `model` are the model's own arguments (checked against its signature)
     "model": {
-        "name": Field(_REQUIRED, choice(models.names())),
+        "name": Field(_REQUIRED, model_name),
         "init_checkpoint": Field(None, optional(string)),
     },
     "train": {
@@ -362,7 +374,7 @@ def evaluation_split(recipe: Mapping[str, Any]) -> str:
 
 def _check_model_args(model: dict[str, Any]) -> None:
     """The model section's extra keys must be arguments of the model's constructor."""
-    parameters = inspect.signature(models.REGISTRY[model["name"]]).parameters
+    parameters = inspect.signature(models.factory(model["name"])).parameters
     open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     accepted = [
         name
