@@ -668,10 +668,16 @@ def test_resume_writes_a_lost_csv_again_and_warns_of_metrics_rows_lost(tmp_path)
 
 def test_no_progress_bar_is_drawn_into_a_log_file_and_the_epoch_lines_are(tmp_path, capsys):
     """Where stderr is not a terminal (a batch job's log) the bar's redraws were one long line of \\r."""
+    import hyperflux.training as training
+
     run_recipe(recipe(), tmp_path, quiet=False)
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "it/s" not in captured.err
-    assert sum(line.startswith("epoch ") for line in (captured.out + captured.err).splitlines()) == 5
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 5
+    # the run's time to go, which the bar (the epoch's) does not give
+    assert all(re.search(r"  eta (\d+m\d\ds|\d+s)$", line) for line in lines[:4]) and "eta" not in lines[4]
+    assert [training._duration(s) for s in (41.4, 192, 7500)] == ["41s", "3m12s", "2h05m"]
 
 
 def test_an_unreadable_test_image_is_raised_on_every_rank_after_the_evaluations_sum(monkeypatch):

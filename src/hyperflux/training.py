@@ -322,6 +322,14 @@ def evaluate(
     return 100.0 * correct_all / max(seen_all, 1), loss_all / max(seen_all, 1)
 
 
+def _duration(seconds: float) -> str:
+    """2h05m, 3m12s or 41s."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
 def _value_at(recipe: Any, key: str) -> Any:
     """The value of a dotted recipe key, or None where the recipe has none."""
     for part in key.split("."):
@@ -790,6 +798,9 @@ class Trainer:
             parts.append(f"P {row['pressure']:.4g}")
         parts.append(f"lr {row['lr']:.3g}")
         parts.append(f"{row['time_s']:.1f}s")
+        remaining = self.epochs - row["epoch"]
+        if remaining:  # the run's, at the mean epoch so far (the bar's covers only the epoch under way)
+            parts.append(f"eta {_duration(remaining * row['elapsed_s'] / row['epoch'])}")
         return "  ".join(parts)
 
     # ------------------------------------------------------------- the run
