@@ -196,3 +196,19 @@ def test_a_run_without_pressure_gets_no_pressure_plot(tmp_path):
         name for key, name in PLOTS.items() if key != "pressure"
     }
     assert PLOTS["pressure"] not in page and CAPTIONS["pressure"] not in page
+
+
+def png_height(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[20:24], "big")  # the IHDR chunk's height
+
+
+def test_the_flips_plot_has_a_regrown_panel_only_where_weights_regrew(tmp_path):
+    """A peer method never regrows: its flips plot had an empty second panel with a negative y range."""
+    rows = telemetry_rows()
+    write_rows(tmp_path / "regrew", rows)
+    never = [{**row, "layer_regrown": {"a.weight": 0, "b.weight": 0}} for row in rows]
+    write_rows(tmp_path / "never", never)
+    for name in ("regrew", "never"):
+        write_report(tmp_path / name)
+    flips = TELEMETRY_PLOTS["flips"]
+    assert png_height(tmp_path / "never" / flips) * 2 == png_height(tmp_path / "regrew" / flips)

@@ -132,15 +132,22 @@ def _layer_colors(count: int) -> list[Any]:
 
 
 def plot_flips(rows: list[dict[str, Any]], path: Path) -> None:
-    """Two panels of bars per epoch, stacked by layer: weights pruned, and weights regrown (each on its own
-    scale, since regrowth is often a few weights against thousands pruned)."""
+    """Bars per epoch, stacked by layer: weights pruned, and, where any regrew, weights regrown in a panel of
+    its own (on its own scale, since regrowth is often a few weights against thousands pruned)."""
     rows = [r for r in rows if r.get("layer_pruned") is not None]
-    fig = Figure(figsize=(7, 5.5), dpi=100)
-    axes = fig.subplots(2, 1, sharex=True)
+    # a method that never regrows (the peers) gets the pruned panel alone
+    panels = [("layer_pruned", "pruned")] + (
+        [("layer_regrown", "regrown")]
+        if any(any((r.get("layer_regrown") or {}).values()) for r in rows)
+        else []
+    )
+    fig = Figure(figsize=(7, 2.75 * len(panels)), dpi=100)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     names = list(rows[-1]["layer_pruned"])
     colors = _layer_colors(len(names))
     epochs = np.array([r["epoch"] for r in rows])
-    for ax, key, title in zip(axes, ("layer_pruned", "layer_regrown"), ("pruned", "regrown"), strict=True):
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, even for a run of one
+    for ax, (key, title) in zip(axes, panels, strict=True):
         bottom = np.zeros(len(rows))
         for name, color in zip(names, colors, strict=True):
             counts = np.array([(r.get(key) or {}).get(name, 0) for r in rows], dtype=float)
@@ -151,9 +158,9 @@ def plot_flips(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(True, axis="y", alpha=0.3)
     if len(names) <= 12:
         axes[0].legend(fontsize=7, ncol=2)
-        axes[1].set_xlabel("epoch")
+        axes[-1].set_xlabel("epoch")
     else:
-        axes[1].set_xlabel(f"epoch  ({len(names)} layers stacked in model order, dark to light)")
+        axes[-1].set_xlabel(f"epoch  ({len(names)} layers stacked in model order, dark to light)")
     _save(fig, path)
 
 
